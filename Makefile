@@ -1,0 +1,69 @@
+# The project's verbs. Every target bootstraps .venv first, so a fresh clone needs nothing else.
+SHELL := bash
+.SHELLFLAGS := -eu -o pipefail -c
+.DEFAULT_GOAL := help
+
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+BIN := $(VENV)/bin
+PROTOS := $(shell find protos -name '*.proto' | sort)
+# Where googleapis-common-protos keeps google/api/*.proto inside the virtualenv.
+GOOGLEAPIS = $(shell $(PY) -c 'import pathlib, google.api.annotations_pb2 as m; print(pathlib.Path(m.__file__).parents[2])')
+
+.PHONY: help venv gen check lint typecheck proto-lint proto-breaking gen-drift test run load bench clean
+
+help:  ## list the targets
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed -E 's/:.*## /\t/'
+
+$(VENV)/.installed: pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e '.[dev]'
+	touch $@
+
+venv: $(VENV)/.installed  ## create .venv and install the project with its dev tools
+
+gen: $(VENV)/.installed  ## regenerate generated/ from protos/
+	rm -rf generated/bksops
+	mkdir -p generated
+	$(PY) -m grpc_tools.protoc -Iprotos -I$(GOOGLEAPIS) \
+	  --python_out=generated --pyi_out=generated --grpc_python_out=generated $(PROTOS)
+
+gen-drift: $(VENV)/.installed  ## fail when generated/ is not what protos/ generates
+	rm -rf .build/gen && mkdir -p .build/gen
+	$(PY) -m grpc_tools.protoc -Iprotos -I$(GOOGLEAPIS) \
+	  --python_out=.build/gen --pyi_out=.build/gen --grpc_python_out=.build/gen $(PROTOS)
+	diff -r -x __pycache__ .build/gen/bksops generated/bksops \
+	  || { echo "generated/ is out of date with protos/: run 'make gen' and commit"; exit 1; }
+
+.build/googleapis/google/api/annotations.proto: $(VENV)/.installed
+	mkdir -p .build/googleapis/google/api
+	cp $(GOOGLEAPIS)/google/api/annotations.proto $(GOOGLEAPIS)/google/api/http.proto .build/googleapis/google/api/
+
+proto-lint: .build/googleapis/google/api/annotations.proto  ## buf lint (STANDARD + COMMENTS)
+	$(BIN)/buf lint
+
+proto-breaking: $(VENV)/.installed  ## buf breaking (FILE) against the main branch
+	scripts/buf-breaking.sh main
+
+lint: $(VENV)/.installed  ## ruff format --check and ruff check
+	$(BIN)/ruff format --check server tests
+	$(BIN)/ruff check server tests
+
+typecheck: $(VENV)/.installed  ## mypy
+	$(BIN)/mypy
+
+check: lint typecheck proto-lint proto-breaking gen-drift  ## everything static: ruff, mypy, buf, generated-code drift
+
+test: $(VENV)/.installed  ## run the whole suite
+	$(BIN)/pytest $(PYTEST_ARGS)
+
+run: $(VENV)/.installed  ## serve gRPC on the embedded database, with demo data on first run
+	$(PY) -m server serve --demo
+
+load: $(VENV)/.installed  ## load a JSON file into the database: make load FILE=path.json
+	$(PY) -m server load $(FILE)
+
+clean:  ## remove the virtualenv, caches and the embedded database
+	rm -rf $(VENV) .build var .pytest_cache .mypy_cache .ruff_cache
