@@ -1,0 +1,1 @@
+"""The task node detail service: gRPC server, store and legacy JSON shim."""

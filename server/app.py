@@ -1,0 +1,81 @@
+"""Building the gRPC server: services, interceptors, options, health and reflection."""
+
+from __future__ import annotations
+
+import logging
+from concurrent import futures
+from dataclasses import dataclass
+
+import grpc
+from bksops.tasknode.v1 import task_node_pb2
+from bksops.tasknode.v1 import task_node_pb2_grpc
+from google.rpc import error_details_pb2  # noqa: F401  (lets reflection resolve error details)
+from grpc_health.v1 import health
+from grpc_health.v1 import health_pb2
+from grpc_health.v1 import health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from server.config import Config
+from server.db.connection import ensure_schema
+from server.db.connection import open_database
+from server.db.store import Store
+from server.handlers.task_node import TaskNodeServicer
+from server.interceptors import ServiceInterceptor
+from server.nodes import Masker
+
+log = logging.getLogger(__name__)
+
+SERVICE_NAME = task_node_pb2.DESCRIPTOR.services_by_name["TaskNodeService"].full_name
+
+
+@dataclass
+class Server:
+    """A built, not yet started, gRPC server and what it serves from."""
+
+    grpc_server: grpc.Server
+    port: int
+    health: health.HealthServicer
+    store: Store
+
+    def start(self) -> None:
+        self.grpc_server.start()
+        self.health.set("", health_pb2.HealthCheckResponse.SERVING)
+        self.health.set(SERVICE_NAME, health_pb2.HealthCheckResponse.SERVING)
+
+    def stop(self, grace: float | None) -> None:
+        """Report NOT_SERVING, refuse new calls, let in-flight ones finish within grace."""
+        self.health.enter_graceful_shutdown()
+        self.grpc_server.stop(grace).wait()
+        self.store.close()
+
+
+def create_server(config: Config) -> Server:
+    """Open the store (creating its schema if needed) and build the server on config.grpc_addr."""
+    db = open_database(config.database_url)
+    ensure_schema(db)
+    store = Store(db)
+    server = grpc.server(
+        futures.ThreadPoolExecutor(max_workers=config.grpc_workers, thread_name_prefix="grpc"),
+        interceptors=[ServiceInterceptor(store)],
+        maximum_concurrent_rpcs=config.max_concurrent_rpcs,
+        options=[
+            ("grpc.max_receive_message_length", config.max_receive_message_bytes),
+            ("grpc.max_send_message_length", config.max_send_message_bytes),
+            ("grpc.so_reuseport", 0),
+        ],
+    )
+    task_node_pb2_grpc.add_TaskNodeServiceServicer_to_server(
+        TaskNodeServicer(store, Masker(config.secret_keywords)), server
+    )
+    health_servicer = health.HealthServicer(
+        experimental_non_blocking=True,
+        experimental_thread_pool=futures.ThreadPoolExecutor(max_workers=1),
+    )
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    reflection.enable_server_reflection(
+        (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server
+    )
+    port = server.add_insecure_port(config.grpc_addr)
+    if port == 0:
+        raise OSError(f"cannot listen on {config.grpc_addr}")
+    return Server(server, port, health_servicer, store)

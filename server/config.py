@@ -1,0 +1,62 @@
+"""Configuration: one frozen value, read from the environment only in main()."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass
+from dataclasses import field
+from dataclasses import fields
+
+DEFAULT_DATABASE_URL = "sqlite:///var/tasknode.db"
+
+
+@dataclass(frozen=True)
+class Config:
+    """Every setting of the service. Tests build it directly; main() uses from_env()."""
+
+    #: Where the records live: sqlite:///relative/path, sqlite:////absolute/path,
+    #: postgresql://user@host:port/db or mysql://user@host:port/db.
+    database_url: str = DEFAULT_DATABASE_URL
+    #: host:port of the gRPC server; port 0 picks a free one.
+    grpc_addr: str = "127.0.0.1:50051"
+    #: Threads serving gRPC calls.
+    grpc_workers: int = 8
+    #: Calls admitted at once; beyond it a call gets RESOURCE_EXHAUSTED at once.
+    max_concurrent_rpcs: int = 256
+    #: Largest request accepted and largest reply sent, in bytes.
+    max_receive_message_bytes: int = 1 * 1024 * 1024
+    max_send_message_bytes: int = 64 * 1024 * 1024
+    #: Seconds in-flight calls get to finish after SIGTERM.
+    shutdown_grace_seconds: float = 10.0
+    #: Words replaced by ****** wherever they appear in ex_data.
+    secret_keywords: tuple[str, ...] = field(default_factory=tuple)
+    #: Zone in which legacy JSON renders times.
+    time_zone: str = "Asia/Shanghai"
+    #: Logging level name.
+    log_level: str = "INFO"
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None) -> Config:
+        """Build a Config from TASKNODE_* variables; unset ones keep their defaults."""
+        env = os.environ if environ is None else environ
+        values: dict[str, object] = {}
+        for f in fields(cls):
+            raw = env.get(f"TASKNODE_{f.name.upper()}")
+            if raw is None:
+                continue
+            values[f.name] = _parse(f.name, raw, cls.__dataclass_fields__[f.name].type)
+        return cls(**values)  # type: ignore[arg-type]
+
+
+def _parse(name: str, raw: str, type_name: object) -> object:
+    try:
+        if type_name == "int":
+            return int(raw)
+        if type_name == "float":
+            return float(raw)
+        if type_name == "tuple[str, ...]":
+            return tuple(word.strip() for word in raw.split(",") if word.strip())
+    except ValueError:
+        raise SystemExit(f"TASKNODE_{name.upper()}: {raw!r} is not a valid {type_name}") from None
+    return raw

@@ -1,0 +1,139 @@
+"""peewee models: the tables of the store.
+
+Layout, following the reference engine (see ../shared/reference/bk-sops.md §3):
+
+- ``project``: a business (``bk_biz_id`` set: it comes from CMDB) or a bare project.
+- ``task``: one run of a flow, in one project.
+- ``node``: one node of a task at any sub-process depth, its current state and
+  data; ``state`` is NULL for a node that has not run. Sub-process children point
+  at their parent by node id, so a whole task can be bulk-inserted in one pass.
+- ``attempt``: one earlier attempt of a node (a retry, a skip, a loop's final run).
+- ``component_schema``: the declared outputs of one plugin code at one version.
+- ``schema_version``: the migration level of the database.
+
+Times are integer microseconds since the Unix epoch (UTC): exact and identical on
+every database. JSON values are text written by ``server.values.dumps``.
+"""
+
+from __future__ import annotations
+
+from peewee import BigAutoField
+from peewee import BigIntegerField
+from peewee import BooleanField
+from peewee import CharField
+from peewee import DatabaseProxy
+from peewee import ForeignKeyField
+from peewee import IntegerField
+from peewee import Model
+from peewee import TextField
+
+database = DatabaseProxy()
+
+
+class JsonTextField(TextField):
+    """JSON text of any size: TEXT on SQLite and PostgreSQL, LONGTEXT on MySQL."""
+
+    field_type = "JSONTEXT"
+
+
+class BaseModel(Model):
+    class Meta:
+        database = database
+        legacy_table_names = False
+
+
+class Project(BaseModel):
+    id = BigIntegerField(primary_key=True)
+    name = CharField(max_length=255)
+    #: The CMDB business id, unique; NULL for a project not made from a business.
+    bk_biz_id = BigIntegerField(null=True, unique=True)
+
+
+class Task(BaseModel):
+    id = BigIntegerField(primary_key=True)
+    project = ForeignKeyField(Project, backref="tasks", on_delete="CASCADE")
+    name = CharField(max_length=255)
+    deleted = BooleanField(default=False)
+    #: sha256 of the imported task record; an identical re-import is skipped.
+    digest = CharField(max_length=64)
+
+
+class Node(BaseModel):
+    id = BigAutoField()
+    task = ForeignKeyField(Task, backref="nodes", on_delete="CASCADE")
+    node_id = CharField(max_length=64)
+    #: node_id of the enclosing sub-process node; "" at the root.
+    parent_node_id = CharField(max_length=64, default="")
+    #: Ancestor sub-process node ids, root first, as JSON text.
+    path = TextField(default="[]")
+    #: Order among the parent's children.
+    position = IntegerField(default=0)
+    name = CharField(max_length=255)
+    kind = CharField(max_length=64)
+    component_code = CharField(max_length=255, default="")
+    component_version = CharField(max_length=64, default="")
+    error_ignorable = BooleanField(default=False)
+    #: Engine state name; NULL while the node has not run.
+    state = CharField(max_length=32, null=True)
+    loop = IntegerField(default=1)
+    retry = IntegerField(default=0)
+    skip = BooleanField(default=False)
+    error_ignored = BooleanField(default=False)
+    version = CharField(max_length=64, default="")
+    started_at = BigIntegerField(null=True)
+    finished_at = BigIntegerField(null=True)
+    inputs = JsonTextField(default="{}")
+    outputs = JsonTextField(default="{}")
+    ex_data = JsonTextField(null=True)
+
+    class Meta:
+        indexes = (
+            (("task", "node_id"), True),
+            (("task", "parent_node_id", "position"), False),
+        )
+
+
+class Attempt(BaseModel):
+    id = BigAutoField()
+    task = ForeignKeyField(Task, backref="attempts", on_delete="CASCADE")
+    node_id = CharField(max_length=64)
+    loop = IntegerField()
+    retry = IntegerField()
+    skip = BooleanField()
+    version = CharField(max_length=64)
+    #: NULL reads as FAILED: an attempt that was retried had failed.
+    state = CharField(max_length=32, null=True)
+    started_at = BigIntegerField(null=True)
+    finished_at = BigIntegerField(null=True)
+    inputs = JsonTextField(default="{}")
+    outputs = JsonTextField(default="{}")
+    ex_data = JsonTextField(null=True)
+
+    class Meta:
+        indexes = ((("task", "node_id", "loop"), False),)
+
+
+class ComponentSchema(BaseModel):
+    id = BigAutoField()
+    code = CharField(max_length=255)
+    version = CharField(max_length=64)
+    #: JSON list of [key, name] pairs in declared order.
+    outputs = JsonTextField()
+
+    class Meta:
+        indexes = ((("code", "version"), True),)
+
+
+class SchemaVersion(BaseModel):
+    id = IntegerField(primary_key=True)
+    version = IntegerField()
+
+
+MODELS: tuple[type[BaseModel], ...] = (
+    Project,
+    Task,
+    Node,
+    Attempt,
+    ComponentSchema,
+    SchemaVersion,
+)

@@ -1,0 +1,247 @@
+"""The store: the only code that queries the database.
+
+Every method returns plain rows (named tuples of column values, JSON still as
+text) and raises domain errors from server.errors, so nothing above this module
+imports peewee. Database failures surface as StoreUnavailable.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import NamedTuple
+
+import peewee
+from peewee import JOIN
+from peewee import Database
+
+from server import errors
+from server import values
+from server.db.models import Attempt
+from server.db.models import ComponentSchema
+from server.db.models import Node
+from server.db.models import Project
+from server.db.models import Task
+
+log = logging.getLogger(__name__)
+
+
+class NodeRow(NamedTuple):
+    """A node's own row, found by business, task and node id."""
+
+    task_id: int
+    node_id: str
+    path: tuple[str, ...]
+    name: str
+    kind: str
+    component_code: str
+    component_version: str
+    error_ignorable: bool
+    state: str | None
+    loop: int
+    retry: int
+    skip: bool
+    error_ignored: bool
+    version: str
+    started_at: int | None
+    finished_at: int | None
+    inputs: str
+    outputs: str
+    ex_data: str | None
+
+
+class AttemptRow(NamedTuple):
+    """One earlier attempt of a node."""
+
+    id: int
+    loop: int
+    retry: int
+    skip: bool
+    version: str
+    state: str | None
+    started_at: int | None
+    finished_at: int | None
+    inputs: str
+    outputs: str
+    ex_data: str | None
+
+
+class ChildRow(NamedTuple):
+    """The state of one direct child of a sub-process node that has run."""
+
+    node_id: str
+    name: str
+    state: str
+    loop: int
+    retry: int
+    skip: bool
+    error_ignored: bool
+    version: str
+    started_at: int | None
+    finished_at: int | None
+
+
+_NODE_COLUMNS = (
+    Node.node_id,
+    Node.path,
+    Node.name,
+    Node.kind,
+    Node.component_code,
+    Node.component_version,
+    Node.error_ignorable,
+    Node.state,
+    Node.loop,
+    Node.retry,
+    Node.skip,
+    Node.error_ignored,
+    Node.version,
+    Node.started_at,
+    Node.finished_at,
+    Node.inputs,
+    Node.outputs,
+    Node.ex_data,
+)
+
+
+class Store:
+    """Reads node records from one database."""
+
+    def __init__(self, db: Database) -> None:
+        self.db = db
+
+    @contextmanager
+    def session(self) -> Iterator[None]:
+        """One connection for the duration of a call, returned (or closed) afterwards."""
+        with _unavailable_on_db_error():
+            self.db.connect(reuse_if_open=True)
+        try:
+            yield
+        finally:
+            if not self.db.is_closed():
+                self.db.close()
+
+    def close(self) -> None:
+        """Close every connection, pooled ones included (at shutdown)."""
+        close_all = getattr(self.db, "close_all", None)
+        if close_all is not None:
+            close_all()
+        elif not self.db.is_closed():
+            self.db.close()
+
+    def find_node(self, biz_id: int, by_project_id: bool, task_id: int, node_id: str) -> NodeRow:
+        """The node's row; NotFound naming the first of business, task or node missing.
+
+        One query: the business row, LEFT JOINed to the task and the node, tells
+        which of the three is missing.
+        """
+        owner = Project.id == biz_id if by_project_id else Project.bk_biz_id == biz_id
+        query = (
+            Project.select(Project.id, Task.id, *_NODE_COLUMNS)
+            .join(
+                Task,
+                JOIN.LEFT_OUTER,
+                on=(Task.project == Project.id) & (Task.id == task_id) & (Task.deleted == False),  # noqa: E712
+            )
+            .join(
+                Node,
+                JOIN.LEFT_OUTER,
+                on=(Node.task == Task.id) & (Node.node_id == node_id),
+            )
+            .where(owner)
+            .tuples()
+        )
+        with _unavailable_on_db_error():
+            row = query.first()
+        if row is None:
+            scope = "project" if by_project_id else "cmdb_biz"
+            raise errors.BusinessNotFound(
+                f"project({biz_id}) with scope({scope}) does not exist.",
+                {"bkBizId": str(biz_id), "scope": scope},
+            )
+        if row[1] is None:
+            raise errors.TaskNotFound(
+                f"task {task_id} of business {biz_id} does not exist",
+                {"bkBizId": str(biz_id), "taskId": str(task_id)},
+            )
+        if row[2] is None:
+            raise errors.NodeNotFound(
+                f"node {node_id} not found in task {task_id}",
+                {"taskId": str(task_id), "nodeId": node_id},
+            )
+        return NodeRow(task_id, row[2], tuple(values.loads(row[3])), *row[4:])
+
+    def attempts(self, task_id: int, node_id: str, loop: int) -> list[AttemptRow]:
+        """The node's earlier attempts in one loop, oldest first."""
+        query = (
+            Attempt.select(
+                Attempt.id,
+                Attempt.loop,
+                Attempt.retry,
+                Attempt.skip,
+                Attempt.version,
+                Attempt.state,
+                Attempt.started_at,
+                Attempt.finished_at,
+                Attempt.inputs,
+                Attempt.outputs,
+                Attempt.ex_data,
+            )
+            .where(
+                (Attempt.task == task_id) & (Attempt.node_id == node_id) & (Attempt.loop == loop)
+            )
+            .order_by(Attempt.id)
+            .tuples()
+        )
+        with _unavailable_on_db_error():
+            return [AttemptRow(*row) for row in query.iterator()]
+
+    def children(self, task_id: int, node_id: str) -> list[ChildRow]:
+        """The direct children of a sub-process node that have run, in stored order."""
+        query = (
+            Node.select(
+                Node.node_id,
+                Node.name,
+                Node.state,
+                Node.loop,
+                Node.retry,
+                Node.skip,
+                Node.error_ignored,
+                Node.version,
+                Node.started_at,
+                Node.finished_at,
+            )
+            .where(
+                (Node.task == task_id)
+                & (Node.parent_node_id == node_id)
+                & Node.state.is_null(False)
+            )
+            .order_by(Node.position)
+            .tuples()
+        )
+        with _unavailable_on_db_error():
+            return [ChildRow(*row) for row in query.iterator()]
+
+    def output_schema(self, code: str, version: str) -> list[tuple[str, str]]:
+        """The declared outputs of a plugin at a version as (key, name), in order."""
+        query = ComponentSchema.select(ComponentSchema.outputs).where(
+            (ComponentSchema.code == code) & (ComponentSchema.version == version)
+        )
+        with _unavailable_on_db_error():
+            text = query.scalar()
+        if text is None:
+            raise errors.ComponentNotFound(
+                f"component {code} has no output schema at version {version}",
+                {"componentCode": code, "componentVersion": version},
+            )
+        return [(key, name) for key, name in values.loads(text)]
+
+
+@contextmanager
+def _unavailable_on_db_error() -> Iterator[None]:
+    """Turn the database's own errors into StoreUnavailable, logging the cause."""
+    try:
+        yield
+    except (peewee.DatabaseError, peewee.InterfaceError) as exc:
+        log.warning("database error: %s: %s", type(exc).__name__, exc)
+        raise errors.StoreUnavailable("the node store is unavailable; retry later") from exc

@@ -1,0 +1,165 @@
+"""Domain errors, and the one table that maps each to a gRPC code and a legacy code.
+
+Every error the service can answer is a ServiceError subclass. Its class attributes
+are the table: ``code`` (the canonical gRPC code), ``reason`` (the fixed
+ErrorInfo reason) and ``legacy_code`` (the bk-sops code the JSON shim prints).
+The HTTP status follows from ``code`` (grpc-gateway's mapping, in the shim).
+
+    ServiceError
+     +-- InvalidArgument            INVALID_ARGUMENT   3540000
+     |    +-- InvalidSubprocessStack                   3599999
+     |    +-- SubprocessStackMismatch                  3540000
+     |    +-- InvalidLoop                              3540000
+     +-- NotFound                   NOT_FOUND
+     |    +-- BusinessNotFound                         3540400
+     |    +-- TaskNotFound                             3540400
+     |    +-- NodeNotFound                             3540000
+     |    +-- LoopNotFound                             3540400
+     |    +-- ComponentNotFound                        3599999
+     +-- StoreUnavailable           UNAVAILABLE        3555000
+     +-- DeadlineExceeded           DEADLINE_EXCEEDED  3599999
+     +-- Internal                   INTERNAL           3599999
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import ClassVar
+
+import grpc
+
+DOMAIN = "tasknode.bksops.tencent.com"
+
+
+@dataclass(frozen=True)
+class FieldViolation:
+    """One bad request field: its proto name and what is wrong with it."""
+
+    field: str
+    description: str
+
+
+class ServiceError(Exception):
+    """Base of every error a caller may see; never raised itself."""
+
+    code: ClassVar[grpc.StatusCode] = grpc.StatusCode.INTERNAL
+    reason: ClassVar[str] = "INTERNAL"
+    legacy_code: ClassVar[int] = 3599999
+
+    def __init__(
+        self,
+        message: str,
+        metadata: Mapping[str, str] | None = None,
+        violations: Sequence[FieldViolation] = (),
+    ) -> None:
+        super().__init__(message)
+        self.message = message
+        self.metadata = dict(metadata or {})
+        self.violations = tuple(violations)
+
+
+class InvalidArgument(ServiceError):
+    """A request field is missing or malformed; the BadRequest detail names each one."""
+
+    code = grpc.StatusCode.INVALID_ARGUMENT
+    reason = "INVALID_ARGUMENT"
+    legacy_code = 3540000
+
+
+class InvalidSubprocessStack(InvalidArgument):
+    """subprocess_stack is not a list of node ids (legacy: not a JSON array of strings)."""
+
+    reason = "INVALID_SUBPROCESS_STACK"
+    legacy_code = 3599999
+
+
+class SubprocessStackMismatch(InvalidArgument):
+    """subprocess_stack does not lead to the node: the message names the expected path."""
+
+    reason = "SUBPROCESS_STACK_MISMATCH"
+
+
+class InvalidLoop(InvalidArgument):
+    """loop is not a positive integer."""
+
+    reason = "INVALID_LOOP"
+
+
+class NotFound(ServiceError):
+    """Something the request names does not exist."""
+
+    code = grpc.StatusCode.NOT_FOUND
+    reason = "NOT_FOUND"
+    legacy_code = 3540400
+
+
+class BusinessNotFound(NotFound):
+    """No business (or project, with scope project) has that id."""
+
+    reason = "BUSINESS_NOT_FOUND"
+
+
+class TaskNotFound(NotFound):
+    """The business has no (undeleted) task with that id."""
+
+    reason = "TASK_NOT_FOUND"
+
+
+class NodeNotFound(NotFound):
+    """The task has no node with that id at any depth."""
+
+    reason = "NODE_NOT_FOUND"
+    legacy_code = 3540000
+
+
+class LoopNotFound(NotFound):
+    """The node has no record of the older loop asked for."""
+
+    reason = "LOOP_NOT_FOUND"
+
+
+class ComponentNotFound(NotFound):
+    """No output schema is known for that component code at the node's version."""
+
+    reason = "COMPONENT_NOT_FOUND"
+    legacy_code = 3599999
+
+
+class StoreUnavailable(ServiceError):
+    """The database cannot be reached or answered with an error; retrying may help."""
+
+    code = grpc.StatusCode.UNAVAILABLE
+    reason = "STORE_UNAVAILABLE"
+    legacy_code = 3555000
+
+
+class DeadlineExceeded(ServiceError):
+    """The caller's deadline passed before the work could be done."""
+
+    code = grpc.StatusCode.DEADLINE_EXCEEDED
+    reason = "DEADLINE_EXCEEDED"
+
+
+class Internal(ServiceError):
+    """A bug: logged with its traceback on the server, answered without details."""
+
+
+def error_classes() -> list[type[ServiceError]]:
+    """Every concrete error class, the table's rows."""
+    found: list[type[ServiceError]] = []
+    pending: list[type[ServiceError]] = [ServiceError]
+    while pending:
+        cls = pending.pop()
+        found.append(cls)
+        pending.extend(cls.__subclasses__())
+    return found
+
+
+def legacy_code_for(reason: str) -> int:
+    """The legacy code for an ErrorInfo reason (a reason we do not know: UNKNOWN_ERROR)."""
+    return LEGACY_CODES.get(reason, ServiceError.legacy_code)
+
+
+LEGACY_CODES: dict[str, int] = {cls.reason: cls.legacy_code for cls in error_classes()}

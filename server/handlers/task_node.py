@@ -1,0 +1,25 @@
+"""TaskNodeService: parse the request, read the node, return the message."""
+
+from __future__ import annotations
+
+import grpc
+from bksops.tasknode.v1 import task_node_pb2 as pb
+from bksops.tasknode.v1 import task_node_pb2_grpc as pb_grpc
+
+from server.db.store import Store
+from server.nodes import Masker
+from server.nodes import read_node_detail
+from server.query import parse_request
+
+
+class TaskNodeServicer(pb_grpc.TaskNodeServiceServicer):
+    """The servicer; errors are raised as domain errors and mapped by the interceptor."""
+
+    def __init__(self, store: Store, mask: Masker) -> None:
+        self.store = store
+        self.mask = mask
+
+    def GetTaskNodeDetail(
+        self, request: pb.GetTaskNodeDetailRequest, context: grpc.ServicerContext
+    ) -> pb.NodeDetail:
+        return read_node_detail(self.store, parse_request(request), self.mask)

@@ -1,0 +1,113 @@
+"""The interceptor every TaskNodeService call passes through.
+
+It owns, in one place: the deadline check, one store session (database
+connection) per call, turning domain errors into rich gRPC statuses (code,
+ErrorInfo, BadRequest), the one catch-all that keeps stray exceptions from
+reaching callers as UNKNOWN, and the access log line.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from typing import Any
+
+import grpc
+from google.protobuf import any_pb2
+from google.rpc import error_details_pb2
+from google.rpc import status_pb2
+from grpc_status import rpc_status
+
+from server import errors
+from server.db.store import Store
+
+log = logging.getLogger("tasknode.access")
+errlog = logging.getLogger(__name__)
+
+#: Calls to these services get the treatment; health and reflection pass through.
+SERVICE_PREFIX = "/bksops.tasknode."
+
+
+def to_status(exc: errors.ServiceError) -> grpc.Status:
+    """The gRPC status for a domain error: its code, message, ErrorInfo and BadRequest."""
+    info = error_details_pb2.ErrorInfo(
+        reason=exc.reason, domain=errors.DOMAIN, metadata=exc.metadata
+    )
+    details = [_pack(info)]
+    if exc.violations:
+        details.append(
+            _pack(
+                error_details_pb2.BadRequest(
+                    field_violations=[
+                        error_details_pb2.BadRequest.FieldViolation(
+                            field=v.field, description=v.description
+                        )
+                        for v in exc.violations
+                    ]
+                )
+            )
+        )
+    return rpc_status.to_status(
+        status_pb2.Status(code=exc.code.value[0], message=exc.message, details=details)
+    )
+
+
+def _pack(message: Any) -> any_pb2.Any:
+    packed = any_pb2.Any()
+    packed.Pack(message)
+    return packed
+
+
+class ServiceInterceptor(grpc.ServerInterceptor):
+    """Wraps each unary TaskNodeService handler; see the module docstring."""
+
+    def __init__(self, store: Store) -> None:
+        self.store = store
+
+    def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], grpc.RpcMethodHandler | None],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler | None:
+        handler = continuation(handler_call_details)
+        method: str = handler_call_details.method
+        if handler is None or handler.unary_unary is None or not method.startswith(SERVICE_PREFIX):
+            return handler
+        inner = handler.unary_unary
+
+        def call(request: Any, context: grpc.ServicerContext) -> Any:
+            started = time.perf_counter()
+            outcome = "OK"
+            try:
+                return self._run(inner, request, context)
+            except errors.ServiceError as exc:
+                outcome = exc.code.name
+                context.abort_with_status(to_status(exc))
+            finally:
+                log.info(
+                    "%s %s %s %.1fms",
+                    context.peer(),
+                    method,
+                    outcome,
+                    (time.perf_counter() - started) * 1000,
+                )
+
+        return grpc.unary_unary_rpc_method_handler(
+            call,
+            request_deserializer=handler.request_deserializer,
+            response_serializer=handler.response_serializer,
+        )
+
+    def _run(self, inner: Callable[..., Any], request: Any, context: grpc.ServicerContext) -> Any:
+        remaining = context.time_remaining()
+        if remaining is not None and remaining <= 0:
+            raise errors.DeadlineExceeded("the call's deadline passed before it was served")
+        try:
+            with self.store.session():
+                return inner(request, context)
+        except errors.ServiceError:
+            raise
+        except Exception as exc:
+            errlog.exception("unexpected error serving a call")
+            raise errors.Internal("internal error; the server log has the details") from exc

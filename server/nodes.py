@@ -1,0 +1,160 @@
+"""Reading one node's detail: the rules of the reference, over the store.
+
+See ../shared/reference/legacy-contract.md. In short: a node that has not run is
+READY with its configured name, inputs and outputs; a node that ran shows its
+current attempt with the earlier attempts of the current loop as histories; an
+older loop shows that loop's final attempt (as FINISHED) with the loop's earlier
+attempts as histories.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+
+from bksops.tasknode.v1 import task_node_pb2 as pb
+
+from server import convert
+from server import errors
+from server import values
+from server.convert import Mask
+from server.db.store import AttemptRow
+from server.db.store import NodeRow
+from server.db.store import Store
+from server.errors import FieldViolation
+from server.query import NodeQuery
+
+#: The plugin version a node without a recorded one runs (the engine's default).
+DEFAULT_COMPONENT_VERSION = "legacy"
+CURRENT_ATTEMPT = -1
+
+
+class Masker:
+    """Replaces configured secret keywords in failure details with ******."""
+
+    def __init__(self, keywords: tuple[str, ...]) -> None:
+        # Longest first, so a keyword that contains another is masked whole.
+        self.keywords = tuple(sorted({k for k in keywords if k}, key=len, reverse=True))
+
+    def __call__(self, text: str) -> str:
+        for keyword in self.keywords:
+            text = text.replace(keyword, "******")
+        return text
+
+
+def read_node_detail(store: Store, query: NodeQuery, mask: Mask) -> pb.NodeDetail:
+    """The NodeDetail the query asks for, or the domain error that says why not."""
+    node = store.find_node(query.biz_id, query.by_project_id, query.task_id, query.node_id)
+    _check_stack(node, query.subprocess_stack)
+    schema = None
+    if query.component_code:
+        version = node.component_version or DEFAULT_COMPONENT_VERSION
+        schema = store.output_schema(query.component_code, version)
+    now = time.time_ns() // 1000
+    if node.state is None:
+        return _not_run(node, schema)
+
+    detail = pb.NodeDetail(
+        id=node.node_id,
+        name=node.name,
+        executed=True,
+        retry=node.retry,
+        error_ignorable=node.error_ignored,
+        error_ignored=node.error_ignored,
+        component_code=node.component_code,
+        subprocess_stack=node.path,
+    )
+    if query.loop is None or query.loop >= node.loop:
+        attempts = store.attempts(node.task_id, node.node_id, node.loop)
+        _show_current(detail, node, now)
+        inputs, outputs, ex_data = node.inputs, node.outputs, node.ex_data
+    else:
+        attempts = store.attempts(node.task_id, node.node_id, query.loop)
+        if not attempts:
+            raise errors.LoopNotFound(
+                f"node {node.node_id} has no record of loop {query.loop}; "
+                f"its current loop is {node.loop}",
+                {"nodeId": node.node_id, "loop": str(query.loop), "currentLoop": str(node.loop)},
+            )
+        final = attempts.pop()
+        _show_final(detail, final, now)
+        inputs, outputs, ex_data = final.inputs, final.outputs, final.ex_data
+
+    if query.max_histories is not None:
+        attempts = attempts[len(attempts) - query.max_histories :] if query.max_histories else []
+    detail.histories.extend(convert.attempt(a, node.node_id, mask, now) for a in attempts)
+    if node.kind == "SubProcess":
+        detail.children.extend(
+            convert.child(c, now) for c in store.children(node.task_id, node.node_id)
+        )
+    detail.inputs.CopyFrom(values.object_message(values.loads(inputs)))
+    detail.outputs.extend(convert.outputs(values.loads(outputs), schema))
+    shown = convert.ex_data(ex_data, mask)
+    if shown is not None:
+        detail.ex_data = shown
+    return detail
+
+
+def _show_current(detail: pb.NodeDetail, node: NodeRow, now: int) -> None:
+    detail.state = convert.state(node.state or "READY")
+    detail.loop = node.loop
+    detail.skip = node.skip
+    detail.version = node.version
+    detail.history_id = CURRENT_ATTEMPT
+    _set_times(detail, node.started_at, node.finished_at, now)
+
+
+def _show_final(detail: pb.NodeDetail, final: AttemptRow, now: int) -> None:
+    # The reference forces FINISHED: a loop that was left behind had finished.
+    detail.state = pb.NODE_STATE_FINISHED
+    detail.loop = final.loop
+    detail.skip = final.skip
+    detail.version = final.version
+    detail.history_id = final.id
+    _set_times(detail, final.started_at, final.finished_at, now)
+
+
+def _set_times(detail: pb.NodeDetail, started: int | None, finished: int | None, now: int) -> None:
+    start, finish = convert.timestamp(started), convert.timestamp(finished)
+    if start is not None:
+        detail.start_time.CopyFrom(start)
+    if finish is not None:
+        detail.finish_time.CopyFrom(finish)
+    detail.elapsed_seconds = convert.elapsed_seconds(started, finished, now)
+
+
+def _not_run(node: NodeRow, schema: list[tuple[str, str]] | None) -> pb.NodeDetail:
+    return pb.NodeDetail(
+        id=node.node_id,
+        name=node.name,
+        state=pb.NODE_STATE_READY,
+        executed=False,
+        error_ignorable=node.error_ignorable,
+        component_code=node.component_code,
+        subprocess_stack=node.path,
+        inputs=values.object_message(values.loads(node.inputs)),
+        outputs=convert.outputs(values.loads(node.outputs), schema),
+        ex_data="",
+    )
+
+
+def _check_stack(node: NodeRow, given: tuple[str, ...]) -> None:
+    """The request's subprocess_stack must be the node's path in the stored tree."""
+    if given == node.path:
+        return
+    if node.path:
+        expected = (
+            f"node {node.node_id} is inside sub-process {node.path[-1]}: "
+            f"subprocess_stack must be {json.dumps(list(node.path))}"
+        )
+    else:
+        expected = f"node {node.node_id} is at the task's root: subprocess_stack must be empty"
+    raise errors.SubprocessStackMismatch(
+        expected,
+        {
+            "nodeId": node.node_id,
+            "expectedParent": node.path[-1] if node.path else "",
+            "expectedStack": ",".join(node.path),
+        },
+        [FieldViolation("subprocess_stack", expected)],
+    )
