@@ -1,0 +1,206 @@
+"""The server around the service: health, reflection, limits, deadlines, shutdown."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import grpc
+import pytest
+from bksops.tasknode.v1 import task_node_pb2 as pb
+from bksops.tasknode.v1 import task_node_pb2_grpc as pb_grpc
+from google.rpc import error_details_pb2
+from grpc_health.v1 import health_pb2
+from grpc_health.v1 import health_pb2_grpc
+from grpc_reflection.v1alpha import reflection_pb2
+from grpc_reflection.v1alpha import reflection_pb2_grpc
+from grpc_status import rpc_status
+
+from server import nodes
+from server.app import Server
+from server.app import create_server
+from server.config import Config
+from server.convert import Mask
+from server.db.store import Store
+from server.query import NodeQuery
+from tests.conftest import seed_request
+
+SERVING = health_pb2.HealthCheckResponse.SERVING
+
+
+def health_of(channel: grpc.Channel, service: str = "") -> int:
+    stub = health_pb2_grpc.HealthStub(channel)
+    return stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=5).status
+
+
+def test_health_is_serving(channel: grpc.Channel) -> None:
+    assert health_of(channel) == SERVING
+    assert health_of(channel, "bksops.tasknode.v1.TaskNodeService") == SERVING
+
+
+def test_reflection_lists_and_describes(channel: grpc.Channel) -> None:
+    stub = reflection_pb2_grpc.ServerReflectionStub(channel)
+    requests = [
+        reflection_pb2.ServerReflectionRequest(list_services=""),
+        reflection_pb2.ServerReflectionRequest(
+            file_containing_symbol="bksops.tasknode.v1.TaskNodeService"
+        ),
+    ]
+    listed, described = list(stub.ServerReflectionInfo(iter(requests), timeout=5))
+    names = {s.name for s in listed.list_services_response.service}
+    assert names == {
+        "bksops.tasknode.v1.TaskNodeService",
+        "grpc.health.v1.Health",
+        "grpc.reflection.v1alpha.ServerReflection",
+    }
+    assert described.file_descriptor_response.file_descriptor_proto
+
+
+@pytest.fixture
+def slow(monkeypatch: pytest.MonkeyPatch) -> threading.Event:
+    """Make every GetTaskNodeDetail wait until the returned event is set (at most 10 s)."""
+    release = threading.Event()
+    real = nodes.read_node_detail
+
+    def waiting(store: Store, query: NodeQuery, mask: Mask) -> pb.NodeDetail:
+        release.wait(10)
+        return real(store, query, mask)
+
+    monkeypatch.setattr("server.handlers.task_node.read_node_detail", waiting)
+    return release
+
+
+@pytest.fixture
+def small_server(demo_config: Config) -> Iterator[Server]:
+    """A server that admits 2 calls at once and requests up to 1 KiB."""
+    config = Config(
+        database_url=demo_config.database_url,
+        grpc_addr="127.0.0.1:0",
+        max_concurrent_rpcs=2,
+        max_receive_message_bytes=1024,
+    )
+    running = create_server(config)
+    running.start()
+    yield running
+    running.stop(None)
+
+
+def test_calls_beyond_the_limit_are_refused_at_once(
+    small_server: Server, slow: threading.Event
+) -> None:
+    with grpc.insecure_channel(f"127.0.0.1:{small_server.port}") as channel:
+        stub = pb_grpc.TaskNodeServiceStub(channel)
+        admitted = [stub.GetTaskNodeDetail.future(seed_request(), timeout=10) for _ in range(2)]
+        time.sleep(0.3)
+        started = time.monotonic()
+        with pytest.raises(grpc.RpcError) as refused:
+            stub.GetTaskNodeDetail(seed_request(), timeout=10)
+        assert refused.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert time.monotonic() - started < 1
+        slow.set()
+        assert all(f.result().id for f in admitted)
+
+
+def test_requests_over_the_size_limit_are_refused(small_server: Server) -> None:
+    with grpc.insecure_channel(f"127.0.0.1:{small_server.port}") as channel:
+        stub = pb_grpc.TaskNodeServiceStub(channel)
+        with pytest.raises(grpc.RpcError) as refused:
+            stub.GetTaskNodeDetail(seed_request(component_code="x" * 2000), timeout=5)
+        assert refused.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+
+
+def test_deadline_is_respected(stub: pb_grpc.TaskNodeServiceStub, slow: threading.Event) -> None:
+    started = time.monotonic()
+    with pytest.raises(grpc.RpcError) as late:
+        stub.GetTaskNodeDetail(seed_request(), timeout=0.3)
+    assert late.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    assert time.monotonic() - started < 2
+    slow.set()
+
+
+def test_graceful_stop_lets_in_flight_calls_finish(
+    demo_config: Config, slow: threading.Event
+) -> None:
+    running = create_server(demo_config)
+    running.start()
+    with grpc.insecure_channel(f"127.0.0.1:{running.port}") as channel:
+        stub = pb_grpc.TaskNodeServiceStub(channel)
+        in_flight = stub.GetTaskNodeDetail.future(seed_request(), timeout=10)
+        time.sleep(0.3)
+        stopper = threading.Thread(target=running.stop, args=(5,))
+        stopper.start()
+        time.sleep(0.3)
+        assert stopper.is_alive(), "stop waits for the call in flight"
+        slow.set()
+        assert in_flight.result().id == seed_request().node_id
+        stopper.join(5)
+        assert not stopper.is_alive()
+
+
+def test_a_bug_is_internal_without_details(
+    stub: pb_grpc.TaskNodeServiceStub, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def broken(*args: object, **kwargs: object) -> pb.NodeDetail:
+        raise KeyError("secret internals")
+
+    monkeypatch.setattr("server.handlers.task_node.read_node_detail", broken)
+    with pytest.raises(grpc.RpcError) as failed:
+        stub.GetTaskNodeDetail(seed_request(), timeout=5)
+    error = failed.value
+    assert error.code() == grpc.StatusCode.INTERNAL
+    assert "secret internals" not in (error.details() or "")
+    status = rpc_status.from_call(error)
+    info = error_details_pb2.ErrorInfo()
+    assert status is not None and status.details[0].Unpack(info)
+    assert info.reason == "INTERNAL"
+
+
+def test_an_unreachable_database_is_unavailable(server: Server, tmp_path: Path) -> None:
+    for path in tmp_path.iterdir():
+        path.unlink()
+    tmp_path.rmdir()
+    with grpc.insecure_channel(f"127.0.0.1:{server.port}") as channel:
+        stub = pb_grpc.TaskNodeServiceStub(channel)
+        with pytest.raises(grpc.RpcError) as failed:
+            stub.GetTaskNodeDetail(seed_request(), timeout=5)
+    assert failed.value.code() == grpc.StatusCode.UNAVAILABLE
+    assert "retry" in (failed.value.details() or "")
+
+
+def test_sigterm_drains_and_exits(tmp_path: Path) -> None:
+    env = {
+        **os.environ,
+        "TASKNODE_DATABASE_URL": f"sqlite:///{tmp_path / 'db.sqlite'}",
+        "TASKNODE_GRPC_ADDR": "127.0.0.1:0",
+        "TASKNODE_HTTP_ADDR": "127.0.0.1:0",
+    }
+    process = subprocess.Popen(
+        [sys.executable, "-m", "server", "serve", "--demo"],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    assert process.stdout is not None
+    lines = []
+    for line in process.stdout:
+        lines.append(line)
+        if "serving" in line:
+            break
+    found = re.search(r" on 127\.0\.0\.1:(\d+)", lines[-1])
+    assert found, lines
+    port = int(found.group(1))
+    with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+        assert health_of(channel) == SERVING
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(15) == 0
+    rest = process.stdout.read()
+    process.stdout.close()
+    assert "draining" in rest and "stopped" in rest
