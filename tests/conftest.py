@@ -2,8 +2,13 @@
 
 from __future__ import annotations
 
+import os
+import uuid
+from collections.abc import Callable
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import grpc
 import pytest
@@ -19,14 +24,86 @@ SEED_NODE = "node0df0431f8f553925af01a94854bd"
 SEED_PARENT = "nodeaaa0ce51d2143aa9b0dbc27cb7df"
 
 
+#: The stores every store, gRPC and shim test runs against. A store that cannot be reached
+#: fails its tests loudly; it is never skipped.
+STORES = os.environ.get("TASKNODE_TEST_STORES", "sqlite,postgresql,mysql").split(",")
+POSTGRESQL = os.environ.get("TASKNODE_TEST_POSTGRESQL", "postgresql://postgres@127.0.0.1:5432/test")
+MYSQL = os.environ.get("TASKNODE_TEST_MYSQL", "mysql://root@127.0.0.1:3306/test")
+
+
+@pytest.fixture(params=STORES)
+def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
+    """A URL of an empty database of its own on each store: a file, a schema or a database."""
+    name = f"t_{uuid.uuid4().hex[:16]}"
+    if request.param == "sqlite":
+        yield f"sqlite:///{tmp_path / 'tasknode.db'}"
+    elif request.param == "postgresql":
+        with _admin_postgresql() as run:
+            run(f"CREATE SCHEMA {name}")
+            try:
+                yield f"{POSTGRESQL}?options=-csearch_path%3D{name}"
+            finally:
+                run(f"DROP SCHEMA {name} CASCADE")
+    elif request.param == "mysql":
+        with _admin_mysql() as run:
+            run(f"CREATE DATABASE {name} CHARACTER SET utf8mb4 COLLATE utf8mb4_bin")
+            try:
+                yield MYSQL.rsplit("/", 1)[0] + f"/{name}"
+            finally:
+                run(f"DROP DATABASE {name}")
+    else:
+        raise ValueError(f"TASKNODE_TEST_STORES: unknown store {request.param!r}")
+
+
+@contextmanager
+def _admin_postgresql() -> Iterator[Callable[[str], None]]:
+    import psycopg2
+
+    parts = urlsplit(POSTGRESQL)
+    connection = psycopg2.connect(
+        host=parts.hostname, port=parts.port, user=parts.username, dbname=parts.path[1:]
+    )
+    connection.autocommit = True
+    try:
+        with connection.cursor() as cursor:
+            yield cursor.execute
+    finally:
+        connection.close()
+
+
+@contextmanager
+def _admin_mysql() -> Iterator[Callable[[str], None]]:
+    import pymysql
+
+    parts = urlsplit(MYSQL)
+    connection = pymysql.connect(
+        host=parts.hostname,
+        port=parts.port or 3306,
+        user=parts.username,
+        password="",
+        autocommit=True,
+    )
+    try:
+        with connection.cursor() as cursor:
+            yield cursor.execute
+    finally:
+        connection.close()
+
+
 @pytest.fixture
-def config(tmp_path: Path) -> Config:
-    """A config on a fresh SQLite file, gRPC on a free port, "hunter2" a secret keyword."""
+def config(database_url: str) -> Config:
+    """A config on a fresh database, gRPC on a free port, "hunter2" a secret keyword."""
     return Config(
-        database_url=f"sqlite:///{tmp_path / 'tasknode.db'}",
+        database_url=database_url,
         grpc_addr="127.0.0.1:0",
         secret_keywords=("hunter2",),
     )
+
+
+@pytest.fixture
+def sqlite_config(tmp_path: Path) -> Config:
+    """A config on a fresh SQLite file in tmp_path, for tests about the file itself."""
+    return Config(database_url=f"sqlite:///{tmp_path / 'tasknode.db'}", grpc_addr="127.0.0.1:0")
 
 
 @pytest.fixture

@@ -26,6 +26,7 @@ from grpc_status import rpc_status
 from server import nodes
 from server.app import Server
 from server.app import create_server
+from server.cli import load_demo_if_empty
 from server.config import Config
 from server.convert import Mask
 from server.db.store import Store
@@ -162,7 +163,10 @@ def test_a_bug_is_internal_without_details(
     assert info.reason == "INTERNAL"
 
 
-def test_an_unreachable_database_is_unavailable(server: Server, tmp_path: Path) -> None:
+def test_an_unreachable_database_is_unavailable(sqlite_config: Config, tmp_path: Path) -> None:
+    load_demo_if_empty(sqlite_config)
+    server = create_server(sqlite_config)
+    server.start()
     for path in tmp_path.iterdir():
         path.unlink()
     tmp_path.rmdir()
@@ -170,6 +174,7 @@ def test_an_unreachable_database_is_unavailable(server: Server, tmp_path: Path) 
         stub = pb_grpc.TaskNodeServiceStub(channel)
         with pytest.raises(grpc.RpcError) as failed:
             stub.GetTaskNodeDetail(seed_request(), timeout=5)
+    server.stop(None)
     assert failed.value.code() == grpc.StatusCode.UNAVAILABLE
     assert "retry" in (failed.value.details() or "")
 

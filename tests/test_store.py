@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
 from server import errors
+from server.cli import load_demo_if_empty
 from server.config import Config
 from server.db.connection import open_database
 from server.db.store import Store
@@ -91,10 +93,18 @@ def test_output_schema_in_declared_order(store: Store) -> None:
         store.output_schema("job_fast_execute_script", "v9")
 
 
-def test_a_vanished_database_is_unavailable(demo_config: Config, tmp_path) -> None:
-    store = Store(open_database(demo_config.database_url))
+def test_a_vanished_database_is_unavailable(sqlite_config: Config, tmp_path: Path) -> None:
+    load_demo_if_empty(sqlite_config)
+    store = Store(open_database(sqlite_config.database_url))
     for path in tmp_path.iterdir():
         path.unlink()
     tmp_path.rmdir()
     with pytest.raises(errors.StoreUnavailable), store.session():
         store.find_node(2, False, 10, SEED_NODE)
+
+
+def test_ids_compare_exactly_on_every_store(store: Store) -> None:
+    with pytest.raises(errors.NodeNotFound):
+        store.find_node(2, False, 10, SEED_NODE.upper())
+    with pytest.raises(errors.ComponentNotFound):
+        store.output_schema("JOB_FAST_EXECUTE_SCRIPT", "legacy")

@@ -10,6 +10,8 @@ from urllib.parse import unquote
 from urllib.parse import urlsplit
 
 from peewee import Database
+from peewee import MySQLDatabase
+from peewee import PostgresqlDatabase
 from peewee import SqliteDatabase
 
 from server.db.models import MODELS
@@ -46,6 +48,13 @@ def open_database(url: str) -> Database:
         raise DatabaseURLError(
             f"database URL {url!r}: scheme must be sqlite, postgresql or mysql, not {scheme!r}"
         )
+    # Node ids and plugin codes compare byte for byte on every database; MySQL's default
+    # collations would find "NODE0DF…" for "node0df…".
+    settings = (
+        ["DEFAULT CHARSET=utf8mb4 COLLATE=utf8mb4_bin"] if isinstance(db, MySQLDatabase) else None
+    )
+    for model in MODELS:
+        model._meta.table_settings = settings
     database.initialize(db)
     return db
 
@@ -95,6 +104,14 @@ def _server(scheme: str, parts: SplitResult) -> Database:
     return PooledMySQLDatabase(name, field_types={"JSONTEXT": "LONGTEXT"}, **kwargs)
 
 
+def _current_schema(db: Database) -> str | None:
+    """PostgreSQL's schema on the search_path (peewee would look in "public" only)."""
+    if isinstance(db, PostgresqlDatabase):
+        row = db.execute_sql("SELECT current_schema()").fetchone()
+        return str(row[0]) if row else None
+    return None
+
+
 class SchemaTooNew(RuntimeError):
     """The database was written by a newer release than this one."""
 
@@ -105,7 +122,7 @@ def ensure_schema(db: Database) -> bool:
     Refuses (SchemaTooNew) a database whose schema is newer than this release's.
     """
     with db.connection_context():
-        if not db.table_exists(SchemaVersion._meta.table_name):
+        if not db.table_exists(SchemaVersion._meta.table_name, schema=_current_schema(db)):
             with db.atomic():
                 db.create_tables(MODELS)
                 SchemaVersion.create(id=1, version=SCHEMA_VERSION)
