@@ -11,7 +11,7 @@ PROTOS := $(shell find protos -name '*.proto' | sort)
 # Where googleapis-common-protos keeps google/api/*.proto inside the virtualenv.
 GOOGLEAPIS = $(shell $(PY) -c 'import pathlib, google.api.annotations_pb2 as m; print(pathlib.Path(m.__file__).parents[2])')
 
-.PHONY: help venv gen check lint typecheck proto-lint proto-breaking gen-drift test run load bench clean
+.PHONY: help venv gen check lint typecheck proto-lint proto-breaking gen-drift test run migrate load bench clean
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed -E 's/:.*## /\t/'
@@ -61,6 +61,9 @@ test: $(VENV)/.installed  ## run the whole suite
 
 run: $(VENV)/.installed  ## serve gRPC on the embedded database, with demo data on first run
 	$(PY) -m server serve --demo
+
+migrate: $(VENV)/.installed  ## create or upgrade the schema of TASKNODE_DATABASE_URL
+	$(PY) -m server migrate
 
 load: $(VENV)/.installed  ## load a JSON file into the database: make load FILE=path.json
 	$(PY) -m server load $(FILE)

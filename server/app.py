@@ -15,11 +15,15 @@ from grpc_health.v1 import health_pb2
 from grpc_health.v1 import health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from server.auth import Authenticator
+from server.auth import StoredTokenVerifier
 from server.config import Config
+from server.db.apps import AppStore
 from server.db.connection import ensure_schema
 from server.db.connection import open_database
 from server.db.store import Store
 from server.handlers.task_node import TaskNodeServicer
+from server.interceptors import AuthInterceptor
 from server.interceptors import ServiceInterceptor
 from server.nodes import Masker
 
@@ -54,9 +58,11 @@ def create_server(config: Config) -> Server:
     db = open_database(config.database_url)
     ensure_schema(db)
     store = Store(db)
+    apps = AppStore(db)
+    authenticator = Authenticator(apps, StoredTokenVerifier(apps), config.auth_cache_seconds)
     server = grpc.server(
         futures.ThreadPoolExecutor(max_workers=config.grpc_workers, thread_name_prefix="grpc"),
-        interceptors=[ServiceInterceptor(store)],
+        interceptors=[ServiceInterceptor(store), AuthInterceptor(authenticator)],
         maximum_concurrent_rpcs=config.max_concurrent_rpcs,
         options=[
             ("grpc.max_receive_message_length", config.max_receive_message_bytes),

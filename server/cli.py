@@ -9,20 +9,28 @@ import sys
 from importlib import resources
 from types import FrameType
 
+from server import admin
 from server.app import SERVICE_NAME
 from server.app import create_server
 from server.config import Config
+from server.db.apps import AppExists
+from server.db.apps import AppNotFound
+from server.db.apps import AppStore
 from server.db.connection import DatabaseURLError
-from server.db.connection import SchemaTooNew
 from server.db.connection import ensure_schema
 from server.db.connection import open_database
 from server.db.loader import LoadError
 from server.db.loader import load_document
 from server.db.loader import load_file
+from server.db.migrations import SchemaTooNew
 from server.db.models import Project
 from server.values import loads
 
 log = logging.getLogger("tasknode")
+
+#: The demo app: granted business 2 (not 3), may name its user. For the demo only.
+DEMO_APP = {"bk_app_code": "demo-app", "bk_app_secret": "demo-secret", "bk_username": "admin"}
+DEMO_BUSINESS = 2
 
 DEMO_NODE = {
     "bk_biz_id": "2",
@@ -42,7 +50,8 @@ def main(argv: list[str] | None = None) -> int:
     )
     load = commands.add_parser("load", help="load import files (docs/import-format.md)")
     load.add_argument("files", nargs="+")
-    commands.add_parser("migrate", help="create the schema, or check it is not newer than ours")
+    commands.add_parser("migrate", help="create or upgrade the schema")
+    admin.add_commands(commands)
     args = parser.parse_args(argv)
 
     config = Config.from_env()
@@ -55,10 +64,12 @@ def main(argv: list[str] | None = None) -> int:
             return _serve(config, demo=args.demo)
         if args.command == "load":
             return _load(config, args.files)
+        if args.command in ("apps", "tokens"):
+            return admin.run(args, config)
         db = open_database(config.database_url)
-        print("schema created" if ensure_schema(db) else "schema is up to date")
+        print("schema upgraded" if ensure_schema(db) else "schema is up to date")
         return 0
-    except (DatabaseURLError, SchemaTooNew, LoadError) as exc:
+    except (DatabaseURLError, SchemaTooNew, LoadError, AppNotFound, AppExists) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
 
@@ -73,15 +84,26 @@ def _load(config: Config, files: list[str]) -> int:
 
 
 def load_demo_if_empty(config: Config) -> bool:
-    """Load the demo dataset when the database has no business yet; True if it did."""
+    """Load the demo dataset and the demo app when the database has no business yet.
+
+    True if it did. The demo app is the only credential with a known secret, and it
+    exists only in a database that started out as the demo.
+    """
     db = open_database(config.database_url)
     ensure_schema(db)
     with db.connection_context():
         if Project.select().exists():
             return False
         demo = resources.files("server.db").joinpath("demo.json").read_text(encoding="utf-8")
-        report = load_document(db, loads(demo))
-    log.info("loaded the demo dataset: %s", report)
+        with db.atomic():
+            report = load_document(db, loads(demo))
+            AppStore(db).add(
+                DEMO_APP["bk_app_code"],
+                DEMO_APP["bk_app_secret"],
+                businesses=[DEMO_BUSINESS],
+                may_assert_user=True,
+            )
+    log.info("loaded the demo dataset: %s; demo app %s", report, DEMO_APP["bk_app_code"])
     return True
 
 
@@ -95,8 +117,10 @@ def _serve(config: Config, demo: bool) -> int:
     log.info("serving %s on %s (database %s)", SERVICE_NAME, address, config.database_url)
     if demo:
         print(
-            "\nTry it:\n  .venv/bin/grpcurl -plaintext -d "
-            f"'{_json(DEMO_NODE)}' \\\n    {address} {SERVICE_NAME}/GetTaskNodeDetail\n",
+            "\nTry it (demo app credentials, granted business 2):\n"
+            f"  .venv/bin/grpcurl -plaintext -H 'x-bkapi-authorization: {_json(DEMO_APP)}' \\\n"
+            f"    -d '{_json(DEMO_NODE)}' \\\n"
+            f"    {address} {SERVICE_NAME}/GetTaskNodeDetail\n",
             flush=True,
         )
 

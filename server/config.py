@@ -33,8 +33,22 @@ class Config:
     secret_keywords: tuple[str, ...] = field(default_factory=tuple)
     #: Zone in which legacy JSON renders times.
     time_zone: str = "Asia/Shanghai"
+    #: Seconds a verified app credential is trusted before it is checked again: the
+    #: longest a revocation, rotation or grant change takes to apply.
+    auth_cache_seconds: float = 10.0
     #: Logging level name.
     log_level: str = "INFO"
+    #: host:port of the HTTP/JSON shim (server.gateway); port 0 picks a free one, empty
+    #: serves no HTTP.
+    http_addr: str = "127.0.0.1:8080"
+    #: Path prefix of the API-gateway style route, e.g. "/prod" for
+    #: /prod/get_task_node_detail/{task_id}/{bk_biz_id}/; empty for none.
+    gateway_prefix: str = ""
+    #: Largest HTTP request body the shim reads; beyond it the answer is 413.
+    max_body_bytes: int = 64 * 1024
+    #: Where the shim run on its own (python -m server gateway) finds gRPC, as host:port;
+    #: empty means grpc_addr.
+    grpc_target: str = ""
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> Config:

@@ -16,9 +16,22 @@ The HTTP status follows from ``code`` (grpc-gateway's mapping, in the shim).
      |    +-- NodeNotFound                             3540000
      |    +-- LoopNotFound                             3540400
      |    +-- ComponentNotFound                        3599999
+     |    +-- RouteNotFound                            3540400  (HTTP 404)
      +-- StoreUnavailable           UNAVAILABLE        3555000
      +-- DeadlineExceeded           DEADLINE_EXCEEDED  3599999
      +-- Internal                   INTERNAL           3599999
+     +-- Unauthenticated            UNAUTHENTICATED    1306000  (gateway 1640001)
+     |    +-- CredentialsMissing
+     |    +-- CredentialsInvalid
+     |    +-- UserUnverified
+     +-- PermissionDenied           PERMISSION_DENIED  3599999  (gateway 1640301)
+     +-- BackendUnavailable         UNAVAILABLE        3555000
+     +-- MethodNotAllowed           UNIMPLEMENTED      3540000  (HTTP 405)
+     +-- PayloadTooLarge            RESOURCE_EXHAUSTED 3540000  (HTTP 413)
+
+The last three, and RouteNotFound, are raised only by the HTTP shim (server.gateway):
+the gRPC backend cannot be reached, or the HTTP request itself is refused. Those
+refusals keep their HTTP status on every route (server.gateway.statuses).
 """
 
 from __future__ import annotations
@@ -47,6 +60,8 @@ class ServiceError(Exception):
     code: ClassVar[grpc.StatusCode] = grpc.StatusCode.INTERNAL
     reason: ClassVar[str] = "INTERNAL"
     legacy_code: ClassVar[int] = 3599999
+    #: (code, code_name) of the API gateway's own envelope, for errors the gateway raises.
+    gateway_error: ClassVar[tuple[int, str] | None] = None
 
     def __init__(
         self,
@@ -144,6 +159,76 @@ class DeadlineExceeded(ServiceError):
 
 class Internal(ServiceError):
     """A bug: logged with its traceback on the server, answered without details."""
+
+
+class RouteNotFound(NotFound):
+    """The HTTP shim has no route for the request's path."""
+
+    reason = "ROUTE_NOT_FOUND"
+
+
+class BackendUnavailable(ServiceError):
+    """The HTTP shim cannot reach the gRPC server it calls; the message names its address."""
+
+    code = grpc.StatusCode.UNAVAILABLE
+    reason = "BACKEND_UNAVAILABLE"
+    legacy_code = 3555000
+
+
+class MethodNotAllowed(ServiceError):
+    """The HTTP shim serves the path, but not with the request's HTTP method."""
+
+    code = grpc.StatusCode.UNIMPLEMENTED
+    reason = "METHOD_NOT_ALLOWED"
+    legacy_code = 3540000
+
+
+class PayloadTooLarge(ServiceError):
+    """The HTTP request body is larger than the shim accepts (gRPC's own word for it)."""
+
+    code = grpc.StatusCode.RESOURCE_EXHAUSTED
+    reason = "PAYLOAD_TOO_LARGE"
+    legacy_code = 3540000
+
+
+class Unauthenticated(ServiceError):
+    """The call came without valid app credentials or user identity.
+
+    The legacy codes differ by route: the old ESB answers 1306000 (HTTP 200), the API
+    gateway INVALID_ARGS 1640001 with HTTP 400.
+    """
+
+    code = grpc.StatusCode.UNAUTHENTICATED
+    reason = "UNAUTHENTICATED"
+    legacy_code = 1306000
+    gateway_error = (1640001, "INVALID_ARGS")
+
+
+class CredentialsMissing(Unauthenticated):
+    """No credentials, or an app code or secret left out."""
+
+    reason = "CREDENTIALS_MISSING"
+
+
+class CredentialsInvalid(Unauthenticated):
+    """An unknown app, a wrong secret or a revoked app; which one is not said."""
+
+    reason = "CREDENTIALS_INVALID"
+
+
+class UserUnverified(Unauthenticated):
+    """No user identity, a bk_username from an app that may not assert one, or a bad bk_token."""
+
+    reason = "USER_UNVERIFIED"
+
+
+class PermissionDenied(ServiceError):
+    """The app may not read the business asked for; nothing is said about its tasks."""
+
+    code = grpc.StatusCode.PERMISSION_DENIED
+    reason = "BUSINESS_NOT_GRANTED"
+    legacy_code = 3599999
+    gateway_error = (1640301, "APP_NO_PERMISSION")
 
 
 def error_classes() -> list[type[ServiceError]]:

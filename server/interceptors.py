@@ -1,9 +1,12 @@
-"""The interceptor every TaskNodeService call passes through.
+"""The interceptors every TaskNodeService call passes through, outermost first.
 
-It owns, in one place: the deadline check, one store session (database
-connection) per call, turning domain errors into rich gRPC statuses (code,
-ErrorInfo, BadRequest), the one catch-all that keeps stray exceptions from
-reaching callers as UNKNOWN, and the access log line.
+ServiceInterceptor owns, in one place: the deadline check, one store session
+(database connection) per call, turning domain errors into rich gRPC statuses
+(code, ErrorInfo, BadRequest), the one catch-all that keeps stray exceptions from
+reaching callers as UNKNOWN, and the access log line (with the app and user).
+
+AuthInterceptor checks the caller's credentials and makes the Principal current.
+Health and reflection pass through both, open to all.
 """
 
 from __future__ import annotations
@@ -20,6 +23,10 @@ from google.rpc import status_pb2
 from grpc_status import rpc_status
 
 from server import errors
+from server.auth import METADATA_KEY
+from server.auth import Authenticator
+from server.auth import Credentials
+from server.auth import current_principal
 from server.db.store import Store
 
 log = logging.getLogger("tasknode.access")
@@ -59,6 +66,26 @@ def _pack(message: Any) -> any_pb2.Any:
     return packed
 
 
+Behaviour = Callable[[Any, grpc.ServicerContext], Any]
+
+
+def _wrap_service_calls(
+    continuation: Callable[[grpc.HandlerCallDetails], grpc.RpcMethodHandler | None],
+    handler_call_details: grpc.HandlerCallDetails,
+    wrap: Callable[[Behaviour, str], Behaviour],
+) -> grpc.RpcMethodHandler | None:
+    """The next handler, its unary behaviour wrapped if it is one of our services'."""
+    handler = continuation(handler_call_details)
+    method: str = handler_call_details.method
+    if handler is None or handler.unary_unary is None or not method.startswith(SERVICE_PREFIX):
+        return handler
+    return grpc.unary_unary_rpc_method_handler(
+        wrap(handler.unary_unary, method),
+        request_deserializer=handler.request_deserializer,
+        response_serializer=handler.response_serializer,
+    )
+
+
 class ServiceInterceptor(grpc.ServerInterceptor):
     """Wraps each unary TaskNodeService handler; see the module docstring."""
 
@@ -70,36 +97,34 @@ class ServiceInterceptor(grpc.ServerInterceptor):
         continuation: Callable[[grpc.HandlerCallDetails], grpc.RpcMethodHandler | None],
         handler_call_details: grpc.HandlerCallDetails,
     ) -> grpc.RpcMethodHandler | None:
-        handler = continuation(handler_call_details)
-        method: str = handler_call_details.method
-        if handler is None or handler.unary_unary is None or not method.startswith(SERVICE_PREFIX):
-            return handler
-        inner = handler.unary_unary
+        return _wrap_service_calls(continuation, handler_call_details, self._wrap)
 
+    def _wrap(self, inner: Behaviour, method: str) -> Behaviour:
         def call(request: Any, context: grpc.ServicerContext) -> Any:
             started = time.perf_counter()
             outcome = "OK"
+            reset = current_principal.set(None)
             try:
                 return self._run(inner, request, context)
             except errors.ServiceError as exc:
-                outcome = exc.code.name
+                outcome = f"{exc.code.name} {exc.reason}"
                 context.abort_with_status(to_status(exc))
             finally:
+                principal = current_principal.get()
                 log.info(
-                    "%s %s %s %.1fms",
+                    "%s %s app=%s user=%s %s %.1fms",
                     context.peer(),
                     method,
+                    principal.app_code if principal else "-",
+                    principal.username if principal else "-",
                     outcome,
                     (time.perf_counter() - started) * 1000,
                 )
+                current_principal.reset(reset)
 
-        return grpc.unary_unary_rpc_method_handler(
-            call,
-            request_deserializer=handler.request_deserializer,
-            response_serializer=handler.response_serializer,
-        )
+        return call
 
-    def _run(self, inner: Callable[..., Any], request: Any, context: grpc.ServicerContext) -> Any:
+    def _run(self, inner: Behaviour, request: Any, context: grpc.ServicerContext) -> Any:
         remaining = context.time_remaining()
         if remaining is not None and remaining <= 0:
             raise errors.DeadlineExceeded("the call's deadline passed before it was served")
@@ -111,3 +136,30 @@ class ServiceInterceptor(grpc.ServerInterceptor):
         except Exception as exc:
             errlog.exception("unexpected error serving a call")
             raise errors.Internal("internal error; the server log has the details") from exc
+
+
+class AuthInterceptor(grpc.ServerInterceptor):
+    """Checks x-bkapi-authorization on every TaskNodeService call; see server.auth."""
+
+    def __init__(self, authenticator: Authenticator) -> None:
+        self.authenticator = authenticator
+
+    def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], grpc.RpcMethodHandler | None],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler | None:
+        return _wrap_service_calls(continuation, handler_call_details, self._wrap)
+
+    def _wrap(self, inner: Behaviour, method: str) -> Behaviour:
+        def call(request: Any, context: grpc.ServicerContext) -> Any:
+            header = None
+            for key, value in context.invocation_metadata():
+                if key == METADATA_KEY and isinstance(value, str):
+                    header = value
+            credentials = Credentials.from_header(header)
+            # No reset here: ServiceInterceptor, outside, resets it after its access log.
+            current_principal.set(self.authenticator.authenticate(credentials, context.peer()))
+            return inner(request, context)
+
+        return call

@@ -17,6 +17,7 @@ from bksops.tasknode.v1 import task_node_pb2 as pb
 from server import convert
 from server import errors
 from server import values
+from server.auth import Principal
 from server.convert import Mask
 from server.db.store import AttemptRow
 from server.db.store import NodeRow
@@ -42,8 +43,11 @@ class Masker:
         return text
 
 
-def read_node_detail(store: Store, query: NodeQuery, mask: Mask) -> pb.NodeDetail:
+def read_node_detail(
+    store: Store, query: NodeQuery, mask: Mask, principal: Principal
+) -> pb.NodeDetail:
     """The NodeDetail the query asks for, or the domain error that says why not."""
+    _authorize(store, query, principal)
     node = store.find_node(query.biz_id, query.by_project_id, query.task_id, query.node_id)
     _check_stack(node, query.subprocess_stack)
     schema = None
@@ -93,6 +97,15 @@ def read_node_detail(store: Store, query: NodeQuery, mask: Mask) -> pb.NodeDetai
     if shown is not None:
         detail.ex_data = shown
     return detail
+
+
+def _authorize(store: Store, query: NodeQuery, principal: Principal) -> None:
+    """PermissionDenied unless the caller may read the business, decided before any lookup
+    of the task or node, so the answer does not depend on whether they exist."""
+    if not query.by_project_id:
+        principal.require(query.biz_id, query.biz_id)
+    elif principal.businesses is not None:
+        principal.require(store.business_of_project(query.biz_id), query.biz_id)
 
 
 def _show_current(detail: pb.NodeDetail, node: NodeRow, now: int) -> None:

@@ -9,11 +9,13 @@ from pathlib import Path
 
 import pytest
 
+from server.cli import DEMO_APP
 from tests.conftest import SEED_NODE
 from tests.conftest import SEED_PARENT
 
 GRPCURL = Path(sys.executable).parent / "grpcurl"
 SERVICE = "bksops.tasknode.v1.TaskNodeService"
+AUTH_HEADER = f"x-bkapi-authorization: {json.dumps(DEMO_APP)}"
 
 
 def grpcurl(*args: str) -> subprocess.CompletedProcess[str]:
@@ -57,7 +59,9 @@ def test_call_the_seed_node(grpc_address: str) -> None:
         "subprocess_stack": [SEED_PARENT],
         "component_code": "job_fast_execute_script",
     }
-    result = grpcurl("-d", json.dumps(request), grpc_address, f"{SERVICE}/GetTaskNodeDetail")
+    result = grpcurl(
+        "-H", AUTH_HEADER, "-d", json.dumps(request), grpc_address, f"{SERVICE}/GetTaskNodeDetail"
+    )
     assert result.returncode == 0, result.stderr
     reply = json.loads(result.stdout)
     assert reply["id"] == SEED_NODE
@@ -72,7 +76,9 @@ def test_call_the_seed_node(grpc_address: str) -> None:
 
 def test_errors_show_their_details(grpc_address: str) -> None:
     request = {"bk_biz_id": "2", "task_id": "10", "node_id": "nodenothere"}
-    result = grpcurl("-d", json.dumps(request), grpc_address, f"{SERVICE}/GetTaskNodeDetail")
+    result = grpcurl(
+        "-H", AUTH_HEADER, "-d", json.dumps(request), grpc_address, f"{SERVICE}/GetTaskNodeDetail"
+    )
     assert result.returncode != 0
     assert "Code: NotFound" in result.stdout + result.stderr
     assert "NODE_NOT_FOUND" in result.stdout + result.stderr

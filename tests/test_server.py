@@ -26,11 +26,13 @@ from grpc_status import rpc_status
 from server import nodes
 from server.app import Server
 from server.app import create_server
+from server.auth import Principal
 from server.cli import load_demo_if_empty
 from server.config import Config
 from server.convert import Mask
 from server.db.store import Store
 from server.query import NodeQuery
+from tests.conftest import authorized
 from tests.conftest import seed_request
 
 SERVING = health_pb2.HealthCheckResponse.SERVING
@@ -70,9 +72,9 @@ def slow(monkeypatch: pytest.MonkeyPatch) -> threading.Event:
     release = threading.Event()
     real = nodes.read_node_detail
 
-    def waiting(store: Store, query: NodeQuery, mask: Mask) -> pb.NodeDetail:
+    def waiting(store: Store, query: NodeQuery, mask: Mask, principal: Principal) -> pb.NodeDetail:
         release.wait(10)
-        return real(store, query, mask)
+        return real(store, query, mask, principal)
 
     monkeypatch.setattr("server.handlers.task_node.read_node_detail", waiting)
     return release
@@ -97,7 +99,7 @@ def test_calls_beyond_the_limit_are_refused_at_once(
     small_server: Server, slow: threading.Event
 ) -> None:
     with grpc.insecure_channel(f"127.0.0.1:{small_server.port}") as channel:
-        stub = pb_grpc.TaskNodeServiceStub(channel)
+        stub = pb_grpc.TaskNodeServiceStub(authorized(channel))
         admitted = [stub.GetTaskNodeDetail.future(seed_request(), timeout=10) for _ in range(2)]
         time.sleep(0.3)
         started = time.monotonic()
@@ -111,7 +113,7 @@ def test_calls_beyond_the_limit_are_refused_at_once(
 
 def test_requests_over_the_size_limit_are_refused(small_server: Server) -> None:
     with grpc.insecure_channel(f"127.0.0.1:{small_server.port}") as channel:
-        stub = pb_grpc.TaskNodeServiceStub(channel)
+        stub = pb_grpc.TaskNodeServiceStub(authorized(channel))
         with pytest.raises(grpc.RpcError) as refused:
             stub.GetTaskNodeDetail(seed_request(component_code="x" * 2000), timeout=5)
         assert refused.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
@@ -132,7 +134,7 @@ def test_graceful_stop_lets_in_flight_calls_finish(
     running = create_server(demo_config)
     running.start()
     with grpc.insecure_channel(f"127.0.0.1:{running.port}") as channel:
-        stub = pb_grpc.TaskNodeServiceStub(channel)
+        stub = pb_grpc.TaskNodeServiceStub(authorized(channel))
         in_flight = stub.GetTaskNodeDetail.future(seed_request(), timeout=10)
         time.sleep(0.3)
         stopper = threading.Thread(target=running.stop, args=(5,))
@@ -171,7 +173,7 @@ def test_an_unreachable_database_is_unavailable(sqlite_config: Config, tmp_path:
         path.unlink()
     tmp_path.rmdir()
     with grpc.insecure_channel(f"127.0.0.1:{server.port}") as channel:
-        stub = pb_grpc.TaskNodeServiceStub(channel)
+        stub = pb_grpc.TaskNodeServiceStub(authorized(channel))
         with pytest.raises(grpc.RpcError) as failed:
             stub.GetTaskNodeDetail(seed_request(), timeout=5)
     server.stop(None)

@@ -302,13 +302,13 @@ NOT_FOUND = grpc.StatusCode.NOT_FOUND
     ],
 )
 def test_errors_have_a_code_and_a_reason(
-    stub: pb_grpc.TaskNodeServiceStub,
+    all_stub: pb_grpc.TaskNodeServiceStub,
     request_: pb.GetTaskNodeDetailRequest,
     code: grpc.StatusCode,
     reason: str,
     fields: Sequence[str] | None,
 ) -> None:
-    got_code, got_reason, _, got_fields, message = error_of(stub, request_)
+    got_code, got_reason, _, got_fields, message = error_of(all_stub, request_)
     assert (got_code, got_reason) == (code, reason)
     if fields is not None:
         assert got_fields == list(fields)
@@ -363,6 +363,8 @@ def load_into(server: Server, task: dict[str, object]) -> None:
         load_document(db, {"format": "tasknode-import/1", "tasks": [task]})
 
 
-def test_unknown_business_message_is_the_legacy_one(stub: pb_grpc.TaskNodeServiceStub) -> None:
-    *_, message = error_of(stub, seed_request(bk_biz_id="99"))
+def test_unknown_business_message_is_the_legacy_one(
+    all_stub: pb_grpc.TaskNodeServiceStub,
+) -> None:
+    *_, message = error_of(all_stub, seed_request(bk_biz_id="99"))
     assert message == "project(99) with scope(cmdb_biz) does not exist."

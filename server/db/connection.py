@@ -11,17 +11,13 @@ from urllib.parse import urlsplit
 
 from peewee import Database
 from peewee import MySQLDatabase
-from peewee import PostgresqlDatabase
 from peewee import SqliteDatabase
 
+from server.db.migrations import migrate
 from server.db.models import MODELS
-from server.db.models import SchemaVersion
 from server.db.models import database
 
 log = logging.getLogger(__name__)
-
-#: The schema this release writes and reads.
-SCHEMA_VERSION = 1
 
 SQLITE_PRAGMAS = {
     "journal_mode": "wal",  # readers never block the writer, nor it them
@@ -79,8 +75,8 @@ def _sqlite(url: str, raw_path: str) -> Database:
 
 
 def _server(scheme: str, parts: SplitResult) -> Database:
-    from playhouse.pool import PooledMySQLDatabase
-    from playhouse.pool import PooledPostgresqlDatabase
+    from server.db.pool import PooledMySQLDatabase
+    from server.db.pool import PooledPostgresqlDatabase
 
     options: dict[str, object] = dict(parse_qsl(parts.query))
     kwargs: dict[str, object] = {
@@ -101,38 +97,16 @@ def _server(scheme: str, parts: SplitResult) -> Database:
     if scheme in ("postgres", "postgresql"):
         return PooledPostgresqlDatabase(name, field_types={"JSONTEXT": "TEXT"}, **kwargs)
     kwargs.setdefault("charset", "utf8mb4")
+    # A call reads one snapshot (Store.session); only REPEATABLE READ gives one, and a
+    # server configured for READ COMMITTED (as Django suggests) would not.
+    kwargs.setdefault("init_command", "SET SESSION TRANSACTION ISOLATION LEVEL REPEATABLE READ")
     return PooledMySQLDatabase(name, field_types={"JSONTEXT": "LONGTEXT"}, **kwargs)
 
 
-def _current_schema(db: Database) -> str | None:
-    """PostgreSQL's schema on the search_path (peewee would look in "public" only)."""
-    if isinstance(db, PostgresqlDatabase):
-        row = db.execute_sql("SELECT current_schema()").fetchone()
-        return str(row[0]) if row else None
-    return None
-
-
-class SchemaTooNew(RuntimeError):
-    """The database was written by a newer release than this one."""
-
-
 def ensure_schema(db: Database) -> bool:
-    """Create the tables when missing; True if they were created just now.
+    """Create or upgrade the schema; True if anything was applied.
 
-    Refuses (SchemaTooNew) a database whose schema is newer than this release's.
+    Refuses (migrations.SchemaTooNew) a database written by a newer release.
     """
     with db.connection_context():
-        if not db.table_exists(SchemaVersion._meta.table_name, schema=_current_schema(db)):
-            with db.atomic():
-                db.create_tables(MODELS)
-                SchemaVersion.create(id=1, version=SCHEMA_VERSION)
-            log.info("created schema version %d", SCHEMA_VERSION)
-            return True
-        row = SchemaVersion.get_or_none(SchemaVersion.id == 1)
-        found = row.version if row else 0
-        if found > SCHEMA_VERSION:
-            raise SchemaTooNew(
-                f"the database has schema version {found}, but this release knows only "
-                f"up to {SCHEMA_VERSION}: run a newer release against it"
-            )
-        return False
+        return bool(migrate(db))

@@ -9,7 +9,9 @@ Layout, following the reference engine (see ../shared/reference/bk-sops.md §3):
   at their parent by node id, so a whole task can be bulk-inserted in one pass.
 - ``attempt``: one earlier attempt of a node (a retry, a skip, a loop's final run).
 - ``component_schema``: the declared outputs of one plugin code at one version.
-- ``schema_version``: the migration level of the database.
+- ``schema_version``: the migration level of the database (server/db/migrations.py).
+- ``app``, ``app_grant``, ``user_token``: who may call, which businesses each app may
+  read, and the bk_tokens the command line issued.
 
 Times are integer microseconds since the Unix epoch (UTC): exact and identical on
 every database. JSON values are text written by ``server.values.dumps``.
@@ -129,6 +131,39 @@ class SchemaVersion(BaseModel):
     version = IntegerField()
 
 
+class App(BaseModel):
+    """A BlueKing app allowed to call: its secret only as a salted scrypt hash."""
+
+    code = CharField(max_length=64, primary_key=True)
+    secret_hash = CharField(max_length=255)
+    #: True: every business, present and future; False: only its grants.
+    all_businesses = BooleanField(default=False)
+    #: Whether the app may name its user with bk_username instead of a bk_token.
+    may_assert_user = BooleanField(default=False)
+    revoked = BooleanField(default=False)
+    #: Microseconds since the epoch of the last change (creation, rotation, revocation).
+    updated_at = BigIntegerField()
+
+
+class AppGrant(BaseModel):
+    """One business an app may read."""
+
+    id = BigAutoField()
+    app = ForeignKeyField(App, backref="grants", on_delete="CASCADE", column_name="app_code")
+    bk_biz_id = BigIntegerField()
+
+    class Meta:
+        indexes = ((("app", "bk_biz_id"), True),)
+
+
+class UserToken(BaseModel):
+    """A bk_token issued by the command line: its sha256 only, and when it expires."""
+
+    token_hash = CharField(max_length=64, primary_key=True)
+    username = CharField(max_length=64)
+    expires_at = BigIntegerField()
+
+
 MODELS: tuple[type[BaseModel], ...] = (
     Project,
     Task,
@@ -136,4 +171,7 @@ MODELS: tuple[type[BaseModel], ...] = (
     Attempt,
     ComponentSchema,
     SchemaVersion,
+    App,
+    AppGrant,
+    UserToken,
 )

@@ -15,6 +15,10 @@ from typing import NamedTuple
 import peewee
 from peewee import JOIN
 from peewee import Database
+from peewee import MySQLDatabase
+from peewee import PostgresqlDatabase
+from playhouse.pool import MaxConnectionsExceeded
+from playhouse.pool import PooledDatabase
 
 from server import errors
 from server import values
@@ -112,14 +116,60 @@ class Store:
 
     @contextmanager
     def session(self) -> Iterator[None]:
-        """One connection for the duration of a call, returned (or closed) afterwards."""
-        with _unavailable_on_db_error():
-            self.db.connect(reuse_if_open=True)
+        """One connection and one read snapshot for a call, given back afterwards.
+
+        Every query of the call reads the same snapshot, so a call never mixes a
+        node from before an import with its attempts from after it (each query on
+        its own would see the latest commit). The BEGIN also proves the pooled
+        connection alive; see _begin.
+        """
+        with unavailable_on_db_error():
+            self._begin()
         try:
             yield
         finally:
-            if not self.db.is_closed():
-                self.db.close()
+            self._end()
+
+    def _begin(self) -> None:
+        """Connect and begin the snapshot, once more on a new connection if that one is dead.
+
+        A pooled connection the database dropped while it was idle (a restart, an
+        idle timeout) fails its first statement. Nothing of the call has run yet, so
+        it is safe to throw it away, with the pool's other idle connections (likely
+        dropped too), and begin again; a second failure is the caller's answer.
+        """
+        for retries_left in (1, 0):
+            try:
+                self.db.connect(reuse_if_open=True)
+            except MaxConnectionsExceeded as exc:
+                raise peewee.OperationalError(str(exc)) from exc
+            try:
+                self.db.execute_sql(_snapshot_statement(self.db))
+                return
+            except (peewee.OperationalError, peewee.InterfaceError) as exc:
+                self._discard_connection()
+                if not retries_left:
+                    raise
+                log.info("a pooled connection was dead (%s); beginning on a new one", exc)
+
+    def _end(self) -> None:
+        """End the snapshot and give the connection back (or close it, without a pool)."""
+        try:
+            self.db.execute_sql("ROLLBACK")  # it read only: nothing to commit
+        except (peewee.DatabaseError, peewee.InterfaceError) as exc:
+            # The connection died during the call, whose answer is already decided.
+            log.info("ending a read snapshot failed (%s); dropping its connection", exc)
+            self._discard_connection()
+            return
+        self.db.close()
+
+    def _discard_connection(self) -> None:
+        """Close this thread's connection for good, and a pool's idle connections."""
+        if isinstance(self.db, PooledDatabase):
+            self.db.manual_close()
+            self.db.close_idle()
+        elif not self.db.is_closed():
+            self.db.close()
 
     def close(self) -> None:
         """Close every connection, pooled ones included (at shutdown)."""
@@ -151,7 +201,7 @@ class Store:
             .where(owner)
             .tuples()
         )
-        with _unavailable_on_db_error():
+        with unavailable_on_db_error():
             row = query.first()
         if row is None:
             scope = "project" if by_project_id else "cmdb_biz"
@@ -170,6 +220,13 @@ class Store:
                 {"taskId": str(task_id), "nodeId": node_id},
             )
         return NodeRow(task_id, row[2], tuple(values.loads(row[3])), *row[4:])
+
+    def business_of_project(self, project_id: int) -> int | None:
+        """The business a project belongs to; None for no such project or none."""
+        query = Project.select(Project.bk_biz_id).where(Project.id == project_id)
+        with unavailable_on_db_error():
+            found = query.scalar()
+        return None if found is None else int(found)
 
     def attempts(self, task_id: int, node_id: str, loop: int) -> list[AttemptRow]:
         """The node's earlier attempts in one loop, oldest first."""
@@ -193,7 +250,7 @@ class Store:
             .order_by(Attempt.id)
             .tuples()
         )
-        with _unavailable_on_db_error():
+        with unavailable_on_db_error():
             return [AttemptRow(*row) for row in query.iterator()]
 
     def children(self, task_id: int, node_id: str) -> list[ChildRow]:
@@ -219,7 +276,7 @@ class Store:
             .order_by(Node.position)
             .tuples()
         )
-        with _unavailable_on_db_error():
+        with unavailable_on_db_error():
             return [ChildRow(*row) for row in query.iterator()]
 
     def output_schema(self, code: str, version: str) -> list[tuple[str, str]]:
@@ -227,7 +284,7 @@ class Store:
         query = ComponentSchema.select(ComponentSchema.outputs).where(
             (ComponentSchema.code == code) & (ComponentSchema.version == version)
         )
-        with _unavailable_on_db_error():
+        with unavailable_on_db_error():
             text = query.scalar()
         if text is None:
             raise errors.ComponentNotFound(
@@ -237,8 +294,23 @@ class Store:
         return [(key, name) for key, name in values.loads(text)]
 
 
+def _snapshot_statement(db: Database) -> str:
+    """The BEGIN of a read-only transaction whose queries all read one snapshot.
+
+    PostgreSQL's default READ COMMITTED takes a snapshot per statement, hence
+    REPEATABLE READ. MySQL's session is set to REPEATABLE READ when it connects
+    (connection._server). SQLite's deferred BEGIN reads one snapshot of the WAL
+    from its first SELECT on.
+    """
+    if isinstance(db, PostgresqlDatabase):
+        return "BEGIN ISOLATION LEVEL REPEATABLE READ, READ ONLY"
+    if isinstance(db, MySQLDatabase):
+        return "START TRANSACTION READ ONLY"
+    return "BEGIN"
+
+
 @contextmanager
-def _unavailable_on_db_error() -> Iterator[None]:
+def unavailable_on_db_error() -> Iterator[None]:
     """Turn the database's own errors into StoreUnavailable, logging the cause."""
     try:
         yield

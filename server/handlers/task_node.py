@@ -6,6 +6,8 @@ import grpc
 from bksops.tasknode.v1 import task_node_pb2 as pb
 from bksops.tasknode.v1 import task_node_pb2_grpc as pb_grpc
 
+from server import errors
+from server.auth import current_principal
 from server.db.store import Store
 from server.nodes import Masker
 from server.nodes import read_node_detail
@@ -22,4 +24,7 @@ class TaskNodeServicer(pb_grpc.TaskNodeServiceServicer):
     def GetTaskNodeDetail(
         self, request: pb.GetTaskNodeDetailRequest, context: grpc.ServicerContext
     ) -> pb.NodeDetail:
-        return read_node_detail(self.store, parse_request(request), self.mask)
+        principal = current_principal.get()
+        if principal is None:  # the auth interceptor always runs first; this is a bug
+            raise errors.Internal("no authenticated caller")
+        return read_node_detail(self.store, parse_request(request), self.mask, principal)

@@ -1,0 +1,222 @@
+"""Who is calling: BlueKing app credentials, the user, and the businesses they may read.
+
+Callers present the JSON the API gateway's X-Bkapi-Authorization header carries
+(``{"bk_app_code", "bk_app_secret", "bk_username" | "bk_token"}``) in the gRPC
+metadata ``x-bkapi-authorization``; the HTTP shim forwards it there from the header
+or from the old ESB route's parameters.
+
+Checking an app secret costs a slow hash (tens of milliseconds), far too much for
+every call, so a verified identity is cached for ``cache_seconds``, keyed by a
+sha256 of the credentials (the cache holds no secret). A revocation, rotation or
+grant change therefore takes effect within ``cache_seconds``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import threading
+import time
+from collections.abc import Mapping
+from contextvars import ContextVar
+from dataclasses import dataclass
+from typing import Protocol
+
+from server import errors
+from server import secrets
+from server.db.apps import AppStore
+
+log = logging.getLogger("tasknode.auth")
+
+#: The Principal of the call being served: set by the auth interceptor, None until then.
+current_principal: ContextVar[Principal | None] = ContextVar("current_principal", default=None)
+
+METADATA_KEY = "x-bkapi-authorization"
+CREDENTIAL_FIELDS = ("bk_app_code", "bk_app_secret", "bk_username", "bk_token")
+MAX_FIELD_LENGTH = 256
+#: The action a read of a node detail needs, named in permission errors.
+ACTION = "task_view"
+
+
+@dataclass(frozen=True)
+class Credentials:
+    """What a caller presents; secrets in here are never logged."""
+
+    app_code: str = ""
+    app_secret: str = ""
+    username: str = ""
+    token: str = ""
+
+    @classmethod
+    def from_mapping(cls, fields: Mapping[str, object]) -> Credentials:
+        """Credentials from the header's JSON object (or the ESB parameters)."""
+        values: dict[str, str] = {}
+        for name in CREDENTIAL_FIELDS:
+            value = fields.get(name)
+            if value is None:
+                continue
+            if not isinstance(value, str) or len(value) > MAX_FIELD_LENGTH:
+                raise errors.CredentialsInvalid(
+                    f"{name} must be a string of at most {MAX_FIELD_LENGTH} characters",
+                    {"field": name},
+                )
+            values[name] = value
+        return cls(
+            app_code=values.get("bk_app_code", ""),
+            app_secret=values.get("bk_app_secret", ""),
+            username=values.get("bk_username", ""),
+            token=values.get("bk_token", ""),
+        )
+
+    @classmethod
+    def from_header(cls, text: str | None) -> Credentials:
+        """Credentials from X-Bkapi-Authorization JSON text; none at all when absent."""
+        if not text:
+            return cls()
+        try:
+            fields = json.loads(text)
+        except ValueError:
+            raise errors.CredentialsInvalid(
+                "X-Bkapi-Authorization is not valid JSON", {"field": METADATA_KEY}
+            ) from None
+        if not isinstance(fields, dict):
+            raise errors.CredentialsInvalid(
+                "X-Bkapi-Authorization must be a JSON object", {"field": METADATA_KEY}
+            )
+        return cls.from_mapping(fields)
+
+    def to_header(self) -> str:
+        """The X-Bkapi-Authorization JSON for these credentials (to forward them)."""
+        fields = dict(
+            zip(
+                CREDENTIAL_FIELDS,
+                (self.app_code, self.app_secret, self.username, self.token),
+                strict=True,
+            )
+        )
+        return json.dumps({k: v for k, v in fields.items() if v})
+
+
+@dataclass(frozen=True)
+class Principal:
+    """A verified app and user, and the businesses they may read (None: every one)."""
+
+    app_code: str
+    username: str
+    businesses: frozenset[int] | None
+
+    def may_read(self, bk_biz_id: int | None) -> bool:
+        if self.businesses is None:
+            return True
+        return bk_biz_id is not None and bk_biz_id in self.businesses
+
+    def require(self, bk_biz_id: int | None, shown_id: int) -> None:
+        """PermissionDenied unless the business may be read; shown_id is what the caller sent."""
+        if not self.may_read(bk_biz_id):
+            raise errors.PermissionDenied(
+                f"APP [{self.app_code}] has no permission to perform action [{ACTION}] "
+                f"on business [{shown_id}]",
+                {"appCode": self.app_code, "action": ACTION, "bkBizId": str(shown_id)},
+            )
+
+
+class TokenVerifier(Protocol):
+    """Turns a bk_token into a username; None when the token is not valid."""
+
+    def username_for(self, token: str) -> str | None: ...
+
+
+class StoredTokenVerifier:
+    """Accepts the tokens `python -m server tokens issue` made, until they expire."""
+
+    def __init__(self, apps: AppStore) -> None:
+        self.apps = apps
+
+    def username_for(self, token: str) -> str | None:
+        return self.apps.user_of_token(token)
+
+
+class Authenticator:
+    """Verifies credentials into a Principal, caching what it verified for a while."""
+
+    MAX_CACHED = 10_000
+
+    def __init__(self, apps: AppStore, tokens: TokenVerifier, cache_seconds: float) -> None:
+        self.apps = apps
+        self.tokens = tokens
+        self.cache_seconds = cache_seconds
+        self._cache: dict[bytes, tuple[float, Principal | errors.Unauthenticated]] = {}
+        self._lock = threading.Lock()
+
+    def authenticate(self, credentials: Credentials, peer: str) -> Principal:
+        """The Principal for credentials; an Unauthenticated error (logged) otherwise.
+
+        Failures are cached too, so repeating a wrong secret costs no more hashing.
+        """
+        key = _cache_key(credentials)
+        now = time.monotonic()
+        with self._lock:
+            cached = self._cache.get(key)
+        if cached is None or cached[0] <= now:
+            try:
+                outcome: Principal | errors.Unauthenticated = self._verify(credentials)
+            except errors.Unauthenticated as exc:
+                outcome = exc
+            with self._lock:
+                if len(self._cache) >= self.MAX_CACHED:
+                    self._cache.clear()
+                self._cache[key] = (now + self.cache_seconds, outcome)
+        else:
+            outcome = cached[1]
+        if isinstance(outcome, Principal):
+            return outcome
+        log.warning(
+            "authentication failed: app=%r peer=%s reason=%s",
+            credentials.app_code[:64],
+            peer,
+            outcome.reason,
+        )
+        raise type(outcome)(outcome.message, outcome.metadata)
+
+    def _verify(self, credentials: Credentials) -> Principal:
+        if not credentials.app_code:
+            raise errors.CredentialsMissing("APP Code [bk_app_code] cannot be empty")
+        if not credentials.app_secret:
+            raise errors.CredentialsMissing("APP Secret [bk_app_secret] cannot be empty")
+        app = self.apps.app(credentials.app_code)
+        # Hash even for an unknown app, so its answer takes as long as a wrong secret's.
+        stored = app.secret_hash if app is not None else _DECOY_HASH
+        matches = secrets.verify_secret(credentials.app_secret, stored)
+        if app is None or not matches or app.revoked:
+            raise errors.CredentialsInvalid(
+                "APP authentication failed: bk_app_code or bk_app_secret is invalid",
+                {"appCode": credentials.app_code[:64]},
+            )
+        username = self._user(credentials, app.may_assert_user)
+        return Principal(
+            app_code=app.code,
+            username=username,
+            businesses=None if app.all_businesses else app.businesses,
+        )
+
+    def _user(self, credentials: Credentials, may_assert_user: bool) -> str:
+        if credentials.token:
+            username = self.tokens.username_for(credentials.token)
+            if username:
+                return username
+        elif credentials.username and may_assert_user:
+            return credentials.username
+        raise errors.UserUnverified(
+            "User authentication failed, please provide a valid user identity, "
+            "such as bk_token, bk_username",
+            {"appCode": credentials.app_code[:64]},
+        )
+
+
+_DECOY_HASH = secrets.hash_secret(secrets.new_secret())
+
+
+def _cache_key(credentials: Credentials) -> bytes:
+    parts = (credentials.app_code, credentials.app_secret, credentials.username, credentials.token)
+    return hashlib.sha256("\0".join(parts).encode("utf-8", "surrogatepass")).digest()

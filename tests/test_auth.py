@@ -1,0 +1,210 @@
+"""Authentication and business scoping of TaskNodeService calls over gRPC."""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import Iterator
+
+import grpc
+import pytest
+from bksops.tasknode.v1 import task_node_pb2 as pb
+from bksops.tasknode.v1 import task_node_pb2_grpc as pb_grpc
+from google.rpc import error_details_pb2
+from grpc_status import rpc_status
+
+from server.app import Server
+from server.app import create_server
+from server.auth import Credentials
+from server.cli import DEMO_APP
+from server.config import Config
+from server.db.apps import AppStore
+from tests.conftest import seed_request
+
+UNAUTHENTICATED = grpc.StatusCode.UNAUTHENTICATED
+DENIED = grpc.StatusCode.PERMISSION_DENIED
+OTHER_BUSINESS_TASK = seed_request(
+    bk_biz_id="3",
+    task_id="20",
+    node_id="node708192a3b4c5d6e7f8091a2b3c4d",
+    subprocess_stack=[],
+    component_code="",
+)
+
+
+@pytest.fixture
+def apps(server: Server) -> Iterator[AppStore]:
+    """The running server's credential store, to add and change apps."""
+    store = AppStore(server.store.db)
+    with server.store.db.connection_context():
+        yield store
+
+
+def call(
+    channel: grpc.Channel, credentials: object, request: pb.GetTaskNodeDetailRequest
+) -> tuple[grpc.StatusCode, str, str]:
+    """(code, ErrorInfo reason or "", message) of a call with the given header value."""
+    stub = pb_grpc.TaskNodeServiceStub(channel)
+    metadata = []
+    if credentials is not None:
+        text = credentials if isinstance(credentials, str) else json.dumps(credentials)
+        metadata.append(("x-bkapi-authorization", text))
+    try:
+        stub.GetTaskNodeDetail(request, metadata=metadata, timeout=5)
+    except grpc.RpcError as error:
+        status = rpc_status.from_call(error)
+        info = error_details_pb2.ErrorInfo()
+        assert status is not None and status.details[0].Unpack(info)
+        return error.code(), info.reason, error.details() or ""
+    return grpc.StatusCode.OK, "", ""
+
+
+def creds(**changes: str) -> dict[str, str]:
+    return {**DEMO_APP, **changes}
+
+
+MATRIX = [
+    ("no credentials", None, UNAUTHENTICATED, "CREDENTIALS_MISSING"),
+    ("empty object", {}, UNAUTHENTICATED, "CREDENTIALS_MISSING"),
+    ("no secret", {"bk_app_code": "demo-app"}, UNAUTHENTICATED, "CREDENTIALS_MISSING"),
+    ("not JSON", "{bk_app_code", UNAUTHENTICATED, "CREDENTIALS_INVALID"),
+    ("not an object", "[1]", UNAUTHENTICATED, "CREDENTIALS_INVALID"),
+    (
+        "a number for a field",
+        {**DEMO_APP, "bk_app_secret": 1},
+        UNAUTHENTICATED,
+        "CREDENTIALS_INVALID",
+    ),
+    ("unknown app", creds(bk_app_code="nobody"), UNAUTHENTICATED, "CREDENTIALS_INVALID"),
+    ("wrong secret", creds(bk_app_secret="guess"), UNAUTHENTICATED, "CREDENTIALS_INVALID"),
+    (
+        "no user",
+        {"bk_app_code": "demo-app", "bk_app_secret": "demo-secret"},
+        UNAUTHENTICATED,
+        "USER_UNVERIFIED",
+    ),
+    (
+        "bad token",
+        {**creds(), "bk_username": "", "bk_token": "forged"},
+        UNAUTHENTICATED,
+        "USER_UNVERIFIED",
+    ),
+    ("granted business", creds(), grpc.StatusCode.OK, ""),
+]
+
+
+@pytest.mark.parametrize(
+    ("case", "credentials", "code", "reason"), MATRIX, ids=[m[0] for m in MATRIX]
+)
+def test_credentials_matrix(
+    channel: grpc.Channel, case: str, credentials: object, code: grpc.StatusCode, reason: str
+) -> None:
+    assert call(channel, credentials, seed_request())[:2] == (code, reason)
+
+
+def test_revoked_app_is_refused(channel: grpc.Channel, apps: AppStore) -> None:
+    apps.add("short-lived", "s3cret", businesses=[2], may_assert_user=True)
+    apps.revoke("short-lived")
+    revoked = {"bk_app_code": "short-lived", "bk_app_secret": "s3cret", "bk_username": "u"}
+    assert call(channel, revoked, seed_request())[:2] == (UNAUTHENTICATED, "CREDENTIALS_INVALID")
+    wrong = {**revoked, "bk_app_secret": "guess"}
+    assert call(channel, revoked, seed_request())[2] == call(channel, wrong, seed_request())[2]
+
+
+def test_ungranted_business_is_denied(channel: grpc.Channel) -> None:
+    code, reason, message = call(channel, creds(), OTHER_BUSINESS_TASK)
+    assert (code, reason) == (DENIED, "BUSINESS_NOT_GRANTED")
+    assert (
+        message == "APP [demo-app] has no permission to perform action [task_view] on business [3]"
+    )
+
+
+def test_denial_says_nothing_about_the_task(channel: grpc.Channel) -> None:
+    exists = call(channel, creds(), OTHER_BUSINESS_TASK)
+    missing = call(
+        channel, creds(), seed_request(bk_biz_id="3", task_id="424242", subprocess_stack=[])
+    )
+    no_business = call(channel, creds(), seed_request(bk_biz_id="3", node_id="nodeunknown"))
+    assert exists == missing == no_business
+
+
+def test_scope_project_is_checked_against_its_business(channel: grpc.Channel) -> None:
+    own = seed_request(bk_biz_id="1", scope=pb.SCOPE_PROJECT)
+    assert call(channel, creds(), own)[0] == grpc.StatusCode.OK
+    other = seed_request(bk_biz_id="5", task_id="20", scope=pb.SCOPE_PROJECT)
+    unknown = seed_request(bk_biz_id="77", task_id="20", scope=pb.SCOPE_PROJECT)
+    assert call(channel, creds(), other)[:2] == (DENIED, "BUSINESS_NOT_GRANTED")
+    assert call(channel, creds(), unknown)[:2] == (DENIED, "BUSINESS_NOT_GRANTED")
+
+
+def test_app_may_not_assert_a_user_unless_allowed(channel: grpc.Channel, apps: AppStore) -> None:
+    apps.add("no-assert", "pw", businesses=[2])
+    asserted = {"bk_app_code": "no-assert", "bk_app_secret": "pw", "bk_username": "root"}
+    assert call(channel, asserted, seed_request())[:2] == (UNAUTHENTICATED, "USER_UNVERIFIED")
+    token = apps.issue_token("alice", 60)
+    with_token = {"bk_app_code": "no-assert", "bk_app_secret": "pw", "bk_token": token}
+    assert call(channel, with_token, seed_request())[0] == grpc.StatusCode.OK
+
+
+def test_expired_token_is_refused(channel: grpc.Channel, apps: AppStore) -> None:
+    token = apps.issue_token("alice", 0)
+    expired = {**DEMO_APP, "bk_username": "", "bk_token": token}
+    assert call(channel, expired, seed_request())[:2] == (UNAUTHENTICATED, "USER_UNVERIFIED")
+
+
+def test_health_and_reflection_stay_open(channel: grpc.Channel) -> None:
+    from grpc_health.v1 import health_pb2
+    from grpc_health.v1 import health_pb2_grpc
+
+    health = health_pb2_grpc.HealthStub(channel)
+    assert health.Check(health_pb2.HealthCheckRequest(), timeout=5).status == 1
+
+
+def test_revocation_and_rotation_apply_within_the_cache_time(demo_config: Config) -> None:
+    config = Config(
+        database_url=demo_config.database_url, grpc_addr="127.0.0.1:0", auth_cache_seconds=0.5
+    )
+    running = create_server(config)
+    running.start()
+    try:
+        apps = AppStore(running.store.db)
+        with running.store.db.connection_context():
+            apps.add("rotating", "first", businesses=[2], may_assert_user=True)
+        first = {"bk_app_code": "rotating", "bk_app_secret": "first", "bk_username": "u"}
+        second = {**first, "bk_app_secret": "second"}
+        with grpc.insecure_channel(f"127.0.0.1:{running.port}") as channel:
+            assert call(channel, first, seed_request())[0] == grpc.StatusCode.OK
+            with running.store.db.connection_context():
+                apps.rotate("rotating", "second")
+            time.sleep(0.6)
+            assert call(channel, first, seed_request())[1] == "CREDENTIALS_INVALID"
+            assert call(channel, second, seed_request())[0] == grpc.StatusCode.OK
+            with running.store.db.connection_context():
+                apps.revoke("rotating")
+                apps.withdraw("demo-app", [2])
+            time.sleep(0.6)
+            assert call(channel, second, seed_request())[1] == "CREDENTIALS_INVALID"
+            assert call(channel, creds(), seed_request())[1] == "BUSINESS_NOT_GRANTED"
+    finally:
+        running.stop(None)
+
+
+def test_failed_attempts_are_logged_without_secrets(
+    channel: grpc.Channel, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO)
+    call(channel, creds(bk_app_secret="wrong-secret-xyz"), seed_request())
+    call(channel, creds(), seed_request())
+    failures = [r for r in caplog.records if r.name == "tasknode.auth"]
+    assert failures and "app='demo-app'" in failures[0].getMessage()
+    assert "peer=ipv4:127.0.0.1" in failures[0].getMessage()
+    access = [r.getMessage() for r in caplog.records if r.name == "tasknode.access"]
+    assert any("app=demo-app user=admin" in line for line in access)
+    everything = "\n".join(r.getMessage() for r in caplog.records)
+    assert "wrong-secret-xyz" not in everything and "demo-secret" not in everything
+
+
+def test_credentials_render_back_to_the_header() -> None:
+    header = Credentials.from_mapping(DEMO_APP).to_header()
+    assert json.loads(header) == DEMO_APP
