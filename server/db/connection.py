@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import logging
+import os
 from pathlib import Path
+from typing import Any
 from urllib.parse import SplitResult
 from urllib.parse import parse_qsl
 from urllib.parse import unquote
@@ -11,7 +13,7 @@ from urllib.parse import urlsplit
 
 from peewee import Database
 from peewee import MySQLDatabase
-from peewee import SqliteDatabase
+from playhouse.pool import PooledSqliteDatabase
 
 from server.db.migrations import migrate
 from server.db.models import MODELS
@@ -65,13 +67,52 @@ def _sqlite(url: str, raw_path: str) -> Database:
             "would be empty in every worker thread"
         )
     Path(path).parent.mkdir(parents=True, exist_ok=True)
-    return SqliteDatabase(
+    # Pooled like the server databases: opening a SQLite connection and setting its
+    # pragmas costs more than the queries of a whole call.
+    return SqliteFilePool(
         path,
         pragmas=SQLITE_PRAGMAS,
         field_types={"JSONTEXT": "TEXT"},
         check_same_thread=False,
         autoconnect=False,
+        max_connections=64,
+        stale_timeout=None,
     )
+
+
+class SqliteFilePool(PooledSqliteDatabase):
+    """A SQLite pool that does not reuse a connection whose file is gone or replaced.
+
+    An open connection keeps reading a deleted or swapped file's old inode; checking
+    the path at checkout (one stat, a few µs) makes a restored backup take effect at
+    once and a vanished database fail as unavailable instead of serving stale rows.
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._files: dict[int, tuple[int, int]] = {}
+
+    def _connect(self) -> Any:
+        conn = super()._connect()
+        if id(conn) not in self._files:
+            self._files[id(conn)] = self._file_identity()
+        return conn
+
+    def _is_closed(self, conn: Any) -> bool:
+        if super()._is_closed(conn):
+            return True
+        try:
+            same = self._files.get(id(conn)) == self._file_identity()
+        except OSError:
+            same = False
+        if not same:
+            self._files.pop(id(conn), None)
+            conn.close()
+        return not same
+
+    def _file_identity(self) -> tuple[int, int]:
+        found = os.stat(self.database)
+        return found.st_dev, found.st_ino
 
 
 def _server(scheme: str, parts: SplitResult) -> Database:

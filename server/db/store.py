@@ -10,6 +10,8 @@ from __future__ import annotations
 import logging
 from collections.abc import Iterator
 from contextlib import contextmanager
+from functools import partial
+from typing import Any
 from typing import NamedTuple
 
 import peewee
@@ -27,6 +29,8 @@ from server.db.models import ComponentSchema
 from server.db.models import Node
 from server.db.models import Project
 from server.db.models import Task
+from server.db.prepared import Prepared
+from server.db.prepared import Slot
 
 log = logging.getLogger(__name__)
 
@@ -113,6 +117,7 @@ class Store:
 
     def __init__(self, db: Database) -> None:
         self.db = db
+        self._prepare()
 
     @contextmanager
     def session(self) -> Iterator[None]:
@@ -185,30 +190,16 @@ class Store:
         One query: the business row, LEFT JOINed to the task and the node, tells
         which of the three is missing.
         """
-        owner = Project.id == biz_id if by_project_id else Project.bk_biz_id == biz_id
-        query = (
-            Project.select(Project.id, Task.id, *_NODE_COLUMNS)
-            .join(
-                Task,
-                JOIN.LEFT_OUTER,
-                on=(Task.project == Project.id) & (Task.id == task_id) & (Task.deleted == False),  # noqa: E712
-            )
-            .join(
-                Node,
-                JOIN.LEFT_OUTER,
-                on=(Node.task == Task.id) & (Node.node_id == node_id),
-            )
-            .where(owner)
-            .tuples()
-        )
+        query = self._node_by_project if by_project_id else self._node_by_business
         with unavailable_on_db_error():
-            row = query.first()
-        if row is None:
+            rows = query.rows(biz_id=biz_id, task_id=task_id, node_id=node_id)
+        if not rows:
             scope = "project" if by_project_id else "cmdb_biz"
             raise errors.BusinessNotFound(
                 f"project({biz_id}) with scope({scope}) does not exist.",
                 {"bkBizId": str(biz_id), "scope": scope},
             )
+        row = rows[0]
         if row[1] is None:
             raise errors.TaskNotFound(
                 f"task {task_id} of business {biz_id} does not exist",
@@ -219,79 +210,205 @@ class Store:
                 f"node {node_id} not found in task {task_id}",
                 {"taskId": str(task_id), "nodeId": node_id},
             )
-        return NodeRow(task_id, row[2], tuple(values.loads(row[3])), *row[4:])
+        (
+            _,
+            _,
+            found_id,
+            path,
+            name,
+            kind,
+            code,
+            version,
+            ignorable,
+            state,
+            loop,
+            retry,
+            skip,
+            ignored,
+            state_version,
+            started,
+            finished,
+            inputs,
+            outputs,
+            ex_data,
+        ) = row
+        return NodeRow(
+            task_id=task_id,
+            node_id=found_id,
+            path=tuple(values.loads(path)),
+            name=name,
+            kind=kind,
+            component_code=code,
+            component_version=version,
+            error_ignorable=bool(ignorable),
+            state=state,
+            loop=loop,
+            retry=retry,
+            skip=bool(skip),
+            error_ignored=bool(ignored),
+            version=state_version,
+            started_at=started,
+            finished_at=finished,
+            inputs=inputs,
+            outputs=outputs,
+            ex_data=ex_data,
+        )
 
     def business_of_project(self, project_id: int) -> int | None:
         """The business a project belongs to; None for no such project or none."""
-        query = Project.select(Project.bk_biz_id).where(Project.id == project_id)
         with unavailable_on_db_error():
-            found = query.scalar()
-        return None if found is None else int(found)
+            rows = self._business_of_project.rows(project_id=project_id)
+        return None if not rows or rows[0][0] is None else int(rows[0][0])
 
     def attempts(self, task_id: int, node_id: str, loop: int) -> list[AttemptRow]:
         """The node's earlier attempts in one loop, oldest first."""
-        query = (
-            Attempt.select(
-                Attempt.id,
-                Attempt.loop,
-                Attempt.retry,
-                Attempt.skip,
-                Attempt.version,
-                Attempt.state,
-                Attempt.started_at,
-                Attempt.finished_at,
-                Attempt.inputs,
-                Attempt.outputs,
-                Attempt.ex_data,
-            )
-            .where(
-                (Attempt.task == task_id) & (Attempt.node_id == node_id) & (Attempt.loop == loop)
-            )
-            .order_by(Attempt.id)
-            .tuples()
-        )
         with unavailable_on_db_error():
-            return [AttemptRow(*row) for row in query.iterator()]
+            rows = self._attempts.rows(task_id=task_id, node_id=node_id, loop=loop)
+        return [
+            AttemptRow(
+                id_,
+                loop_,
+                retry,
+                bool(skip),
+                version,
+                state,
+                started,
+                finished,
+                inputs,
+                outputs,
+                ex_data,
+            )
+            for (
+                id_,
+                loop_,
+                retry,
+                skip,
+                version,
+                state,
+                started,
+                finished,
+                inputs,
+                outputs,
+                ex_data,
+            ) in rows
+        ]
 
     def children(self, task_id: int, node_id: str) -> list[ChildRow]:
         """The direct children of a sub-process node that have run, in stored order."""
-        query = (
-            Node.select(
-                Node.node_id,
-                Node.name,
-                Node.state,
-                Node.loop,
-                Node.retry,
-                Node.skip,
-                Node.error_ignored,
-                Node.version,
-                Node.started_at,
-                Node.finished_at,
-            )
-            .where(
-                (Node.task == task_id)
-                & (Node.parent_node_id == node_id)
-                & Node.state.is_null(False)
-            )
-            .order_by(Node.position)
-            .tuples()
-        )
         with unavailable_on_db_error():
-            return [ChildRow(*row) for row in query.iterator()]
+            rows = self._children.rows(task_id=task_id, node_id=node_id)
+        return [
+            ChildRow(
+                child,
+                name,
+                state,
+                loop,
+                retry,
+                bool(skip),
+                bool(ignored),
+                version,
+                started,
+                finished,
+            )
+            for (child, name, state, loop, retry, skip, ignored, version, started, finished) in rows
+        ]
 
     def output_schema(self, code: str, version: str) -> list[tuple[str, str]]:
         """The declared outputs of a plugin at a version as (key, name), in order."""
-        query = ComponentSchema.select(ComponentSchema.outputs).where(
-            (ComponentSchema.code == code) & (ComponentSchema.version == version)
-        )
         with unavailable_on_db_error():
-            text = query.scalar()
-        if text is None:
+            rows = self._output_schema.rows(code=code, version=version)
+        if not rows:
             raise errors.ComponentNotFound(
                 f"component {code} has no output schema at version {version}",
                 {"componentCode": code, "componentVersion": version},
             )
-        return [(key, name) for key, name in values.loads(text)]
+        return [(key, name) for key, name in values.loads(rows[0][0])]
+
+    def _prepare(self) -> None:
+        """Build the SQL of every query shape once (see server.db.prepared)."""
+        text, number = Slot.text, Slot.number
+        ids: dict[str, str | int] = {
+            "biz_id": number(1),
+            "task_id": number(2),
+            "node_id": text("node_id"),
+        }
+        self._node_by_business = Prepared(self.db, partial(_node_query, False), **ids)
+        self._node_by_project = Prepared(self.db, partial(_node_query, True), **ids)
+        self._business_of_project = Prepared(
+            self.db,
+            lambda project_id: Project.select(Project.bk_biz_id).where(Project.id == project_id),
+            project_id=number(3),
+        )
+        self._attempts = Prepared(
+            self.db, _attempts_query, task_id=number(4), node_id=text("node_id"), loop=number(5)
+        )
+        self._children = Prepared(
+            self.db, _children_query, task_id=number(6), node_id=text("node_id")
+        )
+        self._output_schema = Prepared(
+            self.db,
+            lambda code, version: ComponentSchema.select(ComponentSchema.outputs).where(
+                (ComponentSchema.code == code) & (ComponentSchema.version == version)
+            ),
+            code=text("code"),
+            version=text("version"),
+        )
+
+
+def _node_query(by_project_id: bool, biz_id: int, task_id: int, node_id: str) -> Any:
+    owner = Project.id == biz_id if by_project_id else Project.bk_biz_id == biz_id
+    return (
+        Project.select(Project.id, Task.id, *_NODE_COLUMNS)
+        .join(
+            Task,
+            JOIN.LEFT_OUTER,
+            on=(Task.project == Project.id) & (Task.id == task_id) & (Task.deleted == False),  # noqa: E712
+        )
+        .join(Node, JOIN.LEFT_OUTER, on=(Node.task == Task.id) & (Node.node_id == node_id))
+        .where(owner)
+        .limit(1)
+    )
+
+
+def _attempts_query(task_id: int, node_id: str, loop: int) -> Any:
+    return (
+        Attempt.select(
+            Attempt.id,
+            Attempt.loop,
+            Attempt.retry,
+            Attempt.skip,
+            Attempt.version,
+            Attempt.state,
+            Attempt.started_at,
+            Attempt.finished_at,
+            Attempt.inputs,
+            Attempt.outputs,
+            Attempt.ex_data,
+        )
+        .where((Attempt.task == task_id) & (Attempt.node_id == node_id) & (Attempt.loop == loop))
+        .order_by(Attempt.id)
+    )
+
+
+def _children_query(task_id: int, node_id: str) -> Any:
+    return (
+        Node.select(
+            Node.node_id,
+            Node.name,
+            Node.state,
+            Node.loop,
+            Node.retry,
+            Node.skip,
+            Node.error_ignored,
+            Node.version,
+            Node.started_at,
+            Node.finished_at,
+        )
+        .where(
+            (Node.task == task_id) & (Node.parent_node_id == node_id) & Node.state.is_null(False)
+        )
+        .order_by(Node.position)
+    )
 
 
 def _snapshot_statement(db: Database) -> str:
