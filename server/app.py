@@ -17,6 +17,7 @@ from grpc_reflection.v1alpha import reflection
 
 from server.auth import Authenticator
 from server.auth import StoredTokenVerifier
+from server.cache import DetailCache
 from server.config import Config
 from server.db.apps import AppStore
 from server.db.connection import ensure_schema
@@ -40,6 +41,7 @@ class Server:
     port: int
     health: health.HealthServicer
     store: Store
+    cache: DetailCache | None
 
     def start(self) -> None:
         self.grpc_server.start()
@@ -70,8 +72,9 @@ def create_server(config: Config) -> Server:
             ("grpc.so_reuseport", 0),
         ],
     )
+    cache = DetailCache(config.reply_cache_mb * 1024 * 1024) if config.reply_cache_mb else None
     task_node_pb2_grpc.add_TaskNodeServiceServicer_to_server(
-        TaskNodeServicer(store, Masker(config.secret_keywords)), server
+        TaskNodeServicer(store, Masker(config.secret_keywords), cache), server
     )
     health_servicer = health.HealthServicer(
         experimental_non_blocking=True,
@@ -84,4 +87,4 @@ def create_server(config: Config) -> Server:
     port = server.add_insecure_port(config.grpc_addr)
     if port == 0:
         raise OSError(f"cannot listen on {config.grpc_addr}")
-    return Server(server, port, health_servicer, store)
+    return Server(server, port, health_servicer, store, cache)

@@ -33,6 +33,8 @@ class Config:
     secret_keywords: tuple[str, ...] = field(default_factory=tuple)
     #: Zone in which legacy JSON renders times.
     time_zone: str = "Asia/Shanghai"
+    #: Megabytes of built replies kept for reuse while their task is unchanged; 0: none.
+    reply_cache_mb: int = 64
     #: Seconds a verified app credential is trusted before it is checked again: the
     #: longest a revocation, rotation or grant change takes to apply.
     auth_cache_seconds: float = 10.0

@@ -13,11 +13,13 @@ import json
 import time
 
 from bksops.tasknode.v1 import task_node_pb2 as pb
+from google.protobuf.timestamp_pb2 import Timestamp
 
 from server import convert
 from server import errors
 from server import values
 from server.auth import Principal
+from server.cache import DetailCache
 from server.convert import Mask
 from server.db.store import AttemptRow
 from server.db.store import NodeRow
@@ -44,10 +46,46 @@ class Masker:
 
 
 def read_node_detail(
-    store: Store, query: NodeQuery, mask: Mask, principal: Principal
+    store: Store,
+    query: NodeQuery,
+    mask: Mask,
+    principal: Principal,
+    cache: DetailCache | None = None,
 ) -> pb.NodeDetail:
-    """The NodeDetail the query asks for, or the domain error that says why not."""
+    """The NodeDetail the query asks for, or the domain error that says why not.
+
+    With a cache, a reply built before is reused while the store's stamp of its
+    task is unchanged (server.cache); the caller must not change what it returns.
+    """
     _authorize(store, query, principal)
+    stamp = store.stamp(query.task_id) if cache is not None else None
+    if cache is not None and stamp is not None:
+        cached = cache.get(query, stamp)
+        if cached is not None:
+            return cached
+    detail = _build(store, query, mask)
+    if cache is not None and stamp is not None:
+        running_children = tuple(
+            (i, _micros(c.start_time))
+            for i, c in enumerate(detail.children)
+            if c.HasField("start_time") and not c.HasField("finish_time")
+        )
+        running = detail.HasField("start_time") and not detail.HasField("finish_time")
+        cache.put(
+            query,
+            stamp,
+            detail,
+            _micros(detail.start_time) if running else None,
+            running_children,
+        )
+    return detail
+
+
+def _micros(moment: Timestamp) -> int:
+    return moment.seconds * convert.MICROS + moment.nanos // 1000
+
+
+def _build(store: Store, query: NodeQuery, mask: Mask) -> pb.NodeDetail:
     node = store.find_node(query.biz_id, query.by_project_id, query.task_id, query.node_id)
     _check_stack(node, query.subprocess_stack)
     schema = None

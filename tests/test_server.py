@@ -28,6 +28,7 @@ from server.app import Server
 from server.app import create_server
 from server.auth import Principal
 from server.cli import load_demo_if_empty
+from server.cache import DetailCache
 from server.config import Config
 from server.convert import Mask
 from server.db.store import Store
@@ -72,9 +73,15 @@ def slow(monkeypatch: pytest.MonkeyPatch) -> threading.Event:
     release = threading.Event()
     real = nodes.read_node_detail
 
-    def waiting(store: Store, query: NodeQuery, mask: Mask, principal: Principal) -> pb.NodeDetail:
+    def waiting(
+        store: Store,
+        query: NodeQuery,
+        mask: Mask,
+        principal: Principal,
+        cache: DetailCache | None = None,
+    ) -> pb.NodeDetail:
         release.wait(10)
-        return real(store, query, mask, principal)
+        return real(store, query, mask, principal, cache)
 
     monkeypatch.setattr("server.handlers.task_node.read_node_detail", waiting)
     return release

@@ -25,6 +25,7 @@ from peewee import Database
 
 from server import values
 from server.db.models import Attempt
+from server.db.models import CatalogStamp
 from server.db.models import ComponentSchema
 from server.db.models import Node
 from server.db.models import Project
@@ -89,6 +90,8 @@ def load_document(db: Database, document: Any) -> LoadReport:
                 ComponentSchema.version == row["version"]
             )
             report.components_written += _upsert(ComponentSchema, where, row)
+        if report.projects_written or report.components_written:
+            CatalogStamp.update(stamp=CatalogStamp.stamp + 1).where(CatalogStamp.id == 1).execute()
         known = {p.id for p in Project.select(Project.id)}
         for task in plan.tasks:
             if task.row["project"] not in known:

@@ -53,9 +53,16 @@ def _v2_credentials(db: Database) -> None:
     db.create_tables([models.App, models.AppGrant, models.UserToken], safe=True)
 
 
+def _v3_catalog_stamp(db: Database) -> None:
+    db.create_tables([models.CatalogStamp], safe=True)
+    if not models.CatalogStamp.select().where(models.CatalogStamp.id == 1).exists():
+        models.CatalogStamp.insert(id=1, stamp=0).execute()
+
+
 MIGRATIONS: tuple[Migration, ...] = (
     Migration(1, "node records: projects, tasks, nodes, attempts, schemas", _v1_records),
     Migration(2, "app credentials, business grants and user tokens", _v2_credentials),
+    Migration(3, "a stamp of projects and schemas, for reply caches", _v3_catalog_stamp),
 )
 LATEST = MIGRATIONS[-1].version
 

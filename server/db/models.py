@@ -56,7 +56,8 @@ class Task(BaseModel):
     project = ForeignKeyField(Project, backref="tasks", on_delete="CASCADE")
     name = CharField(max_length=255)
     deleted = BooleanField(default=False)
-    #: sha256 of the imported task record; an identical re-import is skipped.
+    #: sha256 of the imported task record; an identical re-import is skipped. Every
+    #: write to the task's rows changes it: caches of replies rely on that.
     digest = CharField(max_length=64)
 
 
@@ -131,6 +132,17 @@ class SchemaVersion(BaseModel):
     version = IntegerField()
 
 
+class CatalogStamp(BaseModel):
+    """A counter every write to projects or component schemas bumps.
+
+    With a task's digest it stamps everything a reply is built from, so a cached
+    reply can be checked for staleness with one indexed read.
+    """
+
+    id = IntegerField(primary_key=True)
+    stamp = BigIntegerField()
+
+
 class App(BaseModel):
     """A BlueKing app allowed to call: its secret only as a salted scrypt hash."""
 
@@ -174,4 +186,5 @@ MODELS: tuple[type[BaseModel], ...] = (
     App,
     AppGrant,
     UserToken,
+    CatalogStamp,
 )

@@ -25,6 +25,7 @@ from playhouse.pool import PooledDatabase
 from server import errors
 from server import values
 from server.db.models import Attempt
+from server.db.models import CatalogStamp
 from server.db.models import ComponentSchema
 from server.db.models import Node
 from server.db.models import Project
@@ -254,6 +255,13 @@ class Store:
             ex_data=ex_data,
         )
 
+    def stamp(self, task_id: int) -> tuple[str, int] | None:
+        """What a reply about the task is built from, stamped: the task's digest and the
+        catalog stamp (server.db.models). None for no such task."""
+        with unavailable_on_db_error():
+            rows = self._stamp.rows(task_id=task_id)
+        return (rows[0][0], rows[0][1]) if rows else None
+
     def business_of_project(self, project_id: int) -> int | None:
         """The business a project belongs to; None for no such project or none."""
         with unavailable_on_db_error():
@@ -334,6 +342,14 @@ class Store:
         }
         self._node_by_business = Prepared(self.db, partial(_node_query, False), **ids)
         self._node_by_project = Prepared(self.db, partial(_node_query, True), **ids)
+        self._stamp = Prepared(
+            self.db,
+            lambda task_id: Task.select(
+                Task.digest,
+                CatalogStamp.select(CatalogStamp.stamp).where(CatalogStamp.id == 1),
+            ).where(Task.id == task_id),
+            task_id=number(7),
+        )
         self._business_of_project = Prepared(
             self.db,
             lambda project_id: Project.select(Project.bk_biz_id).where(Project.id == project_id),

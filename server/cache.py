@@ -1,0 +1,90 @@
+"""Replies already built, reused while what they were built from is unchanged.
+
+A node's detail is read far more often than it changes (callers poll), and
+building it (JSON text to messages) costs most of a call. Each entry is stamped
+with the store's stamp of its task (server.db.store.Store.stamp): one indexed read
+per call tells whether the entry is still exact. Errors are never cached.
+
+A reply about a node or child still running shows its elapsed time up to now, so
+such an entry keeps when they started and is given fresh elapsed times on reuse.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Hashable
+from dataclasses import dataclass
+
+from bksops.tasknode.v1 import task_node_pb2 as pb
+
+from server import convert
+
+#: Replies larger than this are rebuilt each time rather than crowd out the others.
+MAX_ENTRY_BYTES = 1024 * 1024
+
+
+@dataclass(frozen=True)
+class _Entry:
+    stamp: Hashable
+    detail: pb.NodeDetail
+    size: int
+    #: started_at of the node itself when it is running, else None.
+    running_since: int | None
+    #: (child index, started_at) of each running child.
+    running_children: tuple[tuple[int, int], ...]
+
+
+class DetailCache:
+    """A bounded LRU of built NodeDetail messages; safe to share between threads."""
+
+    def __init__(self, max_bytes: int) -> None:
+        self.max_bytes = max_bytes
+        self._entries: OrderedDict[Hashable, _Entry] = OrderedDict()
+        self._bytes = 0
+        self._lock = threading.Lock()
+
+    def get(self, key: Hashable, stamp: Hashable) -> pb.NodeDetail | None:
+        """The reply for key if it was built from what stamp stands for."""
+        with self._lock:
+            entry = self._entries.get(key)
+            if entry is None or entry.stamp != stamp:
+                return None
+            self._entries.move_to_end(key)
+        if entry.running_since is None and not entry.running_children:
+            return entry.detail  # never mutated: safe to hand out to every caller
+        now = time.time_ns() // 1000
+        fresh = pb.NodeDetail()
+        fresh.CopyFrom(entry.detail)
+        if entry.running_since is not None:
+            fresh.elapsed_seconds = convert.elapsed_seconds(entry.running_since, None, now)
+        for index, started in entry.running_children:
+            fresh.children[index].elapsed_seconds = convert.elapsed_seconds(started, None, now)
+        return fresh
+
+    def put(
+        self,
+        key: Hashable,
+        stamp: Hashable,
+        detail: pb.NodeDetail,
+        running_since: int | None,
+        running_children: tuple[tuple[int, int], ...],
+    ) -> None:
+        """Keep detail (which the caller must not change afterwards) for key."""
+        size = detail.ByteSize()
+        if size > MAX_ENTRY_BYTES or size > self.max_bytes:
+            return
+        entry = _Entry(stamp, detail, size, running_since, running_children)
+        with self._lock:
+            old = self._entries.pop(key, None)
+            if old is not None:
+                self._bytes -= old.size
+            self._entries[key] = entry
+            self._bytes += size
+            while self._bytes > self.max_bytes:
+                _, evicted = self._entries.popitem(last=False)
+                self._bytes -= evicted.size
+
+    def __len__(self) -> int:
+        return len(self._entries)
