@@ -22,7 +22,7 @@ from bksops.tasknode.v1 import task_node_pb2 as pb
 from server import convert
 
 #: Replies larger than this are rebuilt each time rather than crowd out the others.
-MAX_ENTRY_BYTES = 1024 * 1024
+MAX_ENTRY_BYTES = 8 * 1024 * 1024
 
 
 @dataclass(frozen=True)

@@ -54,8 +54,8 @@ def attempt(row: AttemptRow, node_id: str, mask: Mask, now: int) -> pb.NodeAttem
         start_time=timestamp(row.started_at),
         finish_time=timestamp(row.finished_at),
         elapsed_seconds=elapsed_seconds(row.started_at, row.finished_at, now),
-        inputs=values.object_message(values.loads(row.inputs)),
-        outputs=values.object_message(values.loads(row.outputs)),
+        inputs=values.object_spec(values.loads(row.inputs)),
+        outputs=values.object_spec(values.loads(row.outputs)),
         ex_data=ex_data(row.ex_data, mask),
     )
 
@@ -92,14 +92,14 @@ def outputs(
     by its key. Without: every raw output, unnamed, in stored order.
     """
     if schema is None:
-        return [pb.NodeOutput(key=k, value=values.to_message(v)) for k, v in raw.items()]
+        return [pb.NodeOutput(key=k, value=values.spec(v)) for k, v in raw.items()]
     table = [
-        pb.NodeOutput(key=key, name=name, value=values.to_message(raw.get(key, "")), preset=True)
+        pb.NodeOutput(key=key, name=name, value=values.spec(raw.get(key, "")), preset=True)
         for key, name in schema
     ]
     declared = {key for key, _ in schema}
     table.extend(
-        pb.NodeOutput(key=k, name=k, value=values.to_message(v))
+        pb.NodeOutput(key=k, name=k, value=values.spec(v))
         for k, v in raw.items()
         if k not in declared
     )

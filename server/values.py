@@ -68,28 +68,41 @@ def _refuse_constant(name: str) -> float:
     raise ValueProblem(f"{name} is not a JSON number")
 
 
+def spec(value: JSON) -> dict[str, Any]:
+    """The JsonValue of a checked value, as the dict its constructor takes.
+
+    Building nested dicts in Python and letting protobuf's C code make the messages
+    in one constructor call is about twice as fast as making each message here.
+    """
+    kind = type(value)
+    if kind is str:
+        return {"string_value": value}
+    if kind is int:
+        return {"int_value": value}
+    if kind is bool:
+        return {"bool_value": value}
+    if kind is float:
+        return {"double_value": value}
+    if value is None:
+        return {"null_value": 0}
+    if kind is list:
+        return {"list_value": {"values": [spec(item) for item in value]}}
+    return {"object_value": object_spec(value)}
+
+
+def object_spec(value: dict[str, JSON]) -> dict[str, Any]:
+    """The JsonObject of a checked dict, keys in its order, as constructor arguments."""
+    return {"fields": [{"key": key, "value": spec(item)} for key, item in value.items()]}
+
+
 def to_message(value: JSON) -> pb.JsonValue:
     """The JsonValue for a checked Python value."""
-    if value is None:
-        return pb.JsonValue(null_value="NULL_VALUE")
-    if isinstance(value, bool):
-        return pb.JsonValue(bool_value=value)
-    if isinstance(value, int):
-        return pb.JsonValue(int_value=value)
-    if isinstance(value, float):
-        return pb.JsonValue(double_value=value)
-    if isinstance(value, str):
-        return pb.JsonValue(string_value=value)
-    if isinstance(value, list):
-        return pb.JsonValue(list_value=pb.JsonList(values=[to_message(v) for v in value]))
-    return pb.JsonValue(object_value=object_message(value))
+    return pb.JsonValue(**spec(value))
 
 
 def object_message(value: dict[str, JSON]) -> pb.JsonObject:
     """The JsonObject for a checked dict, keys in the dict's order."""
-    return pb.JsonObject(
-        fields=[pb.JsonField(key=k, value=to_message(v)) for k, v in value.items()]
-    )
+    return pb.JsonObject(**object_spec(value))
 
 
 def from_message(message: pb.JsonValue) -> JSON:
