@@ -15,6 +15,7 @@ from grpc_health.v1 import health_pb2
 from grpc_health.v1 import health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from server.access import AccessLog
 from server.auth import Authenticator
 from server.auth import StoredTokenVerifier
 from server.cache import DetailCache
@@ -42,6 +43,7 @@ class Server:
     health: health.HealthServicer
     store: Store
     cache: DetailCache | None
+    access: AccessLog
 
     def start(self) -> None:
         self.grpc_server.start()
@@ -52,24 +54,27 @@ class Server:
         """Report NOT_SERVING, refuse new calls, let in-flight ones finish within grace."""
         self.health.enter_graceful_shutdown()
         self.grpc_server.stop(grace).wait()
+        self.access.stop()
         self.store.close()
 
 
-def create_server(config: Config) -> Server:
+def create_server(config: Config, reuse_port: bool = False) -> Server:
     """Open the store (creating its schema if needed) and build the server on config.grpc_addr."""
     db = open_database(config.database_url)
     ensure_schema(db)
     store = Store(db)
+    access = AccessLog()
     apps = AppStore(db)
     authenticator = Authenticator(apps, StoredTokenVerifier(apps), config.auth_cache_seconds)
     server = grpc.server(
         futures.ThreadPoolExecutor(max_workers=config.grpc_workers, thread_name_prefix="grpc"),
-        interceptors=[ServiceInterceptor(store), AuthInterceptor(authenticator)],
+        interceptors=[ServiceInterceptor(store, access), AuthInterceptor(authenticator)],
         maximum_concurrent_rpcs=config.max_concurrent_rpcs,
         options=[
             ("grpc.max_receive_message_length", config.max_receive_message_bytes),
             ("grpc.max_send_message_length", config.max_send_message_bytes),
-            ("grpc.so_reuseport", 0),
+            # Only workers share a port; a lone server must fail on a taken one.
+            ("grpc.so_reuseport", int(reuse_port)),
         ],
     )
     cache = DetailCache(config.reply_cache_mb * 1024 * 1024) if config.reply_cache_mb else None
@@ -87,4 +92,4 @@ def create_server(config: Config) -> Server:
     port = server.add_insecure_port(config.grpc_addr)
     if port == 0:
         raise OSError(f"cannot listen on {config.grpc_addr}")
-    return Server(server, port, health_servicer, store, cache)
+    return Server(server, port, health_servicer, store, cache, access)

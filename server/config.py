@@ -20,7 +20,11 @@ class Config:
     database_url: str = DEFAULT_DATABASE_URL
     #: host:port of the gRPC server; port 0 picks a free one.
     grpc_addr: str = "127.0.0.1:50051"
-    #: Threads serving gRPC calls.
+    #: Processes serving gRPC on the one address (SO_REUSEPORT); 0: one per core.
+    grpc_processes: int = 0
+    #: Pin each gRPC process to its own core.
+    pin_processes: bool = True
+    #: Threads serving gRPC calls in each process.
     grpc_workers: int = 8
     #: Calls admitted at once; beyond it a call gets RESOURCE_EXHAUSTED at once.
     max_concurrent_rpcs: int = 256
@@ -71,6 +75,10 @@ def _parse(name: str, raw: str, type_name: object) -> object:
             return int(raw)
         if type_name == "float":
             return float(raw)
+        if type_name == "bool":
+            if raw.lower() not in ("1", "true", "yes", "0", "false", "no"):
+                raise ValueError(raw)
+            return raw.lower() in ("1", "true", "yes")
         if type_name == "tuple[str, ...]":
             return tuple(word.strip() for word in raw.split(",") if word.strip())
     except ValueError:

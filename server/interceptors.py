@@ -23,13 +23,13 @@ from google.rpc import status_pb2
 from grpc_status import rpc_status
 
 from server import errors
+from server.access import AccessLog
 from server.auth import METADATA_KEY
 from server.auth import Authenticator
 from server.auth import Credentials
 from server.auth import current_principal
 from server.db.store import Store
 
-log = logging.getLogger("tasknode.access")
 errlog = logging.getLogger(__name__)
 
 #: Calls to these services get the treatment; health and reflection pass through.
@@ -89,8 +89,9 @@ def _wrap_service_calls(
 class ServiceInterceptor(grpc.ServerInterceptor):
     """Wraps each unary TaskNodeService handler; see the module docstring."""
 
-    def __init__(self, store: Store) -> None:
+    def __init__(self, store: Store, access: AccessLog) -> None:
         self.store = store
+        self.access = access
 
     def intercept_service(
         self,
@@ -111,8 +112,7 @@ class ServiceInterceptor(grpc.ServerInterceptor):
                 context.abort_with_status(to_status(exc))
             finally:
                 principal = current_principal.get()
-                log.info(
-                    "%s %s app=%s user=%s %s %.1fms",
+                self.access.record(
                     context.peer(),
                     method,
                     principal.app_code if principal else "-",

@@ -191,11 +191,12 @@ def test_revocation_and_rotation_apply_within_the_cache_time(demo_config: Config
 
 
 def test_failed_attempts_are_logged_without_secrets(
-    channel: grpc.Channel, caplog: pytest.LogCaptureFixture
+    channel: grpc.Channel, server: Server, caplog: pytest.LogCaptureFixture
 ) -> None:
     caplog.set_level(logging.INFO)
     call(channel, creds(bk_app_secret="wrong-secret-xyz"), seed_request())
     call(channel, creds(), seed_request())
+    server.access.flush()
     failures = [r for r in caplog.records if r.name == "tasknode.auth"]
     assert failures and "app='demo-app'" in failures[0].getMessage()
     assert "peer=ipv4:127.0.0.1" in failures[0].getMessage()

@@ -1,0 +1,146 @@
+"""Serving gRPC from several processes on one port, one per core.
+
+Python runs one thread at a time per process, so a server uses every core only
+with a process per core. Each worker is a fresh interpreter (spawned, not forked:
+gRPC must not be forked once it runs) with its own gRPC server and database pool,
+bound to the same address with SO_REUSEPORT, so the kernel spreads connections
+over them; each is pinned to its own core, which measured ~1.9x faster than
+letting the scheduler move the server's threads between cores
+(../shared/reference/perf-baseline.md). The parent only starts, watches and
+stops the workers: a worker that dies is started again; SIGTERM is passed on, and
+each worker drains its calls in flight.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import multiprocessing
+import os
+import signal
+import socket
+import time
+from multiprocessing.process import BaseProcess
+from multiprocessing.queues import Queue
+from types import FrameType
+from typing import Any
+
+from server.config import Config
+
+log = logging.getLogger("tasknode.workers")
+_spawn = multiprocessing.get_context("spawn")
+
+
+def worker_count(config: Config) -> int:
+    """How many processes config asks for: grpc_processes, or one per usable core."""
+    if config.grpc_processes > 0:
+        return config.grpc_processes
+    return len(os.sched_getaffinity(0)) or 1
+
+
+class Workers:
+    """gRPC worker processes sharing config.grpc_addr."""
+
+    def __init__(self, config: Config, count: int) -> None:
+        self.count = count
+        self.cores = sorted(os.sched_getaffinity(0))
+        self._reserved: socket.socket | None = None
+        self.port = self._reserve_port(config.grpc_addr)
+        host = config.grpc_addr.rsplit(":", 1)[0]
+        self.config = dataclasses.replace(config, grpc_addr=f"{host}:{self.port}")
+        self._ready: Queue[Any] = _spawn.Queue()
+        self._processes: list[BaseProcess | None] = [None] * count
+        self._stopping = False
+
+    def start(self, timeout: float = 60) -> None:
+        """Start every worker and wait until each serves (or raise)."""
+        for index in range(self.count):
+            self._spawn(index)
+        deadline = time.monotonic() + timeout
+        for _ in range(self.count):
+            message = self._ready.get(timeout=max(0.1, deadline - time.monotonic()))
+            if message != "ready":
+                self.stop(0)
+                raise RuntimeError(f"a gRPC worker failed to start: {message}")
+        if self._reserved is not None:
+            self._reserved.close()
+            self._reserved = None
+
+    def watch(self) -> None:
+        """Until stop(): start again any worker that died."""
+        while not self._stopping:
+            for index, process in enumerate(self._processes):
+                if process is not None and not process.is_alive() and not self._stopping:
+                    log.error(
+                        "gRPC worker %d exited with %s; starting it again", index, process.exitcode
+                    )
+                    self._spawn(index)
+            time.sleep(0.5)
+
+    def stop(self, grace: float) -> None:
+        """Pass SIGTERM on (each worker drains for up to grace) and wait for them."""
+        self._stopping = True
+        alive = [p for p in self._processes if p is not None and p.is_alive()]
+        for process in alive:
+            if process.pid is not None:
+                os.kill(process.pid, signal.SIGTERM)
+        deadline = time.monotonic() + grace + 5
+        for process in alive:
+            process.join(max(0.1, deadline - time.monotonic()))
+            if process.is_alive():
+                process.kill()
+                process.join()
+
+    def _spawn(self, index: int) -> None:
+        core = self.cores[index % len(self.cores)] if self.config.pin_processes else None
+        process = _spawn.Process(
+            target=_run_worker,
+            args=(self.config, index, core, self._ready),
+            name=f"tasknode-grpc-{index}",
+            daemon=True,
+        )
+        process.start()
+        self._processes[index] = process
+
+    def _reserve_port(self, addr: str) -> int:
+        """The port to share; for port 0, a free one held (SO_REUSEPORT) until all serve."""
+        host, port = addr.rsplit(":", 1)
+        if int(port):
+            return int(port)
+        family = socket.AF_INET6 if ":" in host.strip("[]") else socket.AF_INET
+        reserved = socket.socket(family, socket.SOCK_STREAM)
+        reserved.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        reserved.bind((host.strip("[]"), 0))
+        self._reserved = reserved
+        return int(reserved.getsockname()[1])
+
+
+def _run_worker(config: Config, index: int, core: int | None, ready: Queue[Any]) -> None:
+    """A worker process: pin, serve on the shared port, drain on SIGTERM."""
+    from server.app import create_server  # imported here: a fresh interpreter
+
+    logging.basicConfig(
+        level=config.log_level.upper(),
+        format=f"%(asctime)s %(levelname)s %(name)s[{index}]: %(message)s",
+    )
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the parent, which stops us
+    if core is not None:
+        os.sched_setaffinity(0, {core})
+    try:
+        server = create_server(config, reuse_port=True)
+        server.start()
+    except Exception as exc:
+        ready.put(f"worker {index}: {type(exc).__name__}: {exc}")
+        raise
+
+    def stop(signum: int, frame: FrameType | None) -> None:
+        log.info(
+            "got %s: draining for up to %.0fs",
+            signal.Signals(signum).name,
+            config.shutdown_grace_seconds,
+        )
+        server.stop(config.shutdown_grace_seconds)
+
+    signal.signal(signal.SIGTERM, stop)
+    ready.put("ready")
+    server.grpc_server.wait_for_termination()
