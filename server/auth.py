@@ -149,18 +149,22 @@ class Authenticator:
         self._cache: dict[bytes, tuple[float, Principal | errors.Unauthenticated]] = {}
         self._lock = threading.Lock()
 
-    def authenticate(self, credentials: Credentials, peer: str) -> Principal:
-        """The Principal for credentials; an Unauthenticated error (logged) otherwise.
+    def authenticate(self, header: str | None, peer: str) -> Principal:
+        """The Principal for an X-Bkapi-Authorization value; Unauthenticated (logged) if not.
 
-        Failures are cached too, so repeating a wrong secret costs no more hashing.
+        The cache is keyed by a sha256 of the header text, so a call whose credentials
+        were checked lately costs one hash; failures are cached too, so repeating a
+        wrong secret costs no more slow hashing.
         """
-        key = _cache_key(credentials)
+        key = hashlib.sha256((header or "").encode("utf-8", "surrogatepass")).digest()
         now = time.monotonic()
         with self._lock:
             cached = self._cache.get(key)
         if cached is None or cached[0] <= now:
             try:
-                outcome: Principal | errors.Unauthenticated = self._verify(credentials)
+                outcome: Principal | errors.Unauthenticated = self._verify(
+                    Credentials.from_header(header)
+                )
             except errors.Unauthenticated as exc:
                 outcome = exc
             with self._lock:
@@ -173,7 +177,7 @@ class Authenticator:
             return outcome
         log.warning(
             "authentication failed: app=%r peer=%s reason=%s",
-            credentials.app_code[:64],
+            outcome.metadata.get("appCode", ""),
             peer,
             outcome.reason,
         )
@@ -183,7 +187,9 @@ class Authenticator:
         if not credentials.app_code:
             raise errors.CredentialsMissing("APP Code [bk_app_code] cannot be empty")
         if not credentials.app_secret:
-            raise errors.CredentialsMissing("APP Secret [bk_app_secret] cannot be empty")
+            raise errors.CredentialsMissing(
+                "APP Secret [bk_app_secret] cannot be empty", {"appCode": credentials.app_code[:64]}
+            )
         app = self.apps.app(credentials.app_code)
         # Hash even for an unknown app, so its answer takes as long as a wrong secret's.
         stored = app.secret_hash if app is not None else _DECOY_HASH
@@ -215,8 +221,3 @@ class Authenticator:
 
 
 _DECOY_HASH = secrets.hash_secret(secrets.new_secret())
-
-
-def _cache_key(credentials: Credentials) -> bytes:
-    parts = (credentials.app_code, credentials.app_secret, credentials.username, credentials.token)
-    return hashlib.sha256("\0".join(parts).encode("utf-8", "surrogatepass")).digest()

@@ -26,7 +26,6 @@ from server import errors
 from server.access import AccessLog
 from server.auth import METADATA_KEY
 from server.auth import Authenticator
-from server.auth import Credentials
 from server.auth import current_principal
 from server.db.store import Store
 
@@ -157,9 +156,8 @@ class AuthInterceptor(grpc.ServerInterceptor):
             for key, value in context.invocation_metadata():
                 if key == METADATA_KEY and isinstance(value, str):
                     header = value
-            credentials = Credentials.from_header(header)
             # No reset here: ServiceInterceptor, outside, resets it after its access log.
-            current_principal.set(self.authenticator.authenticate(credentials, context.peer()))
+            current_principal.set(self.authenticator.authenticate(header, context.peer()))
             return inner(request, context)
 
         return call

@@ -13,10 +13,8 @@ from server.errors import FieldViolation
 #: Node ids are engine-made ("node" + 28 hex digits); accept any similar token.
 NODE_ID = re.compile(r"[A-Za-z0-9_.:-]{1,64}")
 COMPONENT_CODE = re.compile(r"[A-Za-z0-9_.-]{1,255}")
-#: Ids are positive decimal integers that fit in a signed 64-bit column.
-DECIMAL_ID = re.compile(r"[0-9]{1,18}")
 MAX_STACK_DEPTH = 32
-MAX_HISTORIES_LIMIT = 1_000_000
+SCOPES = frozenset(pb.Scope.values())
 
 
 @dataclass(frozen=True)
@@ -34,25 +32,31 @@ class NodeQuery:
 
 
 def parse_request(request: pb.GetTaskNodeDetailRequest) -> NodeQuery:
-    """The NodeQuery for request; InvalidArgument listing every bad field otherwise."""
+    """The NodeQuery for request; InvalidArgument listing every bad field otherwise.
+
+    Runs on every call: each field is read from the message once.
+    """
     bad: list[FieldViolation] = []
     biz_id = _decimal_id(request.bk_biz_id, "bk_biz_id", bad)
     task_id = _decimal_id(request.task_id, "task_id", bad)
-    if not request.node_id:
+    node_id = request.node_id
+    if not node_id:
         bad.append(FieldViolation("node_id", "node_id is required"))
-    elif not NODE_ID.fullmatch(request.node_id):
+    elif not NODE_ID.fullmatch(node_id):
         bad.append(FieldViolation("node_id", "node_id must be 1-64 letters, digits or _.:-"))
-    if request.component_code and not COMPONENT_CODE.fullmatch(request.component_code):
+    component_code = request.component_code
+    if component_code and not COMPONENT_CODE.fullmatch(component_code):
         bad.append(
             FieldViolation("component_code", "component_code must be letters, digits or _.-")
         )
-    if len(request.subprocess_stack) > MAX_STACK_DEPTH:
+    stack = tuple(request.subprocess_stack)
+    if len(stack) > MAX_STACK_DEPTH:
         bad.append(
             FieldViolation(
                 "subprocess_stack", f"subprocess_stack is deeper than {MAX_STACK_DEPTH} levels"
             )
         )
-    for i, parent in enumerate(request.subprocess_stack):
+    for i, parent in enumerate(stack):
         if not NODE_ID.fullmatch(parent):
             bad.append(
                 FieldViolation(f"subprocess_stack[{i}]", "each entry must be a sub-process node id")
@@ -63,18 +67,19 @@ def parse_request(request: pb.GetTaskNodeDetailRequest) -> NodeQuery:
     max_histories = request.max_histories if request.HasField("max_histories") else None
     if max_histories is not None and max_histories < 0:
         bad.append(FieldViolation("max_histories", "max_histories must be 0 or more"))
-    if request.scope not in pb.Scope.values():
-        bad.append(FieldViolation("scope", f"scope {request.scope} is not a known Scope"))
+    scope = request.scope
+    if scope not in SCOPES:
+        bad.append(FieldViolation("scope", f"scope {scope} is not a known Scope"))
     if bad:
         raise _invalid(bad)
     assert biz_id is not None and task_id is not None
     return NodeQuery(
         biz_id=biz_id,
-        by_project_id=request.scope == pb.SCOPE_PROJECT,
+        by_project_id=scope == pb.SCOPE_PROJECT,
         task_id=task_id,
-        node_id=request.node_id,
-        component_code=request.component_code,
-        subprocess_stack=tuple(request.subprocess_stack),
+        node_id=node_id,
+        component_code=component_code,
+        subprocess_stack=stack,
         loop=loop,
         max_histories=max_histories,
     )
@@ -84,7 +89,7 @@ def _decimal_id(text: str, field: str, bad: list[FieldViolation]) -> int | None:
     if not text:
         bad.append(FieldViolation(field, f"{field} is required"))
         return None
-    if not DECIMAL_ID.fullmatch(text):
+    if not (text.isascii() and text.isdigit() and len(text) <= 18):
         bad.append(FieldViolation(field, f"{field} must be a decimal integer, not {text[:40]!r}"))
         return None
     return int(text)
