@@ -13,6 +13,7 @@ each worker drains its calls in flight.
 
 from __future__ import annotations
 
+import ctypes
 import dataclasses
 import logging
 import multiprocessing
@@ -28,6 +29,7 @@ from typing import Any
 from server.config import Config
 
 log = logging.getLogger("tasknode.workers")
+PR_SET_PDEATHSIG = 1
 _spawn = multiprocessing.get_context("spawn")
 
 
@@ -115,6 +117,16 @@ class Workers:
         return int(reserved.getsockname()[1])
 
 
+def _die_with_parent() -> None:
+    """Ask Linux to SIGTERM this worker when its parent dies, however it dies: a killed
+    parent must not leave workers holding the port."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+    except (OSError, AttributeError):
+        log.warning("cannot tie worker lifetime to the parent on this system")
+
+
 def _run_worker(config: Config, index: int, core: int | None, ready: Queue[Any]) -> None:
     """A worker process: pin, serve on the shared port, drain on SIGTERM."""
     from server.app import create_server  # imported here: a fresh interpreter
@@ -124,6 +136,7 @@ def _run_worker(config: Config, index: int, core: int | None, ready: Queue[Any])
         format=f"%(asctime)s %(levelname)s %(name)s[{index}]: %(message)s",
     )
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the parent, which stops us
+    _die_with_parent()
     if core is not None:
         os.sched_setaffinity(0, {core})
     try:

@@ -5,9 +5,12 @@ from __future__ import annotations
 import dataclasses
 import os
 import signal
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
+from pathlib import Path
 
 import grpc
 import pytest
@@ -67,3 +70,43 @@ def test_a_dead_worker_is_started_again(workers: Workers) -> None:
 def test_one_process_per_core_by_default() -> None:
     assert worker_count(Config()) == len(os.sched_getaffinity(0))
     assert worker_count(Config(grpc_processes=3)) == 3
+
+
+def test_workers_die_with_a_killed_parent(tmp_path: Path) -> None:
+    env = {
+        **os.environ,
+        "TASKNODE_DATABASE_URL": f"sqlite:///{tmp_path}/db.sqlite",
+        "TASKNODE_GRPC_ADDR": "127.0.0.1:0",
+        "TASKNODE_HTTP_ADDR": "",
+        "TASKNODE_GRPC_PROCESSES": "2",
+    }
+    parent = subprocess.Popen(
+        [sys.executable, "-m", "server", "serve", "--demo"],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    assert parent.stdout is not None
+    for line in parent.stdout:
+        if "serving" in line:
+            break
+    listed = Path(f"/proc/{parent.pid}/task/{parent.pid}/children").read_text()
+    children = [int(pid) for pid in listed.split()]
+    assert len(children) >= 2
+    parent.kill()
+    parent.wait(10)
+    parent.stdout.close()
+    deadline = time.monotonic() + 15
+    while time.monotonic() < deadline and any(_alive(c) for c in children):
+        time.sleep(0.1)
+    alive = [c for c in children if _alive(c)]
+    assert not alive, f"workers outlived their parent: {alive}"
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as stat:
+            return stat.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
