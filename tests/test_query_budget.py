@@ -1,0 +1,122 @@
+"""One GetTaskNodeDetail costs the same few SQL statements however much data a node has.
+
+The statements are counted where peewee sends them (its query hooks see every
+execute_sql of the server's database): the BEGIN and ROLLBACK of the call's read
+snapshot and the SELECTs between them, each named by the table it reads. Not
+counted, since they are no per-call statements: a pooled connection's opening
+(once per connection), SQLite's PRAGMAs when it opens its file, and the credential
+lookups the authenticator makes once per app per cache period (the warm-up call
+pays them).
+
+A first call for a node reads the task's stamp, the node (business, task and node
+in one join), its attempts in the current loop, and the output schema (a
+component_code was given) or the children (a sub-process): four SELECTs. A repeated
+call finds the stamp unchanged and reuses the reply built before (server.cache):
+one SELECT.
+"""
+
+from __future__ import annotations
+
+import re
+import threading
+from collections.abc import Iterator
+
+import pytest
+from bksops.tasknode.v1 import task_node_pb2 as pb
+from bksops.tasknode.v1 import task_node_pb2_grpc as pb_grpc
+from peewee import QueryEvent
+
+from server.app import Server
+from tests import documents
+from tests.documents import attempt
+from tests.documents import node
+from tests.documents import request
+from tests.documents import subprocess
+
+TASK = 700
+BUILT = ["task", "project", "attempt", "component_schema"]
+REUSED = ["task"]
+#: The table a statement reads (peewee names it t1 in every query), or the statement.
+TABLE = re.compile(r"FROM [`\"](\w+)[`\"] AS [`\"]t1[`\"]")
+
+
+def history(count: int) -> list[dict[str, object]]:
+    return [attempt(1, retry, inputs={"retry": retry}) for retry in range(count)]
+
+
+@pytest.fixture
+def loaded(server: Server) -> Server:
+    """The server, with nodes of 0, 10 and 1,000 histories and a sub-process of 200 children."""
+    children = [node(f"child{i}") for i in range(200)]
+    nodes = [
+        node("h0"),
+        node("h10", attempts=history(10), execution={"state": "FINISHED", "retry": 10}),
+        node("h1000", attempts=history(1000), execution={"state": "FINISHED", "retry": 1000}),
+        subprocess("sub", children),
+    ]
+    documents.load(server.store.db, documents.document(documents.task(TASK, *nodes)))
+    return server
+
+
+class Statements:
+    """The SQL the server's database executes, as peewee's query hook sees it."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.seen: list[str] = []
+
+    def __call__(self, event: QueryEvent) -> None:
+        with self.lock:
+            self.seen.append(event.sql)
+
+    def of(
+        self, stub: pb_grpc.TaskNodeServiceStub, call: pb.GetTaskNodeDetailRequest
+    ) -> tuple[pb.NodeDetail, list[str]]:
+        """The reply to call and the statements that served it."""
+        with self.lock:
+            self.seen.clear()
+        detail = stub.GetTaskNodeDetail(call, timeout=10)
+        with self.lock:
+            return detail, list(self.seen)
+
+
+@pytest.fixture
+def statements(loaded: Server) -> Iterator[Statements]:
+    hook = Statements()
+    loaded.store.db.query_hooks.append(hook)
+    yield hook
+    loaded.store.db.query_hooks.remove(hook)
+
+
+def tables(sql: list[str]) -> list[str]:
+    """The tables read between the snapshot's BEGIN and its ROLLBACK, sorted."""
+    assert sql[0].startswith(("BEGIN", "START TRANSACTION")), sql
+    assert sql[-1] == "ROLLBACK", sql
+    found = [TABLE.search(statement) for statement in sql[1:-1]]
+    assert all(found), sql
+    return sorted(match.group(1) for match in found if match)
+
+
+def test_histories_do_not_add_queries(
+    statements: Statements, all_stub: pb_grpc.TaskNodeServiceStub
+) -> None:
+    statements.of(all_stub, request(TASK, "child0", stack=("sub",)))  # warm-up
+    for node_id, histories in (("h0", 0), ("h10", 10), ("h1000", 1000)):
+        call = request(TASK, node_id, component_code=documents.COMPONENT)
+        built, built_sql = statements.of(all_stub, call)
+        reused, reused_sql = statements.of(all_stub, call)
+        assert len(built.histories) == len(reused.histories) == histories
+        assert [o.key for o in built.outputs][:2] == ["count", "_result"]
+        assert (tables(built_sql), tables(reused_sql)) == (sorted(BUILT), REUSED), node_id
+
+
+def test_children_do_not_add_queries(
+    statements: Statements, all_stub: pb_grpc.TaskNodeServiceStub
+) -> None:
+    statements.of(all_stub, request(TASK, "h0"))  # warm-up
+    detail, sql = statements.of(all_stub, request(TASK, "sub"))
+    assert len(detail.children) == 200
+    assert tables(sql) == sorted(["task", "project", "attempt", "node"])
+    child, child_sql = statements.of(all_stub, request(TASK, "child7", stack=("sub",)))
+    assert child.id == "child7"
+    assert tables(child_sql) == sorted(["task", "project", "attempt"]), "no schema, no children"
