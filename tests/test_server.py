@@ -27,8 +27,8 @@ from server import nodes
 from server.app import Server
 from server.app import create_server
 from server.auth import Principal
-from server.cli import load_demo_if_empty
 from server.cache import DetailCache
+from server.cli import load_demo_if_empty
 from server.config import Config
 from server.convert import Mask
 from server.db.store import Store
