@@ -34,6 +34,10 @@ log = logging.getLogger(__name__)
 SERVICE_NAME = task_node_pb2.DESCRIPTOR.services_by_name["TaskNodeService"].full_name
 
 
+class CannotListen(OSError):
+    """The gRPC address cannot be bound (in use, or not an address of this host)."""
+
+
 @dataclass
 class Server:
     """A built, not yet started, gRPC server and what it serves from."""
@@ -89,7 +93,10 @@ def create_server(config: Config, reuse_port: bool = False) -> Server:
     reflection.enable_server_reflection(
         (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server
     )
-    port = server.add_insecure_port(config.grpc_addr)
+    try:
+        port = server.add_insecure_port(config.grpc_addr)
+    except RuntimeError:  # grpcio's word for a failed bind
+        port = 0
     if port == 0:
-        raise OSError(f"cannot listen on {config.grpc_addr}")
+        raise CannotListen(f"cannot listen on {config.grpc_addr}: is the address in use?")
     return Server(server, port, health_servicer, store, cache, access)

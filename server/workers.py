@@ -26,6 +26,7 @@ from multiprocessing.queues import Queue
 from types import FrameType
 from typing import Any
 
+from server.app import CannotListen
 from server.config import Config
 
 log = logging.getLogger("tasknode.workers")
@@ -63,7 +64,7 @@ class Workers:
             message = self._ready.get(timeout=max(0.1, deadline - time.monotonic()))
             if message != "ready":
                 self.stop(0)
-                raise RuntimeError(f"a gRPC worker failed to start: {message}")
+                raise CannotListen(f"a gRPC worker could not start: {message}")
         if self._reserved is not None:
             self._reserved.close()
             self._reserved = None
@@ -143,8 +144,8 @@ def _run_worker(config: Config, index: int, core: int | None, ready: Queue[Any])
         server = create_server(config, reuse_port=True)
         server.start()
     except Exception as exc:
-        ready.put(f"worker {index}: {type(exc).__name__}: {exc}")
-        raise
+        ready.put(f"worker {index}: {exc}")
+        raise SystemExit(2) from exc
 
     def stop(signum: int, frame: FrameType | None) -> None:
         log.info(

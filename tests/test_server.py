@@ -218,3 +218,23 @@ def test_sigterm_drains_and_exits(tmp_path: Path) -> None:
     rest = process.stdout.read()
     process.stdout.close()
     assert "draining" in rest and "stopped" in rest
+
+
+def test_a_taken_address_is_a_clear_error(server: Server, tmp_path: Path) -> None:
+    for processes in ("1", "2"):
+        result = subprocess.run(
+            [sys.executable, "-m", "server", "serve"],
+            env={
+                **os.environ,
+                "TASKNODE_DATABASE_URL": f"sqlite:///{tmp_path / 'other.db'}",
+                "TASKNODE_GRPC_ADDR": f"127.0.0.1:{server.port}",
+                "TASKNODE_HTTP_ADDR": "",
+                "TASKNODE_GRPC_PROCESSES": processes,
+            },
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
+        assert result.returncode == 2, result.stderr
+        assert "cannot" in result.stderr and "Traceback" not in result.stderr
