@@ -11,7 +11,7 @@ PROTOS := $(shell find protos -name '*.proto' | sort)
 # Where googleapis-common-protos keeps google/api/*.proto inside the virtualenv.
 GOOGLEAPIS = $(shell $(PY) -c 'import pathlib, google.api.annotations_pb2 as m; print(pathlib.Path(m.__file__).parents[2])')
 
-.PHONY: help venv gen check lint typecheck proto-lint proto-breaking gen-drift test run migrate load bench clean
+.PHONY: help venv gen check lint typecheck proto-lint proto-breaking gen-drift test run gateway migrate load seed-large bench bench-scale clean
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed -E 's/:.*## /\t/'
@@ -59,14 +59,24 @@ check: lint typecheck proto-lint proto-breaking gen-drift  ## everything static:
 test: $(VENV)/.installed  ## run the whole suite
 	$(BIN)/pytest $(PYTEST_ARGS)
 
-run: $(VENV)/.installed  ## serve gRPC on the embedded database, with demo data on first run
+run: $(VENV)/.installed  ## serve gRPC and HTTP/JSON on the embedded database, with demo data on first run
 	$(PY) -m server serve --demo
+
+gateway: $(VENV)/.installed  ## serve only the HTTP/JSON shim, calling gRPC at TASKNODE_GRPC_TARGET
+	$(PY) -m server gateway
 
 migrate: $(VENV)/.installed  ## create or upgrade the schema of TASKNODE_DATABASE_URL
 	$(PY) -m server migrate
 
 load: $(VENV)/.installed  ## load a JSON file into the database: make load FILE=path.json
 	$(PY) -m server load $(FILE)
+
+seed-large: $(VENV)/.installed  ## generate TASKS tasks (~90 nodes each) into an empty TASKNODE_DATABASE_URL (default var/scale.db)
+	TASKNODE_DATABASE_URL='$(or $(TASKNODE_DATABASE_URL),sqlite:///var/scale.db)' \
+	  $(PY) -m server.db.scale --tasks $(or $(TASKS),1000)
+
+bench-scale: $(VENV)/.installed  ## median GetTaskNodeDetail latency at 10^3 vs 10^6 nodes, SQLite and PostgreSQL
+	$(PY) bench/scale.py $(BENCH_ARGS)
 
 clean:  ## remove the virtualenv, caches and the embedded database
 	rm -rf $(VENV) .build var .pytest_cache .mypy_cache .ruff_cache

@@ -1,4 +1,4 @@
-"""The command line: serve, load an import file, create the schema."""
+"""The command line: serve (gRPC and HTTP), the HTTP shim alone, load, migrate, admin."""
 
 from __future__ import annotations
 
@@ -6,11 +6,13 @@ import argparse
 import logging
 import signal
 import sys
+import threading
 from importlib import resources
 from types import FrameType
 
 from server import admin
 from server.app import SERVICE_NAME
+from server.app import CannotListen
 from server.app import create_server
 from server.config import Config
 from server.db.apps import AppExists
@@ -24,7 +26,12 @@ from server.db.loader import load_document
 from server.db.loader import load_file
 from server.db.migrations import SchemaTooNew
 from server.db.models import Project
+from server.gateway.app import App
+from server.gateway.examples import banner
+from server.gateway.runner import HttpServer
 from server.values import loads
+from server.workers import Workers
+from server.workers import worker_count
 
 log = logging.getLogger("tasknode")
 
@@ -44,9 +51,14 @@ DEMO_NODE = {
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m server", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
-    serve = commands.add_parser("serve", help="serve gRPC until SIGTERM or Ctrl-C")
+    serve = commands.add_parser(
+        "serve", help="serve gRPC and the HTTP/JSON shim until SIGTERM or Ctrl-C"
+    )
     serve.add_argument(
         "--demo", action="store_true", help="load the demo dataset into an empty database first"
+    )
+    commands.add_parser(
+        "gateway", help="serve only the HTTP/JSON shim, calling gRPC at TASKNODE_GRPC_TARGET"
     )
     load = commands.add_parser("load", help="load import files (docs/import-format.md)")
     load.add_argument("files", nargs="+")
@@ -62,6 +74,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "serve":
             return _serve(config, demo=args.demo)
+        if args.command == "gateway":
+            return _gateway(config)
         if args.command == "load":
             return _load(config, args.files)
         if args.command in ("apps", "tokens"):
@@ -69,7 +83,7 @@ def main(argv: list[str] | None = None) -> int:
         db = open_database(config.database_url)
         print("schema upgraded" if ensure_schema(db) else "schema is up to date")
         return 0
-    except (DatabaseURLError, SchemaTooNew, LoadError, AppNotFound, AppExists) as exc:
+    except (DatabaseURLError, SchemaTooNew, LoadError, AppNotFound, AppExists, CannotListen) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
 
@@ -110,11 +124,44 @@ def load_demo_if_empty(config: Config) -> bool:
 def _serve(config: Config, demo: bool) -> int:
     if demo:
         load_demo_if_empty(config)
-    server = create_server(config)
-    server.start()
+    count = worker_count(config)
+    if count > 1:
+        ensure_schema(open_database(config.database_url))  # refuse a bad schema here, once
+        workers = Workers(config, count)
+        workers.start()
+        port, stop_grpc, wait = workers.port, workers.stop, workers.watch
+    else:
+        server = create_server(config)
+        server.start()
+        port, stop_grpc = server.port, server.stop
+
+        def wait() -> None:
+            server.grpc_server.wait_for_termination()
+
+    http: HttpServer | None = None
+
+    def stop(signum: int, frame: FrameType | None) -> None:
+        log.info(
+            "got %s: draining for up to %.0fs",
+            signal.Signals(signum).name,
+            config.shutdown_grace_seconds,
+        )
+        if http is not None:  # first: it calls gRPC
+            http.stop()
+        stop_grpc(config.shutdown_grace_seconds)
+
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
     host = config.grpc_addr.rsplit(":", 1)[0]
-    address = f"{host}:{server.port}"
-    log.info("serving %s on %s (database %s)", SERVICE_NAME, address, config.database_url)
+    address = f"{host}:{port}"
+    log.info(
+        "serving %s on %s in %d process%s (database %s)",
+        SERVICE_NAME,
+        address,
+        count,
+        "es" if count > 1 else "",
+        config.database_url,
+    )
     if demo:
         print(
             "\nTry it (demo app credentials, granted business 2):\n"
@@ -123,18 +170,41 @@ def _serve(config: Config, demo: bool) -> int:
             f"    {address} {SERVICE_NAME}/GetTaskNodeDetail\n",
             flush=True,
         )
+    local = address.replace("0.0.0.0:", "127.0.0.1:").replace("[::]:", "[::1]:")
+    if config.http_addr:
+        http = _start_http(config, local, examples=demo)
+    wait()
+    log.info("stopped")
+    return 0
+
+
+def _start_http(config: Config, target: str, examples: bool) -> HttpServer:
+    """The HTTP/JSON shim on config.http_addr, calling gRPC at target, started; with
+    examples, print curl commands for every route (as the demo app)."""
+    http = HttpServer(App(config, target), config.http_addr, config.shutdown_grace_seconds)
+    http.start()
+    log.info("HTTP/JSON shim on %s, calling gRPC at %s", http.url, target)
+    if examples:
+        print(banner(DEMO_APP, http.url, config.gateway_prefix), flush=True)
+    return http
+
+
+def _gateway(config: Config) -> int:
+    """Serve the HTTP/JSON shim alone until SIGTERM or Ctrl-C."""
+    if not config.http_addr:
+        print("error: TASKNODE_HTTP_ADDR is empty: nothing to serve", file=sys.stderr)
+        return 2
+    http = _start_http(config, config.grpc_target or config.grpc_addr, examples=True)
+    stopping = threading.Event()
 
     def stop(signum: int, frame: FrameType | None) -> None:
-        log.info(
-            "got %s: draining for up to %.0fs",
-            signal.Signals(signum).name,
-            config.shutdown_grace_seconds,
-        )
-        server.stop(config.shutdown_grace_seconds)
+        log.info("got %s: draining", signal.Signals(signum).name)
+        stopping.set()
 
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)
-    server.grpc_server.wait_for_termination()
+    stopping.wait()
+    http.stop()
     log.info("stopped")
     return 0
 

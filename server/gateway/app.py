@@ -1,0 +1,212 @@
+"""The ASGI application: route, call the RPC, render; no exception ever reaches the server.
+
+A raw ASGI app rather than a framework: it needs routing by template, one body
+reader and one error boundary, and uvicorn with a bare ASGI app measured fastest
+(perf-baseline.md: ~50k req/s against Starlette's 30k and aiohttp's 27k).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import Awaitable
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+from zoneinfo import ZoneInfo
+
+import grpc
+from google.protobuf.message import Message
+from google.rpc import status_pb2
+
+from server import errors
+from server.auth import Credentials
+from server.config import Config
+from server.gateway import canonical
+from server.gateway import credentials as creds
+from server.gateway import legacy
+from server.gateway import statuses
+from server.gateway.client import Backend
+from server.gateway.client import CallFailed
+from server.gateway.credentials import Authenticate
+from server.gateway.credentials import accept_everyone
+from server.gateway.requests import Disconnected
+from server.gateway.requests import Request
+from server.gateway.requests import receive_body
+from server.gateway.routes import APIGW
+from server.gateway.routes import CANONICAL
+from server.gateway.routes import Kind
+from server.gateway.routes import Route
+from server.gateway.routes import Router
+from server.gateway.routes import canonical_routes
+from server.gateway.routes import legacy_routes
+
+log = logging.getLogger("tasknode.access.http")
+errlog = logging.getLogger(__name__)
+
+Scope = dict[str, Any]
+Receive = Callable[[], Awaitable[dict[str, Any]]]
+Send = Callable[[dict[str, Any]], Awaitable[None]]
+Headers = tuple[tuple[bytes, bytes], ...]
+
+INTERNAL = "internal error; the server log has the details"
+
+
+@dataclass(frozen=True)
+class Response:
+    """What the app sends: status, body and headers (ASGI's byte pairs)."""
+
+    status: int
+    body: bytes
+    headers: Headers
+
+
+class App:
+    """The HTTP/JSON shim: the legacy routes and the HttpRule routes, calling gRPC at target.
+
+    authenticate is the seam for the shim's own checks of the caller (see credentials.py).
+    """
+
+    def __init__(
+        self, config: Config, target: str, authenticate: Authenticate = accept_everyone
+    ) -> None:
+        self.backend = Backend(target)
+        self.router = Router([*legacy_routes(config.gateway_prefix), *canonical_routes()])
+        self.zone = ZoneInfo(config.time_zone)
+        self.max_body_bytes = config.max_body_bytes
+        self.authenticate = authenticate
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http":
+            await self._http(scope, receive, send)
+        elif scope["type"] == "lifespan":
+            await self._lifespan(receive, send)
+
+    async def _http(self, scope: Scope, receive: Receive, send: Send) -> None:
+        started = time.perf_counter()
+        request = Request.from_scope(scope)
+        try:
+            response = await self._respond(request, receive)
+        except Disconnected:
+            return
+        await send(
+            {"type": "http.response.start", "status": response.status, "headers": response.headers}
+        )
+        await send({"type": "http.response.body", "body": response.body})
+        log.info(
+            "%s %s %s %d %.1fms %s",
+            request.client,
+            request.method,
+            request.path[:200],
+            response.status,
+            (time.perf_counter() - started) * 1000,
+            request.request_id,
+        )
+
+    async def _respond(self, request: Request, receive: Receive) -> Response:
+        kind = self.router.kind_for(request.path)
+        extra: Headers = ()
+        try:
+            route, request.path_vars = self.router.match(request.method, request.path)
+            kind = route.kind
+            request.body = await receive_body(
+                receive, self.max_body_bytes, request.headers.get("content-length")
+            )
+            if kind == CANONICAL:
+                return _json(200, await self._canonical(route, request), request)
+            return _json(200, await self._legacy(route, request), request)
+        except errors.ServiceError as exc:
+            status = statuses.status_of(exc)
+            if isinstance(exc, errors.MethodNotAllowed):
+                extra = ((b"allow", exc.metadata["allow"].encode("ascii")),)
+        except CallFailed as exc:
+            status = exc.status
+        except Disconnected:
+            raise
+        except Exception:
+            errlog.exception("unexpected error answering %s %s", request.method, request.path[:200])
+            status = statuses.status_of(errors.Internal(INTERNAL))
+        return _failure(kind, status, request, extra)
+
+    async def _legacy(self, route: Route, request: Request) -> Any:
+        params = legacy.read_params(request)
+        credentials = creds.read_credentials(request.headers.get(creds.HEADER), params)
+        await self.authenticate(credentials)
+        message = legacy.build_request(params)
+        detail = await self._call(route, message, credentials, request)
+        data = legacy.render_detail(detail, bool(message.component_code), self.zone)
+        return legacy.success(data, request)
+
+    async def _canonical(self, route: Route, request: Request) -> Any:
+        credentials = creds.read_credentials(request.headers.get(creds.HEADER), {})
+        await self.authenticate(credentials)
+        message = canonical.build_request(route, request)
+        return canonical.reply_json(await self._call(route, message, credentials, request))
+
+    async def _call(
+        self, route: Route, message: Message, credentials: Credentials, request: Request
+    ) -> Any:
+        metadata = [*creds.metadata(credentials), ("x-bkapi-request-id", request.request_id)]
+        return await self.backend.call(route.rpc, message, metadata)
+
+    async def _lifespan(self, receive: Receive, send: Send) -> None:
+        while True:
+            message = await receive()
+            if message["type"] == "lifespan.startup":
+                await send({"type": "lifespan.startup.complete"})
+            elif message["type"] == "lifespan.shutdown":
+                await self.backend.close()
+                await send({"type": "lifespan.shutdown.complete"})
+                return
+
+
+def unreadable() -> Response:
+    """The answer to bytes that are not an HTTP request (uvicorn's parser gave up on them):
+    refused like a too large body, with its own HTTP status, in the legacy envelope."""
+    request = Request.unread()
+    status = statuses.status_of(errors.InvalidArgument("the request is not valid HTTP/1.1"))
+    return _json(400, legacy.failure(status, request), request)
+
+
+def _failure(kind: Kind, status: status_pb2.Status, request: Request, extra: Headers) -> Response:
+    """A failure in the style of the route: grpc-gateway's, the API gateway's or bk-sops's."""
+    if kind == CANONICAL:
+        if statuses.code_of(status) == grpc.StatusCode.UNAUTHENTICATED:  # as grpc-gateway does
+            extra += ((b"www-authenticate", _header_text(status.message)),)
+        return _json(statuses.http_status(status), canonical.status_json(status), request, extra)
+    gateway = statuses.gateway_error(status) if kind == APIGW else None
+    if gateway is not None:
+        http_status, code, code_name = gateway
+        extra += (
+            (b"x-bkapi-error-code", str(code).encode("ascii")),
+            (b"x-bkapi-error-message", _header_text(status.message)),
+        )
+        body = legacy.gateway_failure(status, code, code_name)
+        return _json(http_status, body, request, extra)
+    return _json(
+        statuses.legacy_http_status(status), legacy.failure(status, request), request, extra
+    )
+
+
+def _header_text(text: str) -> bytes:
+    """text as a header value: printable ASCII only, short."""
+    return "".join(c if " " <= c <= "~" else "?" for c in text[:200]).encode("ascii")
+
+
+def _json(status: int, value: Any, request: Request, extra: Headers = ()) -> Response:
+    """A JSON response with the request and trace ids every response carries."""
+    body = dumps(value)
+    headers = (
+        (b"content-type", b"application/json"),
+        (b"content-length", str(len(body)).encode("ascii")),
+        (b"x-bkapi-request-id", request.request_id.encode("ascii")),
+        (b"sops-trace-id", request.trace_id.encode("ascii")),
+        *extra,
+    )
+    return Response(status, body, headers)
+
+
+def dumps(value: Any) -> bytes:
+    """The one JSON encoding of every body: compact, ASCII-only as Django's, ints exact."""
+    return json.dumps(value, separators=(",", ":")).encode("ascii")

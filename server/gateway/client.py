@@ -1,0 +1,103 @@
+"""The shim's gRPC client: one grpc.aio channel, any unary method by its descriptor."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import grpc
+from google.protobuf import message_factory
+from google.protobuf.descriptor import MethodDescriptor
+from google.protobuf.message import Message
+from google.rpc import status_pb2
+from grpc_status import rpc_status
+
+from server import errors
+from server.gateway.statuses import status_of
+
+#: Seconds a call may take before the shim gives up on it (DEADLINE_EXCEEDED).
+CALL_TIMEOUT_SECONDS = 10.0
+
+Metadata = Sequence[tuple[str, str]]
+
+
+class CallFailed(Exception):
+    """A call ended with a status other than OK; ``status`` is what the caller gets to see."""
+
+    def __init__(self, status: status_pb2.Status) -> None:
+        super().__init__(status.message)
+        self.status = status
+
+
+class Backend:
+    """Calls the gRPC server at ``target``.
+
+    grpc.aio objects belong to the event loop that made them, so the channel is opened
+    on first use, inside the HTTP server's loop, and closed on its shutdown.
+    """
+
+    def __init__(self, target: str, timeout: float = CALL_TIMEOUT_SECONDS) -> None:
+        self.target = target
+        self.timeout = timeout
+        self._channel: grpc.aio.Channel | None = None
+        self._callables: dict[str, Any] = {}
+
+    async def call(self, method: MethodDescriptor, request: Message, metadata: Metadata) -> Any:
+        """The reply of ``method`` to ``request``; CallFailed with the status otherwise."""
+        try:
+            return await self._callable(method)(
+                request, timeout=self.timeout, metadata=tuple(metadata)
+            )
+        except grpc.aio.AioRpcError as exc:
+            raise CallFailed(self._status(exc)) from None
+
+    async def close(self) -> None:
+        if self._channel is not None:
+            await self._channel.close()
+            self._channel = None
+            self._callables.clear()
+
+    def _callable(self, method: MethodDescriptor) -> Any:
+        path = f"/{method.containing_service.full_name}/{method.name}"
+        found = self._callables.get(path)
+        if found is None:
+            if self._channel is None:
+                self._channel = grpc.aio.insecure_channel(self.target)
+            reply_class = message_factory.GetMessageClass(method.output_type)
+            found = self._channel.unary_unary(
+                path,
+                request_serializer=lambda message: message.SerializeToString(),
+                response_deserializer=reply_class.FromString,
+            )
+            self._callables[path] = found
+        return found
+
+    def _status(self, exc: grpc.aio.AioRpcError) -> status_pb2.Status:
+        """The server's own status when it sent one; else a domain error naming the backend.
+
+        A status without details did not come from our server's interceptor: the
+        channel made it up (no connection, our own deadline) or something in between did.
+        """
+        try:
+            sent = rpc_status.from_call(exc)
+        except ValueError:  # details that contradict the call's code: trust the code
+            sent = None
+        if sent is not None:
+            return sent
+        code, details = exc.code(), exc.details() or ""
+        if code == grpc.StatusCode.UNAVAILABLE:
+            return status_of(
+                errors.BackendUnavailable(
+                    f"the gRPC backend at {self.target} is unavailable: {details}",
+                    {"target": self.target},
+                )
+            )
+        if code == grpc.StatusCode.DEADLINE_EXCEEDED:
+            return status_of(
+                errors.DeadlineExceeded(
+                    f"the gRPC backend at {self.target} did not answer "
+                    f"within {self.timeout:g} seconds",
+                    {"target": self.target},
+                )
+            )
+        return status_pb2.Status(code=code.value[0], message=details)

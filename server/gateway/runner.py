@@ -1,0 +1,112 @@
+"""Running the shim: uvicorn (httptools, uvloop) on a thread of its own.
+
+On its own thread so that the main thread keeps the signal handlers and the gRPC
+server, and one SIGTERM stops both in order: HTTP first (it calls gRPC), then gRPC.
+The socket is bound here, before the thread starts, so a bad or busy address fails
+in the caller, and port 0 gives a known port.
+"""
+
+from __future__ import annotations
+
+import math
+import socket
+import threading
+
+import uvicorn
+from uvicorn.protocols.http.httptools_impl import STATUS_LINE
+from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+
+from server.app import CannotListen
+from server.gateway.app import App
+from server.gateway.app import unreadable
+
+#: Seconds start() waits for uvicorn to come up.
+START_TIMEOUT = 10.0
+
+
+class _Protocol(HttpToolsProtocol):
+    """uvicorn's httptools protocol, answering what it cannot parse in the JSON envelope
+    rather than in plain text (a control character in a header, a broken request line)."""
+
+    def send_400_response(self, msg: str) -> None:
+        response = unreadable()
+        head = [STATUS_LINE[response.status]]
+        for name, value in (*self.server_state.default_headers, *response.headers):
+            head += [name, b": ", value, b"\r\n"]
+        self.transport.write(b"".join([*head, b"connection: close\r\n\r\n", response.body]))
+        self.transport.close()
+
+
+class _Uvicorn(uvicorn.Server):
+    """uvicorn.Server that says when its start-up is over, however it went."""
+
+    def __init__(self, config: uvicorn.Config) -> None:
+        super().__init__(config)
+        self.ready = threading.Event()
+
+    async def startup(self, sockets: list[socket.socket] | None = None) -> None:
+        try:
+            await super().startup(sockets)
+        finally:
+            self.ready.set()
+
+
+class HttpServer:
+    """The shim on ``addr`` (host:port; port 0 picks a free one)."""
+
+    def __init__(self, app: App, addr: str, grace: float = 10.0) -> None:
+        self.socket = bind(addr)
+        self.host, self.port = self.socket.getsockname()[:2]
+        config = uvicorn.Config(
+            app,
+            loop="uvloop",
+            http=_Protocol,
+            ws="none",
+            lifespan="on",
+            log_config=None,
+            log_level="warning",
+            access_log=False,
+            server_header=False,
+            timeout_graceful_shutdown=math.ceil(grace),
+        )
+        self._server = _Uvicorn(config)
+        self._thread = threading.Thread(
+            target=self._server.run, kwargs={"sockets": [self.socket]}, name="http", daemon=True
+        )
+
+    @property
+    def url(self) -> str:
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"http://{host}:{self.port}"
+
+    def start(self) -> None:
+        """Serve; return once uvicorn is up (RuntimeError if it could not come up)."""
+        self._thread.start()
+        if not self._server.ready.wait(START_TIMEOUT) or not self._server.started:
+            self.stop()
+            raise RuntimeError(f"the HTTP server on {self.url} did not start")
+
+    def stop(self) -> None:
+        """Stop taking connections, let requests in flight finish (up to grace), close."""
+        self._server.should_exit = True
+        if self._thread.is_alive():
+            self._thread.join()
+        self.socket.close()
+
+
+def bind(addr: str) -> socket.socket:
+    """A listening TCP socket on host:port ("[::1]:8080" for IPv6); CannotListen if not."""
+    host, _, port = addr.rpartition(":")
+    host = host.strip("[]")
+    if not host or not port.isdigit():
+        raise CannotListen(f"cannot listen on {addr!r}: expected host:port")
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((host, int(port)))
+        sock.listen(2048)
+    except OSError as exc:
+        sock.close()
+        raise CannotListen(f"cannot listen on {addr}: {exc.strerror or exc}") from exc
+    return sock
