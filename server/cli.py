@@ -35,9 +35,14 @@ from server.workers import worker_count
 
 log = logging.getLogger("tasknode")
 
-#: The demo app: granted business 2 (not 3), may name its user. For the demo only.
-DEMO_APP = {"bk_app_code": "demo-app", "bk_app_secret": "demo-secret", "bk_username": "admin"}
+#: The demo app, with the credentials of the seed document's request example, so that
+#: request works as written: granted business 2 (not 3), may name its user, and its
+#: bk_token "xxx" stands for user admin. The only known secret, and only in a database
+#: that started out as the demo.
+DEMO_APP = {"bk_app_code": "esb_test", "bk_app_secret": "xxx", "bk_username": "admin"}
+DEMO_TOKEN = "xxx"
 DEMO_BUSINESS = 2
+DEMO_TOKEN_SECONDS = 10 * 365 * 86400
 
 DEMO_NODE = {
     "bk_biz_id": "2",
@@ -111,12 +116,14 @@ def load_demo_if_empty(config: Config) -> bool:
         demo = resources.files("server.db").joinpath("demo.json").read_text(encoding="utf-8")
         with db.atomic():
             report = load_document(db, loads(demo))
-            AppStore(db).add(
+            apps = AppStore(db)
+            apps.add(
                 DEMO_APP["bk_app_code"],
                 DEMO_APP["bk_app_secret"],
                 businesses=[DEMO_BUSINESS],
                 may_assert_user=True,
             )
+            apps.issue_token(DEMO_APP["bk_username"], DEMO_TOKEN_SECONDS, token=DEMO_TOKEN)
     log.info("loaded the demo dataset: %s; demo app %s", report, DEMO_APP["bk_app_code"])
     return True
 

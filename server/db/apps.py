@@ -142,9 +142,12 @@ class AppStore:
         codes = list(App.select(App.code).order_by(App.code).scalars())
         return [record for code in codes if (record := self.app(code)) is not None]
 
-    def issue_token(self, username: str, seconds: int) -> str:
-        """A new bk_token for username, valid for seconds; only its hash is stored."""
-        token = secrets.new_secret()
+    def issue_token(self, username: str, seconds: int, token: str | None = None) -> str:
+        """A new bk_token for username, valid for seconds; only its hash is stored.
+
+        A given token is for the demo only; otherwise it is 256 random bits.
+        """
+        token = token or secrets.new_secret()
         UserToken.insert(
             token_hash=secrets.token_digest(token),
             username=username,

@@ -1,9 +1,9 @@
 """curl commands for every route, against the demo data: printed at start-up, shown in the docs.
 
-They call as the demo app (server.cli.DEMO_APP, passed in), since the server checks
-credentials: the seed document's own placeholders (esb_test, xxx) name no app of the
-demo. tests/gateway/test_examples.py runs each command with the real curl, and checks
-that the docs show them as printed here for the default address.
+They call as the demo app (server.cli.DEMO_APP, passed in), which holds the seed
+document's own credentials, so the seed request is shown exactly as written.
+tests/gateway/test_examples.py runs each command with the real curl, and checks that
+the docs show them as printed here for the default address.
 """
 
 from __future__ import annotations
@@ -47,8 +47,17 @@ def curl_examples(
     gateway = "/".join(part for part in (prefix.strip("/"), "get_task_node_detail/10/2/") if part)
     header = f"-H 'X-Bkapi-Authorization: {json.dumps(dict(credentials))}'"
     params = " ".join(f"-d {name}={value}" for name, value in credentials.items())
-    # The seed request, with these credentials in place of its placeholders.
-    seed = {**credentials, **{k: v for k, v in SEED_BODY.items() if k not in CREDENTIAL_FIELDS}}
+    # The seed request as written when the credentials are the demo's (its bk_token
+    # included); with other credentials, those in place of the seed's.
+    demo = credentials.get("bk_app_code") == SEED_BODY["bk_app_code"]
+    seed = (
+        SEED_BODY
+        if demo
+        else {
+            **credentials,
+            **{k: v for k, v in SEED_BODY.items() if k not in CREDENTIAL_FIELDS},
+        }
+    )
     return [
         Example(
             "The seed request: old ESB route, POST with a JSON body",

@@ -15,13 +15,10 @@ from server.app import Server
 from server.app import create_server
 from server.cli import load_demo_if_empty
 from server.config import Config
-from server.db.apps import AppStore
-from server.db.models import UserToken
 from server.gateway.app import App
 from server.gateway.runner import HttpServer
-from server.secrets import token_digest
 
-#: The seed document's credentials, made real for the tests by the seed_app fixture.
+#: The seed document's credentials: the demo database's app and token.
 SEED_APP = {"bk_app_code": "esb_test", "bk_app_secret": "xxx", "bk_token": "xxx"}
 #: A W3C traceparent, echoed as trace_id: it keeps golden files free of random ids.
 TRACEPARENT = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
@@ -41,13 +38,7 @@ def running_shim(config: Config, target: str) -> Iterator[HttpServer]:
 
 @pytest.fixture
 def seed_app(server: Server) -> dict[str, str]:
-    """SEED_APP exists: app esb_test (secret xxx) granted business 2, bk_token xxx for esb_user."""
-    db = server.store.db
-    with db.connection_context():
-        AppStore(db).add(SEED_APP["bk_app_code"], SEED_APP["bk_app_secret"], businesses=[2])
-        UserToken.insert(
-            token_hash=token_digest(SEED_APP["bk_token"]), username="esb_user", expires_at=2**62
-        ).execute()
+    """SEED_APP: the demo app (esb_test, secret xxx, granted business 2) with its bk_token xxx."""
     return SEED_APP
 
 

@@ -16,7 +16,7 @@ from server.cli import DEMO_APP
 from server.gateway.examples import curl_examples
 
 ROOT = Path(__file__).parents[2]
-DOCS = (ROOT / "docs" / "http-shim.md", ROOT / "README.md")
+DOCS = (ROOT / "README.md",)
 DEFAULT_BASE = "http://127.0.0.1:8080"
 CURL = shutil.which("curl")
 needs_curl = pytest.mark.skipif(CURL is None, reason="needs the curl command")
