@@ -48,8 +48,8 @@ proto-breaking: $(VENV)/.installed  ## buf breaking (FILE) against the main bran
 	scripts/buf-breaking.sh main
 
 lint: $(VENV)/.installed  ## ruff format --check and ruff check
-	$(BIN)/ruff format --check server tests
-	$(BIN)/ruff check server tests
+	$(BIN)/ruff format --check server tests bench
+	$(BIN)/ruff check server tests bench
 
 typecheck: $(VENV)/.installed  ## mypy
 	$(BIN)/mypy
@@ -75,8 +75,14 @@ seed-large: $(VENV)/.installed  ## generate TASKS tasks (~90 nodes each) into an
 	TASKNODE_DATABASE_URL='$(or $(TASKNODE_DATABASE_URL),sqlite:///var/scale.db)' \
 	  $(PY) -m server.db.scale --tasks $(or $(TASKS),1000)
 
+bench: $(VENV)/.installed  ## the service against its stack's ceiling: h2load and wrk, ~3 min (BENCH_SECONDS=10)
+	command -v h2load >/dev/null && command -v wrk >/dev/null \
+	  || { echo "installing h2load and wrk (Debian: nghttp2-client, wrk)"; \
+	       $$(command -v sudo) apt-get install -y -q nghttp2-client wrk; }
+	$(PY) -m bench.run --seconds $(or $(BENCH_SECONDS),10)
+
 bench-scale: $(VENV)/.installed  ## median GetTaskNodeDetail latency at 10^3 vs 10^6 nodes, SQLite and PostgreSQL
-	$(PY) bench/scale.py $(BENCH_ARGS)
+	$(PY) -m bench.scale $(BENCH_ARGS)
 
 clean:  ## remove the virtualenv, caches and the embedded database
 	rm -rf $(VENV) .build var .pytest_cache .mypy_cache .ruff_cache

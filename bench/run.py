@@ -1,0 +1,285 @@
+"""make bench: the service against the ceiling of its own stack, in one run.
+
+Starts the real server (what `make run` starts, on a benchmark database), drives
+GetTaskNodeDetail with h2load at 1, 16 and 80 calls in flight, then the ceiling
+server (bench/ceiling.py: the same reply, prebuilt) the same way, and prints
+calls/s, p50/p99, server CPU per call and the ratios the performance targets are
+set in. Every figure of the real server is checked against its own count of OK
+replies (its access log).
+
+    .venv/bin/python -m bench.run [--seconds 10]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+from bksops.tasknode.v1 import task_node_pb2 as pb
+from bksops.tasknode.v1 import task_node_pb2_grpc as pb_grpc
+
+from bench import dataset
+from bench import h2
+from bench import overload
+from bench import procs
+from bench import wrk
+from server.cli import DEMO_APP
+from server.cli import load_demo_if_empty
+from server.config import Config
+from server.db.connection import open_database
+from server.db.loader import load_document
+
+ROOT = Path(__file__).resolve().parent.parent
+WORK = ROOT / "var" / "bench"
+GRPC_ADDR = "127.0.0.1:50151"
+CEILING_ADDR = "127.0.0.1:50152"
+HTTP_ADDR = "127.0.0.1:8151"
+METHOD = "/bksops.tasknode.v1.TaskNodeService/GetTaskNodeDetail"
+LOADS = (h2.Load(1, 1), h2.Load(4, 4), h2.Load(16, 5))
+AUTH = {"x-bkapi-authorization": json.dumps(DEMO_APP)}
+
+
+@dataclass(frozen=True)
+class Row:
+    """One measured load against one server."""
+
+    server: str
+    run: h2.Run
+    cpu_us_per_call: float
+    verified: float | None  # the server's own OK count / h2load's successes
+
+
+def prepare(url: str) -> None:
+    """The demo data and the benchmark task in the benchmark database (idempotent)."""
+    config = Config(database_url=url)
+    load_demo_if_empty(config)
+    db = open_database(url)
+    with db.connection_context():
+        load_document(db, dataset.document())
+
+
+def request(node_id: str) -> pb.GetTaskNodeDetailRequest:
+    return pb.GetTaskNodeDetailRequest(
+        bk_biz_id="2",
+        task_id=str(dataset.TASK_ID),
+        node_id=node_id,
+        component_code="job_fast_execute_script",
+    )
+
+
+def reply_bytes(addr: str, node_id: str) -> bytes:
+    """The real server's reply to the benchmark request (and proof that it succeeds)."""
+    with grpc.insecure_channel(addr) as channel:
+        stub = pb_grpc.TaskNodeServiceStub(channel)
+        reply = stub.GetTaskNodeDetail(request(node_id), metadata=list(AUTH.items()), timeout=10)
+    assert len(reply.histories) == (3 if node_id == dataset.NODE_3 else 1000)
+    return reply.SerializeToString()
+
+
+def median_ms(addr: str, node_id: str, calls: int) -> float:
+    """Median latency of sequential calls from one Python client."""
+    with grpc.insecure_channel(addr) as channel:
+        stub = pb_grpc.TaskNodeServiceStub(channel)
+        times = []
+        for _ in range(calls):
+            started = time.perf_counter()
+            stub.GetTaskNodeDetail(request(node_id), metadata=list(AUTH.items()), timeout=10)
+            times.append((time.perf_counter() - started) * 1000)
+    times.sort()
+    return times[len(times) // 2]
+
+
+def settled_ok_replies(log: Path) -> int:
+    """ok_replies once the server's batched access log has caught up (stopped growing)."""
+    count = ok_replies(log)
+    for _ in range(20):
+        time.sleep(0.3)
+        again = ok_replies(log)
+        if again == count:
+            return count
+        count = again
+    return count
+
+
+def ok_replies(log: Path) -> int:
+    """The server's own count of OK GetTaskNodeDetail replies: its access log lines."""
+    text = log.read_text(errors="replace")
+    return sum(1 for line in text.splitlines() if line.startswith("access ") and " OK " in line)
+
+
+def measure(
+    name: str,
+    addr: str,
+    body: Path,
+    load: h2.Load,
+    seconds: float,
+    pids: list[int],
+    log: Path | None,
+) -> Row:
+    url = f"http://{addr}{METHOD}"
+    h2.h2load(url, body, load, 2, AUTH, warm_up=0)  # warm-up, not counted
+    before_ok = settled_ok_replies(log) if log else 0
+    before_cpu = procs.cpu_seconds(pids)
+    run = h2.h2load(url, body, load, seconds, AUTH, warm_up=0)
+    cpu = procs.cpu_seconds(pids) - before_cpu
+    verified = None
+    if log is not None:
+        verified = (settled_ok_replies(log) - before_ok) / max(run.succeeded, 1)
+    return Row(name, run, cpu / max(run.succeeded, 1) * 1e6, verified)
+
+
+def print_table(rows: list[Row]) -> None:
+    print("| server | in flight | calls/s | p50 ms | p99 ms | CPU µs/call | server-counted OK |")
+    print("|---|---|---|---|---|---|---|")
+    for row in rows:
+        verified = "—" if row.verified is None else f"{row.verified:.3f}"
+        print(
+            f"| {row.server} | {row.run.load.in_flight} | {row.run.per_second:,.0f} | "
+            f"{row.run.p50_ms:.2f} | {row.run.p99_ms:.2f} | {row.cpu_us_per_call:.0f} | "
+            f"{verified} |"
+        )
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--seconds", type=float, default=10)
+    args = parser.parse_args()
+    WORK.mkdir(parents=True, exist_ok=True)
+    url = f"sqlite:///{WORK / 'bench.db'}"
+    prepare(url)
+    env = {
+        **os.environ,
+        "TASKNODE_DATABASE_URL": url,
+        "TASKNODE_GRPC_ADDR": GRPC_ADDR,
+        "TASKNODE_HTTP_ADDR": HTTP_ADDR,
+    }
+    print(
+        f"machine: {os.cpu_count()} cores, {platform.processor() or platform.machine()}, "
+        f"Python {platform.python_version()}, grpcio {grpc.__version__}, "
+        f"{time.strftime('%Y-%m-%d %H:%M')}"
+    )
+    rows: list[Row] = []
+    log = WORK / "server.log"
+    server = procs.start([sys.executable, "-m", "server", "serve"], env, log, "serving")
+    try:
+        reply = reply_bytes(GRPC_ADDR, dataset.NODE_3)
+        body = h2.grpc_body(request(dataset.NODE_3).SerializeToString(), WORK / "body.bin")
+        pids = procs.tree(server.pid)
+        for load in LOADS:
+            rows.append(
+                measure("GetTaskNodeDetail", GRPC_ADDR, body, load, args.seconds, pids, log)
+            )
+        history_cold_ms = cold_ms(GRPC_ADDR, dataset.NODE_1000)
+        history_ms = median_ms(GRPC_ADDR, dataset.NODE_1000, 50)
+        shim = measure_shim(log, args.seconds)
+        storm = measure_overload(body, args.seconds, log)
+        rss = procs.peak_rss_mib(procs.tree(server.pid))
+    finally:
+        procs.stop(server)
+    (WORK / "reply.bin").write_bytes(reply)
+    ceiling_log = WORK / "ceiling.log"
+    ceiling = procs.start(
+        [
+            sys.executable,
+            "-m",
+            "bench.ceiling",
+            "--addr",
+            CEILING_ADDR,
+            "--reply",
+            str(WORK / "reply.bin"),
+        ],
+        os.environ.copy(),
+        ceiling_log,
+        "ready",
+    )
+    try:
+        pids = procs.tree(ceiling.pid)
+        for load in LOADS:
+            rows.append(
+                measure(
+                    "ceiling (prebuilt reply)", CEILING_ADDR, body, load, args.seconds, pids, None
+                )
+            )
+    finally:
+        procs.stop(ceiling)
+    print(f"\nreply: {len(reply)} bytes; node with 3 earlier attempts\n")
+    print_table(rows)
+    service = {r.run.load.in_flight: r for r in rows if r.server == "GetTaskNodeDetail"}
+    ceiling_rows = {r.run.load.in_flight: r for r in rows if r.server != "GetTaskNodeDetail"}
+    at16 = service[16].run.per_second / ceiling_rows[16].run.per_second
+    print(f"\nservice / ceiling at 16 in flight: {at16:.2f} (target >= 0.45)")
+    spread = service[16].run.p99_ms / service[16].run.p50_ms
+    print(f"p99 / p50 at 16 in flight: {spread:.2f} (target <= 3)")
+    print(
+        f"node with 1,000 earlier attempts: median {history_ms:.1f} ms (target < 20); "
+        f"first call, reply not yet cached: {history_cold_ms:.0f} ms"
+    )
+    run, verified = shim
+    print(
+        f"\nlegacy shim (wrk, 16 connections, GET ESB route, same request): "
+        f"{run.per_second:,.0f} requests/s, p50 {run.p50_ms:.2f} ms, p99 {run.p99_ms:.2f} ms, "
+        f"{run.errors} errors, server-counted OK {verified:.3f}"
+    )
+    print(
+        f"shim / gRPC path at 16 in flight: {run.per_second / service[16].run.per_second:.2f} "
+        "(target >= 0.6)"
+    )
+    h2run, ok_per_second, probe = storm
+    print(
+        f"\noverload, 3,200 in flight for {args.seconds:g} s: server-counted OK "
+        f"{ok_per_second:,.0f}/s (h2load saw {h2run.succeeded:,} HTTP-level successes)"
+    )
+    for code, (count, median, longest) in probe.by_code.items():
+        print(f"  probe {code}: {count} calls, median {median:.1f} ms, max {longest:.1f} ms")
+    print(f"server peak RSS (all processes): {rss:.0f} MiB")
+    return 0
+
+
+def cold_ms(addr: str, node_id: str) -> float:
+    """One call for a reply that is not cached (the first after start)."""
+    return median_ms(addr, node_id, 1)
+
+
+def measure_shim(log: Path, seconds: float) -> tuple[wrk.WrkRun, float]:
+    """The legacy ESB GET route through the shim, with the benchmark request."""
+    query = (
+        f"bk_biz_id=2&task_id={dataset.TASK_ID}&node_id={dataset.NODE_3}"
+        "&component_code=job_fast_execute_script"
+    )
+    url = f"http://{HTTP_ADDR}/api/c/compapi/v2/sops/get_task_node_detail/?{query}"
+    headers = {"X-Bkapi-Authorization": json.dumps(DEMO_APP)}
+    wrk.wrk(url, 16, 2, headers)  # warm-up
+    before = settled_ok_replies(log)
+    run = wrk.wrk(url, 16, seconds, headers)
+    return run, (settled_ok_replies(log) - before) / max(run.requests, 1)
+
+
+def measure_overload(body: Path, seconds: float, log: Path) -> tuple[h2.Run, float, overload.Probe]:
+    """h2load at 3,200 in flight with a probe alongside it."""
+    import threading
+
+    found: dict[str, overload.Probe] = {}
+
+    def run_probe() -> None:
+        time.sleep(1)
+        found["probe"] = overload.probe(
+            GRPC_ADDR, request(dataset.NODE_3), list(AUTH.items()), max(1.0, seconds - 2)
+        )
+
+    prober = threading.Thread(target=run_probe)
+    before = settled_ok_replies(log)
+    prober.start()
+    run = h2.h2load(f"http://{GRPC_ADDR}{METHOD}", body, h2.Load(32, 100), seconds, AUTH, warm_up=0)
+    prober.join()
+    return run, (settled_ok_replies(log) - before) / seconds, found["probe"]
+
+
+if __name__ == "__main__":
+    sys.exit(main())
