@@ -21,6 +21,7 @@ from google.protobuf.message import Message
 from google.rpc import status_pb2
 
 from server import errors
+from server.access import AccessLog
 from server.auth import Credentials
 from server.config import Config
 from server.gateway import canonical
@@ -41,8 +42,11 @@ from server.gateway.routes import Route
 from server.gateway.routes import Router
 from server.gateway.routes import canonical_routes
 from server.gateway.routes import legacy_routes
+from server.tls import channel_credentials
 
 log = logging.getLogger("tasknode.access.http")
+#: One line per request: client, method, path, status, milliseconds, request id.
+HTTP_LINE = "http {stamp} {0} {1} {2} {3} {4:.1f}ms {5}"
 errlog = logging.getLogger(__name__)
 
 Scope = dict[str, Any]
@@ -71,11 +75,12 @@ class App:
     def __init__(
         self, config: Config, target: str, authenticate: Authenticate = accept_everyone
     ) -> None:
-        self.backend = Backend(target)
+        self.backend = Backend(target, channel_credentials(config))
         self.router = Router([*legacy_routes(config.gateway_prefix), *canonical_routes()])
         self.zone = ZoneInfo(config.time_zone)
         self.max_body_bytes = config.max_body_bytes
         self.authenticate = authenticate
+        self.access = AccessLog(HTTP_LINE, log)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http":
@@ -94,8 +99,7 @@ class App:
             {"type": "http.response.start", "status": response.status, "headers": response.headers}
         )
         await send({"type": "http.response.body", "body": response.body})
-        log.info(
-            "%s %s %s %d %.1fms %s",
+        self.access.record(
             request.client,
             request.method,
             request.path[:200],
@@ -157,6 +161,7 @@ class App:
                 await send({"type": "lifespan.startup.complete"})
             elif message["type"] == "lifespan.shutdown":
                 await self.backend.close()
+                self.access.stop()
                 await send({"type": "lifespan.shutdown.complete"})
                 return
 
