@@ -28,6 +28,7 @@ from server.handlers.task_node import TaskNodeServicer
 from server.interceptors import AuthInterceptor
 from server.interceptors import ServiceInterceptor
 from server.nodes import Masker
+from server.tls import server_credentials
 
 log = logging.getLogger(__name__)
 
@@ -63,7 +64,9 @@ class Server:
 
 
 def create_server(config: Config, reuse_port: bool = False) -> Server:
-    """Open the store (creating its schema if needed) and build the server on config.grpc_addr."""
+    """Open the store (creating its schema if needed) and build the server on config.grpc_addr,
+    over TLS when config has a certificate (TLSError if its files will not do)."""
+    credentials = server_credentials(config)
     db = open_database(config.database_url)
     ensure_schema(db)
     store = Store(db)
@@ -94,7 +97,10 @@ def create_server(config: Config, reuse_port: bool = False) -> Server:
         (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server
     )
     try:
-        port = server.add_insecure_port(config.grpc_addr)
+        if credentials is None:
+            port = server.add_insecure_port(config.grpc_addr)
+        else:
+            port = server.add_secure_port(config.grpc_addr, credentials)
     except RuntimeError:  # grpcio's word for a failed bind
         port = 0
     if port == 0:

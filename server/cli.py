@@ -11,6 +11,7 @@ from importlib import resources
 from types import FrameType
 
 from server import admin
+from server import tls
 from server.app import SERVICE_NAME
 from server.app import CannotListen
 from server.app import create_server
@@ -88,7 +89,15 @@ def main(argv: list[str] | None = None) -> int:
         db = open_database(config.database_url)
         print("schema upgraded" if ensure_schema(db) else "schema is up to date")
         return 0
-    except (DatabaseURLError, SchemaTooNew, LoadError, AppNotFound, AppExists, CannotListen) as exc:
+    except (
+        DatabaseURLError,
+        SchemaTooNew,
+        LoadError,
+        AppNotFound,
+        AppExists,
+        CannotListen,
+        tls.TLSError,
+    ) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
 
@@ -129,6 +138,9 @@ def load_demo_if_empty(config: Config) -> bool:
 
 
 def _serve(config: Config, demo: bool) -> int:
+    # Bad TLS settings fail here, before the database or any port is touched.
+    tls.server_credentials(config)
+    shim_config = tls.for_own_server(config) if config.http_addr else config
     if demo:
         load_demo_if_empty(config)
     count = worker_count(config)
@@ -172,14 +184,15 @@ def _serve(config: Config, demo: bool) -> int:
     if demo:
         print(
             "\nTry it (demo app credentials, granted business 2):\n"
-            f"  .venv/bin/grpcurl -plaintext -H 'x-bkapi-authorization: {_json(DEMO_APP)}' \\\n"
+            f"  .venv/bin/grpcurl {_grpcurl_transport(config)}"
+            f" -H 'x-bkapi-authorization: {_json(DEMO_APP)}' \\\n"
             f"    -d '{_json(DEMO_NODE)}' \\\n"
             f"    {address} {SERVICE_NAME}/GetTaskNodeDetail\n",
             flush=True,
         )
     local = address.replace("0.0.0.0:", "127.0.0.1:").replace("[::]:", "[::1]:")
     if config.http_addr:
-        http = _start_http(config, local, examples=demo)
+        http = _start_http(shim_config, local, examples=demo)
     wait()
     log.info("stopped")
     return 0
@@ -188,7 +201,12 @@ def _serve(config: Config, demo: bool) -> int:
 def _start_http(config: Config, target: str, examples: bool) -> HttpServer:
     """The HTTP/JSON shim on config.http_addr, calling gRPC at target, started; with
     examples, print curl commands for every route (as the demo app)."""
-    http = HttpServer(App(config, target), config.http_addr, config.shutdown_grace_seconds)
+    http = HttpServer(
+        App(config, target),
+        config.http_addr,
+        config.shutdown_grace_seconds,
+        tls.server_key_pair(config),
+    )
     http.start()
     log.info("HTTP/JSON shim on %s, calling gRPC at %s", http.url, target)
     if examples:
@@ -214,6 +232,17 @@ def _gateway(config: Config) -> int:
     http.stop()
     log.info("stopped")
     return 0
+
+
+def _grpcurl_transport(config: Config) -> str:
+    """grpcurl's flags to reach this server: plaintext, or trusting its certificate
+    (with the shim's client certificate when the server requires one)."""
+    if not config.tls_cert_file:
+        return "-plaintext"
+    flags = f"-cacert {config.grpc_target_ca_file or config.tls_cert_file}"
+    if config.grpc_client_cert_file:
+        flags += f" -cert {config.grpc_client_cert_file} -key {config.grpc_client_key_file}"
+    return flags
 
 
 def _json(value: object) -> str:

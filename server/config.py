@@ -55,6 +55,20 @@ class Config:
     #: Where the shim run on its own (python -m server gateway) finds gRPC, as host:port;
     #: empty means grpc_addr.
     grpc_target: str = ""
+    #: PEM files of the certificate (chain) and unencrypted private key both servers
+    #: present: set both to serve gRPC and HTTP over TLS; empty serves plaintext.
+    tls_cert_file: str = ""
+    tls_key_file: str = ""
+    #: PEM file of the CA(s) whose client certificates gRPC requires (mTLS); empty asks
+    #: for none. The HTTP side never asks for one.
+    tls_client_ca_file: str = ""
+    #: PEM file of the CA(s) the shim trusts for its gRPC target; set, the shim calls
+    #: over TLS. In `serve` it defaults to tls_cert_file, the server's own certificate.
+    grpc_target_ca_file: str = ""
+    #: PEM files of the certificate and key the shim presents to a gRPC server that
+    #: requires client certificates.
+    grpc_client_cert_file: str = ""
+    grpc_client_key_file: str = ""
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> Config:

@@ -17,6 +17,7 @@ from typing import Any
 from zoneinfo import ZoneInfo
 
 import grpc
+from bksops.tasknode.v1 import task_node_pb2 as pb
 from google.protobuf.message import Message
 from google.rpc import status_pb2
 
@@ -32,6 +33,7 @@ from server.gateway.client import Backend
 from server.gateway.client import CallFailed
 from server.gateway.credentials import Authenticate
 from server.gateway.credentials import accept_everyone
+from server.gateway.rendered import RenderedCache
 from server.gateway.requests import Disconnected
 from server.gateway.requests import Request
 from server.gateway.requests import receive_body
@@ -45,6 +47,8 @@ from server.gateway.routes import legacy_routes
 from server.tls import channel_credentials
 
 log = logging.getLogger("tasknode.access.http")
+#: Memory for legacy JSON already rendered (server.gateway.rendered).
+RENDERED_CACHE_BYTES = 32 * 1024 * 1024
 #: One line per request: client, method, path, status, milliseconds, request id.
 HTTP_LINE = "http {stamp} {0} {1} {2} {3} {4:.1f}ms {5}"
 errlog = logging.getLogger(__name__)
@@ -81,6 +85,7 @@ class App:
         self.max_body_bytes = config.max_body_bytes
         self.authenticate = authenticate
         self.access = AccessLog(HTTP_LINE, log)
+        self.rendered = RenderedCache(RENDERED_CACHE_BYTES)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http":
@@ -138,9 +143,14 @@ class App:
         credentials = creds.read_credentials(request.headers.get(creds.HEADER), params)
         await self.authenticate(credentials)
         message = legacy.build_request(params)
-        detail = await self._call(route, message, credentials, request)
-        data = legacy.render_detail(detail, bool(message.component_code), self.zone)
-        return legacy.success(data, request)
+        reply = await self._call(route, message, credentials, request, raw=True)
+        named = bool(message.component_code)
+        data = self.rendered.get(reply, named)
+        if data is None:
+            detail = pb.NodeDetail.FromString(reply)
+            data = dumps(legacy.render_detail(detail, named, self.zone))
+            self.rendered.put(reply, named, data)
+        return legacy.success_body(data, request)
 
     async def _canonical(self, route: Route, request: Request) -> Any:
         credentials = creds.read_credentials(request.headers.get(creds.HEADER), {})
@@ -149,10 +159,15 @@ class App:
         return canonical.reply_json(await self._call(route, message, credentials, request))
 
     async def _call(
-        self, route: Route, message: Message, credentials: Credentials, request: Request
+        self,
+        route: Route,
+        message: Message,
+        credentials: Credentials,
+        request: Request,
+        raw: bool = False,
     ) -> Any:
         metadata = [*creds.metadata(credentials), ("x-bkapi-request-id", request.request_id)]
-        return await self.backend.call(route.rpc, message, metadata)
+        return await self.backend.call(route.rpc, message, metadata, raw)
 
     async def _lifespan(self, receive: Receive, send: Send) -> None:
         while True:
@@ -200,8 +215,9 @@ def _header_text(text: str) -> bytes:
 
 
 def _json(status: int, value: Any, request: Request, extra: Headers = ()) -> Response:
-    """A JSON response with the request and trace ids every response carries."""
-    body = dumps(value)
+    """A JSON response with the request and trace ids every response carries; value is
+    encoded here, or already JSON text (bytes)."""
+    body = value if isinstance(value, bytes) else dumps(value)
     headers = (
         (b"content-type", b"application/json"),
         (b"content-length", str(len(body)).encode("ascii")),

@@ -30,22 +30,31 @@ class CallFailed(Exception):
 
 
 class Backend:
-    """Calls the gRPC server at ``target``.
+    """Calls the gRPC server at ``target``, over TLS when given credentials.
 
     grpc.aio objects belong to the event loop that made them, so the channel is opened
     on first use, inside the HTTP server's loop, and closed on its shutdown.
     """
 
-    def __init__(self, target: str, timeout: float = CALL_TIMEOUT_SECONDS) -> None:
+    def __init__(
+        self,
+        target: str,
+        credentials: grpc.ChannelCredentials | None = None,
+        timeout: float = CALL_TIMEOUT_SECONDS,
+    ) -> None:
         self.target = target
+        self.credentials = credentials
         self.timeout = timeout
         self._channel: grpc.aio.Channel | None = None
-        self._callables: dict[str, Any] = {}
+        self._callables: dict[tuple[str, bool], Any] = {}
 
-    async def call(self, method: MethodDescriptor, request: Message, metadata: Metadata) -> Any:
-        """The reply of ``method`` to ``request``; CallFailed with the status otherwise."""
+    async def call(
+        self, method: MethodDescriptor, request: Message, metadata: Metadata, raw: bool = False
+    ) -> Any:
+        """The reply of ``method`` to ``request`` (its serialized bytes when ``raw``);
+        CallFailed with the status otherwise."""
         try:
-            return await self._callable(method)(
+            return await self._callable(method, raw)(
                 request, timeout=self.timeout, metadata=tuple(metadata)
             )
         except grpc.aio.AioRpcError as exc:
@@ -57,19 +66,23 @@ class Backend:
             self._channel = None
             self._callables.clear()
 
-    def _callable(self, method: MethodDescriptor) -> Any:
+    def _callable(self, method: MethodDescriptor, raw: bool) -> Any:
         path = f"/{method.containing_service.full_name}/{method.name}"
-        found = self._callables.get(path)
+        found = self._callables.get((path, raw))
         if found is None:
             if self._channel is None:
-                self._channel = grpc.aio.insecure_channel(self.target)
+                self._channel = (
+                    grpc.aio.insecure_channel(self.target)
+                    if self.credentials is None
+                    else grpc.aio.secure_channel(self.target, self.credentials)
+                )
             reply_class = message_factory.GetMessageClass(method.output_type)
             found = self._channel.unary_unary(
                 path,
                 request_serializer=lambda message: message.SerializeToString(),
-                response_deserializer=reply_class.FromString,
+                response_deserializer=None if raw else reply_class.FromString,
             )
-            self._callables[path] = found
+            self._callables[(path, raw)] = found
         return found
 
     def _status(self, exc: grpc.aio.AioRpcError) -> status_pb2.Status:

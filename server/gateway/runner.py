@@ -3,7 +3,8 @@
 On its own thread so that the main thread keeps the signal handlers and the gRPC
 server, and one SIGTERM stops both in order: HTTP first (it calls gRPC), then gRPC.
 The socket is bound here, before the thread starts, so a bad or busy address fails
-in the caller, and port 0 gives a known port.
+in the caller, and port 0 gives a known port. With a certificate it serves HTTPS; the
+caller has checked the files (server.tls), since uvicorn reads them on its own thread.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 from server.app import CannotListen
 from server.gateway.app import App
 from server.gateway.app import unreadable
+from server.tls import KeyPair
 
 #: Seconds start() waits for uvicorn to come up.
 START_TIMEOUT = 10.0
@@ -52,9 +54,12 @@ class _Uvicorn(uvicorn.Server):
 
 
 class HttpServer:
-    """The shim on ``addr`` (host:port; port 0 picks a free one)."""
+    """The shim on ``addr`` (host:port; port 0 picks a free one), over TLS with ``tls``."""
 
-    def __init__(self, app: App, addr: str, grace: float = 10.0) -> None:
+    def __init__(
+        self, app: App, addr: str, grace: float = 10.0, tls: KeyPair | None = None
+    ) -> None:
+        self.scheme = "http" if tls is None else "https"
         self.socket = bind(addr)
         self.host, self.port = self.socket.getsockname()[:2]
         config = uvicorn.Config(
@@ -68,6 +73,8 @@ class HttpServer:
             access_log=False,
             server_header=False,
             timeout_graceful_shutdown=math.ceil(grace),
+            ssl_certfile=tls.cert_file if tls else None,
+            ssl_keyfile=tls.key_file if tls else None,
         )
         self._server = _Uvicorn(config)
         self._thread = threading.Thread(
@@ -77,7 +84,7 @@ class HttpServer:
     @property
     def url(self) -> str:
         host = f"[{self.host}]" if ":" in self.host else self.host
-        return f"http://{host}:{self.port}"
+        return f"{self.scheme}://{host}:{self.port}"
 
     def start(self) -> None:
         """Serve; return once uvicorn is up (RuntimeError if it could not come up)."""
