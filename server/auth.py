@@ -76,7 +76,7 @@ class Credentials:
             return cls()
         try:
             fields = json.loads(text)
-        except ValueError:
+        except (ValueError, RecursionError):
             raise errors.CredentialsInvalid(
                 "X-Bkapi-Authorization is not valid JSON", {"field": METADATA_KEY}
             ) from None

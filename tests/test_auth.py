@@ -211,3 +211,8 @@ def test_failed_attempts_are_logged_without_secrets(
 def test_credentials_render_back_to_the_header() -> None:
     header = Credentials.from_mapping(DEMO_APP).to_header()
     assert json.loads(header) == DEMO_APP
+
+
+def test_deeply_nested_header_json_is_refused_cleanly(channel: grpc.Channel) -> None:
+    nested = "[" * 4000 + "]" * 4000  # deeper than Python's recursion limit, under 16 KiB
+    assert call(channel, nested, seed_request())[:2] == (UNAUTHENTICATED, "CREDENTIALS_INVALID")
