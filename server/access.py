@@ -63,8 +63,17 @@ class AccessLog:
     def _format(self, line: _Line) -> str:
         moment, fields = line
         stamp = time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(moment))
-        return self.template.format(*fields, stamp=f"{stamp}.{int(moment % 1 * 1000):03d}")
+        words = [_word(f) if isinstance(f, str) else f for f in fields]
+        return self.template.format(*words, stamp=f"{stamp}.{int(moment % 1 * 1000):03d}")
 
     def _run(self) -> None:
         while not self._stopped.wait(self.flush_seconds):
             self.flush()
+
+
+def _word(text: str) -> str:
+    """A field as one word of one line: callers choose paths and app codes, and must not
+    be able to split a line or forge another with spaces, newlines or control characters."""
+    if text.isprintable() and " " not in text:
+        return text
+    return "".join(c if c.isprintable() and not c.isspace() else "?" for c in text)

@@ -49,6 +49,7 @@ class Server:
     store: Store
     cache: DetailCache | None
     access: AccessLog
+    workers: futures.ThreadPoolExecutor
 
     def start(self) -> None:
         self.grpc_server.start()
@@ -59,6 +60,9 @@ class Server:
         """Report NOT_SERVING, refuse new calls, let in-flight ones finish within grace."""
         self.health.enter_graceful_shutdown()
         self.grpc_server.stop(grace).wait()
+        # A call cut off at the end of grace still runs in its thread (threads cannot be
+        # killed); the database must outlive it, or it would use a closed connection.
+        self.workers.shutdown(wait=True, cancel_futures=True)
         self.access.stop()
         self.store.close()
 
@@ -73,8 +77,9 @@ def create_server(config: Config, reuse_port: bool = False) -> Server:
     access = AccessLog()
     apps = AppStore(db)
     authenticator = Authenticator(apps, StoredTokenVerifier(apps), config.auth_cache_seconds)
+    workers = futures.ThreadPoolExecutor(max_workers=config.grpc_workers, thread_name_prefix="grpc")
     server = grpc.server(
-        futures.ThreadPoolExecutor(max_workers=config.grpc_workers, thread_name_prefix="grpc"),
+        workers,
         interceptors=[ServiceInterceptor(store, access), AuthInterceptor(authenticator)],
         maximum_concurrent_rpcs=config.max_concurrent_rpcs,
         options=[
@@ -105,4 +110,4 @@ def create_server(config: Config, reuse_port: bool = False) -> Server:
         port = 0
     if port == 0:
         raise CannotListen(f"cannot listen on {config.grpc_addr}: is the address in use?")
-    return Server(server, port, health_servicer, store, cache, access)
+    return Server(server, port, health_servicer, store, cache, access, workers)

@@ -103,18 +103,21 @@ class ServiceInterceptor(grpc.ServerInterceptor):
         def call(request: Any, context: grpc.ServicerContext) -> Any:
             started = time.perf_counter()
             outcome = "OK"
+            # Refused callers have no principal; the app code they claimed still names them.
+            claimed = "-"
             reset = current_principal.set(None)
             try:
                 return self._run(inner, request, context)
             except errors.ServiceError as exc:
-                outcome = f"{exc.code.name} {exc.reason}"
+                outcome = f"{exc.code.name}/{exc.reason}"
+                claimed = exc.metadata.get("appCode", "")[:64] or "-"
                 context.abort_with_status(to_status(exc))
             finally:
                 principal = current_principal.get()
                 self.access.record(
                     context.peer(),
                     method,
-                    principal.app_code if principal else "-",
+                    principal.app_code if principal else claimed,
                     principal.username if principal else "-",
                     outcome,
                     (time.perf_counter() - started) * 1000,

@@ -202,10 +202,23 @@ def test_failed_attempts_are_logged_without_secrets(
     assert failures and "app='esb_test'" in failures[0].getMessage()
     assert "peer=ipv4:127.0.0.1" in failures[0].getMessage()
     access = [r.getMessage() for r in caplog.records if r.name == "tasknode.access"]
-    assert any("app=esb_test user=admin" in line for line in access)
+    assert any("app=esb_test user=admin OK" in line for line in access)
+    assert any("app=esb_test user=- UNAUTHENTICATED/CREDENTIALS_INVALID" in line for line in access)
     everything = "\n".join(r.getMessage() for r in caplog.records)
     assert "wrong-secret-xyz" not in everything
     assert not re.search(r"\bxxx\b", everything)
+
+
+def test_a_claimed_app_code_cannot_forge_access_lines(
+    channel: grpc.Channel, server: Server, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO)
+    forged = creds(bk_app_code="x\naccess 2026-01-01T00:00:00.000 forged OK")
+    call(channel, forged, seed_request())
+    server.access.flush()
+    lines = "\n".join(r.getMessage() for r in caplog.records if r.name == "tasknode.access")
+    assert "app=x?access?2026-01-01T00:00:00.000?forged?OK" in lines
+    assert not any(line.startswith("access 2026-01-01") for line in lines.splitlines())
 
 
 def test_credentials_render_back_to_the_header() -> None:
@@ -214,5 +227,5 @@ def test_credentials_render_back_to_the_header() -> None:
 
 
 def test_deeply_nested_header_json_is_refused_cleanly(channel: grpc.Channel) -> None:
-    nested = "[" * 4000 + "]" * 4000  # deeper than Python's recursion limit, under 16 KiB
+    nested = "[" * 1500 + "]" * 1500  # deeper than Python's recursion limit, under 8 KiB
     assert call(channel, nested, seed_request())[:2] == (UNAUTHENTICATED, "CREDENTIALS_INVALID")

@@ -238,3 +238,23 @@ def test_a_taken_address_is_a_clear_error(server: Server, tmp_path: Path) -> Non
         )
         assert result.returncode == 2, result.stderr
         assert "cannot" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_stop_keeps_the_store_open_until_cut_off_calls_end(
+    demo_config: Config, slow: threading.Event
+) -> None:
+    running = create_server(demo_config)
+    running.start()
+    with grpc.insecure_channel(f"127.0.0.1:{running.port}") as channel:
+        stub = pb_grpc.TaskNodeServiceStub(authorized(channel))
+        cut_off = stub.GetTaskNodeDetail.future(seed_request(), timeout=10)
+        time.sleep(0.3)
+        stopper = threading.Thread(target=running.stop, args=(None,))
+        stopper.start()
+        time.sleep(0.3)
+        assert stopper.is_alive(), "the store stays open while the call's thread runs"
+        slow.set()
+        stopper.join(10)
+        assert not stopper.is_alive()
+        with pytest.raises(grpc.RpcError):
+            cut_off.result()
