@@ -68,36 +68,35 @@ def _pack(message: Any) -> any_pb2.Any:
 Behaviour = Callable[[Any, grpc.ServicerContext], Any]
 
 
-def _wrap_service_calls(
-    continuation: Callable[[grpc.HandlerCallDetails], grpc.RpcMethodHandler | None],
-    handler_call_details: grpc.HandlerCallDetails,
-    wrap: Callable[[Behaviour, str], Behaviour],
-) -> grpc.RpcMethodHandler | None:
-    """The next handler, its unary behaviour wrapped if it is one of our services'."""
-    handler = continuation(handler_call_details)
-    method: str = handler_call_details.method
-    if handler is None or handler.unary_unary is None or not method.startswith(SERVICE_PREFIX):
-        return handler
-    return grpc.unary_unary_rpc_method_handler(
-        wrap(handler.unary_unary, method),
-        request_deserializer=handler.request_deserializer,
-        response_serializer=handler.response_serializer,
-    )
-
-
-class ServiceInterceptor(grpc.ServerInterceptor):
-    """Wraps each unary TaskNodeService handler; see the module docstring."""
-
-    def __init__(self, store: Store, access: AccessLog) -> None:
-        self.store = store
-        self.access = access
+class _ServiceCallInterceptor(grpc.ServerInterceptor):
+    """Wraps the unary behaviour of our services' handlers with _wrap; health and
+    reflection handlers pass through untouched."""
 
     def intercept_service(
         self,
         continuation: Callable[[grpc.HandlerCallDetails], grpc.RpcMethodHandler | None],
         handler_call_details: grpc.HandlerCallDetails,
     ) -> grpc.RpcMethodHandler | None:
-        return _wrap_service_calls(continuation, handler_call_details, self._wrap)
+        handler = continuation(handler_call_details)
+        method: str = handler_call_details.method
+        if handler is None or handler.unary_unary is None or not method.startswith(SERVICE_PREFIX):
+            return handler
+        return grpc.unary_unary_rpc_method_handler(
+            self._wrap(handler.unary_unary, method),
+            request_deserializer=handler.request_deserializer,
+            response_serializer=handler.response_serializer,
+        )
+
+    def _wrap(self, inner: Behaviour, method: str) -> Behaviour:
+        raise NotImplementedError
+
+
+class ServiceInterceptor(_ServiceCallInterceptor):
+    """Wraps each unary TaskNodeService handler; see the module docstring."""
+
+    def __init__(self, store: Store, access: AccessLog) -> None:
+        self.store = store
+        self.access = access
 
     def _wrap(self, inner: Behaviour, method: str) -> Behaviour:
         def call(request: Any, context: grpc.ServicerContext) -> Any:
@@ -140,18 +139,11 @@ class ServiceInterceptor(grpc.ServerInterceptor):
             raise errors.Internal("internal error; the server log has the details") from exc
 
 
-class AuthInterceptor(grpc.ServerInterceptor):
+class AuthInterceptor(_ServiceCallInterceptor):
     """Checks x-bkapi-authorization on every TaskNodeService call; see server.auth."""
 
     def __init__(self, authenticator: Authenticator) -> None:
         self.authenticator = authenticator
-
-    def intercept_service(
-        self,
-        continuation: Callable[[grpc.HandlerCallDetails], grpc.RpcMethodHandler | None],
-        handler_call_details: grpc.HandlerCallDetails,
-    ) -> grpc.RpcMethodHandler | None:
-        return _wrap_service_calls(continuation, handler_call_details, self._wrap)
 
     def _wrap(self, inner: Behaviour, method: str) -> Behaviour:
         def call(request: Any, context: grpc.ServicerContext) -> Any:
