@@ -10,6 +10,7 @@ import sys
 import threading
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import grpc
@@ -35,8 +36,10 @@ from server.db.store import Store
 from server.query import NodeQuery
 from tests.conftest import authorized
 from tests.conftest import seed_request
+from tests.processes import start_server
 
 SERVING = health_pb2.HealthCheckResponse.SERVING
+SERVING_LINE = re.compile(r"serving .* on 127\.0\.0\.1:(\d+)")
 
 
 def health_of(channel: grpc.Channel, service: str = "") -> int:
@@ -138,20 +141,30 @@ def test_deadline_is_respected(stub: pb_grpc.TaskNodeServiceStub, slow: threadin
 def test_graceful_stop_lets_in_flight_calls_finish(
     demo_config: Config, slow: threading.Event
 ) -> None:
-    running = create_server(demo_config)
-    running.start()
-    with grpc.insecure_channel(f"127.0.0.1:{running.port}") as channel:
-        stub = pb_grpc.TaskNodeServiceStub(authorized(channel))
-        in_flight = stub.GetTaskNodeDetail.future(seed_request(), timeout=10)
-        time.sleep(0.3)
-        stopper = threading.Thread(target=running.stop, args=(5,))
-        stopper.start()
-        time.sleep(0.3)
+    with stopping_during_a_call(demo_config, grace=5) as (in_flight, stopper):
         assert stopper.is_alive(), "stop waits for the call in flight"
         slow.set()
         assert in_flight.result().id == seed_request().node_id
         stopper.join(5)
         assert not stopper.is_alive()
+
+
+@contextmanager
+def stopping_during_a_call(
+    config: Config, grace: float | None
+) -> Iterator[tuple[grpc.Future, threading.Thread]]:
+    """A server on config with one call in flight, being stopped with grace in a thread:
+    (the call, the stopping thread). Use with the slow fixture, which holds the call."""
+    running = create_server(config)
+    running.start()
+    with grpc.insecure_channel(f"127.0.0.1:{running.port}") as channel:
+        stub = pb_grpc.TaskNodeServiceStub(authorized(channel))
+        call = stub.GetTaskNodeDetail.future(seed_request(), timeout=10)
+        time.sleep(0.3)
+        stopper = threading.Thread(target=running.stop, args=(grace,))
+        stopper.start()
+        time.sleep(0.3)
+        yield call, stopper
 
 
 def test_a_bug_is_internal_without_details(
@@ -190,26 +203,12 @@ def test_an_unreachable_database_is_unavailable(sqlite_config: Config, tmp_path:
 
 def test_sigterm_drains_and_exits(tmp_path: Path) -> None:
     env = {
-        **os.environ,
         "TASKNODE_DATABASE_URL": f"sqlite:///{tmp_path / 'db.sqlite'}",
         "TASKNODE_GRPC_ADDR": "127.0.0.1:0",
         "TASKNODE_HTTP_ADDR": "127.0.0.1:0",
     }
-    process = subprocess.Popen(
-        [sys.executable, "-m", "server", "serve", "--demo"],
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
+    process, found = start_server(["serve", "--demo"], env, SERVING_LINE)
     assert process.stdout is not None
-    lines = []
-    for line in process.stdout:
-        lines.append(line)
-        if "serving" in line:
-            break
-    found = re.search(r" on 127\.0\.0\.1:(\d+)", lines[-1])
-    assert found, lines
     port = int(found.group(1))
     with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
         assert health_of(channel) == SERVING
@@ -243,15 +242,7 @@ def test_a_taken_address_is_a_clear_error(server: Server, tmp_path: Path) -> Non
 def test_stop_keeps_the_store_open_until_cut_off_calls_end(
     demo_config: Config, slow: threading.Event
 ) -> None:
-    running = create_server(demo_config)
-    running.start()
-    with grpc.insecure_channel(f"127.0.0.1:{running.port}") as channel:
-        stub = pb_grpc.TaskNodeServiceStub(authorized(channel))
-        cut_off = stub.GetTaskNodeDetail.future(seed_request(), timeout=10)
-        time.sleep(0.3)
-        stopper = threading.Thread(target=running.stop, args=(None,))
-        stopper.start()
-        time.sleep(0.3)
+    with stopping_during_a_call(demo_config, grace=None) as (cut_off, stopper):
         assert stopper.is_alive(), "the store stays open while the call's thread runs"
         slow.set()
         stopper.join(10)

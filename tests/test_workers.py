@@ -4,9 +4,8 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 import signal
-import subprocess
-import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -21,6 +20,7 @@ from server.workers import Workers
 from server.workers import worker_count
 from tests.conftest import authorized
 from tests.conftest import seed_request
+from tests.processes import start_server
 
 
 @pytest.fixture
@@ -74,23 +74,13 @@ def test_one_process_per_core_by_default() -> None:
 
 def test_workers_die_with_a_killed_parent(tmp_path: Path) -> None:
     env = {
-        **os.environ,
         "TASKNODE_DATABASE_URL": f"sqlite:///{tmp_path}/db.sqlite",
         "TASKNODE_GRPC_ADDR": "127.0.0.1:0",
         "TASKNODE_HTTP_ADDR": "",
         "TASKNODE_GRPC_PROCESSES": "2",
     }
-    parent = subprocess.Popen(
-        [sys.executable, "-m", "server", "serve", "--demo"],
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
+    parent, _ = start_server(["serve", "--demo"], env, re.compile("serving"))
     assert parent.stdout is not None
-    for line in parent.stdout:
-        if "serving" in line:
-            break
     listed = Path(f"/proc/{parent.pid}/task/{parent.pid}/children").read_text()
     children = [int(pid) for pid in listed.split()]
     assert len(children) >= 2

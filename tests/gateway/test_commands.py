@@ -20,6 +20,7 @@ from server.cli import load_demo_if_empty
 from server.config import Config
 from tests.conftest import SEED_NODE
 from tests.conftest import SEED_PARENT
+from tests.processes import start_server
 
 SHIM_LINE = re.compile(r"HTTP/JSON shim on (http://127\.0\.0\.1:\d+), calling gRPC at \S+")
 QUERY = {
@@ -31,22 +32,8 @@ QUERY = {
 
 def start(args: list[str], env: dict[str, str]) -> tuple[subprocess.Popen[str], str]:
     """Run python -m server <args> until the shim says where it is: (process, its URL)."""
-    process = subprocess.Popen(
-        [sys.executable, "-m", "server", *args],
-        env={**os.environ, "TASKNODE_HTTP_ADDR": "127.0.0.1:0", **env},
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
-    assert process.stdout is not None
-    lines = []
-    for line in process.stdout:
-        lines.append(line)
-        found = SHIM_LINE.search(line)
-        if found:
-            return process, found.group(1)
-    process.wait(10)
-    raise AssertionError("".join(lines))
+    process, found = start_server(args, {"TASKNODE_HTTP_ADDR": "127.0.0.1:0", **env}, SHIM_LINE)
+    return process, found.group(1)
 
 
 def stop(process: subprocess.Popen[str]) -> str:
