@@ -7,8 +7,14 @@ or from the old ESB route's parameters.
 
 Checking an app secret costs a slow hash (tens of milliseconds), far too much for
 every call, so a verified identity is cached for ``cache_seconds``, keyed by a
-sha256 of the credentials (the cache holds no secret). A revocation, rotation or
-grant change therefore takes effect within ``cache_seconds``.
+keyed hash of the credentials (the cache holds no secret). A revocation, rotation
+or grant change therefore takes effect within ``cache_seconds``.
+
+Re-checking an identity when its entry expires reads the app's row again, but
+does not hash the secret again while the row's stored hash is the one it was
+checked against: that outcome is remembered per (secret, stored hash). Without
+this every busy thread would run scrypt at once each ``cache_seconds``, a burst
+of CPU that stalls every call in flight.
 """
 
 from __future__ import annotations
@@ -16,11 +22,13 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 import threading
 import time
 from collections.abc import Mapping
 from contextvars import ContextVar
 from dataclasses import dataclass
+from typing import Any
 from typing import Protocol
 
 from server import errors
@@ -147,6 +155,8 @@ class Authenticator:
         self.tokens = tokens
         self.cache_seconds = cache_seconds
         self._cache: dict[bytes, tuple[float, Principal | errors.Unauthenticated]] = {}
+        #: Whether a secret (by fingerprint) matched a stored hash; see the module docstring.
+        self._checked: dict[tuple[bytes, str], bool] = {}
         self._lock = threading.Lock()
 
     def authenticate(self, header: str | None, peer: str) -> Principal:
@@ -156,7 +166,7 @@ class Authenticator:
         were checked lately costs one hash; failures are cached too, so repeating a
         wrong secret costs no more slow hashing.
         """
-        key = hashlib.sha256((header or "").encode("utf-8", "surrogatepass")).digest()
+        key = _fingerprint(header or "")
         now = time.monotonic()
         with self._lock:
             cached = self._cache.get(key)
@@ -168,8 +178,7 @@ class Authenticator:
             except errors.Unauthenticated as exc:
                 outcome = exc
             with self._lock:
-                if len(self._cache) >= self.MAX_CACHED:
-                    self._cache.clear()
+                _bounded(self._cache, self.MAX_CACHED)
                 self._cache[key] = (now + self.cache_seconds, outcome)
         else:
             outcome = cached[1]
@@ -193,7 +202,7 @@ class Authenticator:
         app = self.apps.app(credentials.app_code)
         # Hash even for an unknown app, so its answer takes as long as a wrong secret's.
         stored = app.secret_hash if app is not None else _DECOY_HASH
-        matches = secrets.verify_secret(credentials.app_secret, stored)
+        matches = self._matches(credentials.app_secret, stored)
         if app is None or not matches or app.revoked:
             raise errors.CredentialsInvalid(
                 "APP authentication failed: bk_app_code or bk_app_secret is invalid",
@@ -205,6 +214,18 @@ class Authenticator:
             username=username,
             businesses=None if app.all_businesses else app.businesses,
         )
+
+    def _matches(self, secret: str, stored: str) -> bool:
+        """verify_secret, remembered for this secret and this stored hash."""
+        key = (_fingerprint(secret), stored)
+        with self._lock:
+            known = self._checked.get(key)
+        if known is None:
+            known = secrets.verify_secret(secret, stored)
+            with self._lock:
+                _bounded(self._checked, self.MAX_CACHED)
+                self._checked[key] = known
+        return known
 
     def _user(self, credentials: Credentials, may_assert_user: bool) -> str:
         if credentials.token:
@@ -221,3 +242,18 @@ class Authenticator:
 
 
 _DECOY_HASH = secrets.hash_secret(secrets.new_secret())
+#: Keys the fingerprints of this process, so what it keeps in memory cannot be
+#: tested against guessed secrets without this key.
+_FINGERPRINT_KEY = os.urandom(32)
+
+
+def _fingerprint(text: str) -> bytes:
+    return hashlib.blake2b(
+        text.encode("utf-8", "surrogatepass"), key=_FINGERPRINT_KEY, digest_size=32
+    ).digest()
+
+
+def _bounded(table: dict[Any, Any], limit: int) -> None:
+    """Make room in a cache table: emptied whole when full (callers hold the lock)."""
+    if len(table) >= limit:
+        table.clear()

@@ -15,6 +15,7 @@ from bksops.tasknode.v1 import task_node_pb2_grpc as pb_grpc
 from google.rpc import error_details_pb2
 from grpc_status import rpc_status
 
+from server import secrets
 from server.app import Server
 from server.app import create_server
 from server.auth import Credentials
@@ -187,6 +188,43 @@ def test_revocation_and_rotation_apply_within_the_cache_time(demo_config: Config
             time.sleep(0.6)
             assert call(channel, second, seed_request())[1] == "CREDENTIALS_INVALID"
             assert call(channel, creds(), seed_request())[1] == "BUSINESS_NOT_GRANTED"
+    finally:
+        running.stop(None)
+
+
+def test_an_expired_identity_is_rechecked_without_hashing_its_secret_again(
+    demo_config: Config, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Re-reading the app row is enough while its stored hash is unchanged; a rotation
+    (a new hash) is hashed against again."""
+    hashed: list[str] = []
+    verify = secrets.verify_secret
+
+    def counted(secret: str, stored: str) -> bool:
+        hashed.append(stored)
+        return verify(secret, stored)
+
+    monkeypatch.setattr(secrets, "verify_secret", counted)
+    config = Config(
+        database_url=demo_config.database_url, grpc_addr="127.0.0.1:0", auth_cache_seconds=0.1
+    )
+    running = create_server(config)
+    running.start()
+    try:
+        apps = AppStore(running.store.db)
+        with running.store.db.connection_context():
+            apps.add("steady", "its-secret", businesses=[2], may_assert_user=True)
+        steady = {"bk_app_code": "steady", "bk_app_secret": "its-secret", "bk_username": "u"}
+        with grpc.insecure_channel(f"127.0.0.1:{running.port}") as channel:
+            for _ in range(3):
+                assert call(channel, steady, seed_request())[0] == grpc.StatusCode.OK
+                time.sleep(0.15)  # the identity expires between calls
+            assert len(hashed) == 1
+            with running.store.db.connection_context():
+                apps.rotate("steady", "its-secret")  # same secret, new salt: a new hash
+            time.sleep(0.15)
+            assert call(channel, steady, seed_request())[0] == grpc.StatusCode.OK
+            assert len(hashed) == 2 and hashed[0] != hashed[1]
     finally:
         running.stop(None)
 
