@@ -75,7 +75,7 @@ def create_server(config: Config, reuse_port: bool = False) -> Server:
     ensure_schema(db)
     store = Store(db)
     access = AccessLog()
-    apps = AppStore(db)
+    apps = AppStore(db, store)
     authenticator = Authenticator(apps, StoredTokenVerifier(apps), config.auth_cache_seconds)
     workers = futures.ThreadPoolExecutor(max_workers=config.grpc_workers, thread_name_prefix="grpc")
     server = grpc.server(

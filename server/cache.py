@@ -3,7 +3,9 @@
 A node's detail is read far more often than it changes (callers poll), and
 building it (JSON text to messages) costs most of a call. Each entry is stamped
 with the store's stamp of its task (server.db.store.Store.stamp): one indexed read
-per call tells whether the entry is still exact. Errors are never cached.
+per call tells whether the entry is still exact. Errors are never cached. The stamp
+is read before the snapshot a reply is built from begins, so an entry's stamp is
+never newer than its reply: a change in between costs a rebuild, never a stale hit.
 
 A reply about a node or child still running shows its elapsed time up to now, so
 such an entry keeps when they started and is given fresh elapsed times on reuse.

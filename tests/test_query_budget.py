@@ -1,18 +1,17 @@
 """One GetTaskNodeDetail costs the same few SQL statements however much data a node has.
 
 The statements are counted where peewee sends them (its query hooks see every
-execute_sql of the server's database): the BEGIN and ROLLBACK of the call's read
-snapshot and the SELECTs between them, each named by the table it reads. Not
-counted, since they are no per-call statements: a pooled connection's opening
-(once per connection), SQLite's PRAGMAs when it opens its file, and the credential
-lookups the authenticator makes once per app per cache period (the warm-up call
-pays them).
+execute_sql of the server's database): each SELECT, named by the table it reads,
+and the BEGIN and ROLLBACK of the call's read snapshot. Not counted, since they are
+no per-call statements: a pooled connection's opening (once per connection),
+SQLite's PRAGMAs when it opens its file, and the credential lookups the
+authenticator makes once per app per cache period (the warm-up call pays them).
 
-A first call for a node reads the task's stamp, the node (business, task and node
-in one join), its attempts in the current loop, and the output schema (a
-component_code was given) or the children (a sub-process): four SELECTs. A repeated
-call finds the stamp unchanged and reuses the reply built before (server.cache):
-one SELECT.
+A first call for a node reads the task's stamp on its own, then, in one read
+snapshot, the node (business, task and node in one join), its attempts in the
+current loop, and the output schema (a component_code was given) or the children
+(a sub-process): four SELECTs. A repeated call finds the stamp unchanged and
+reuses the reply built before (server.cache): one SELECT and no transaction.
 """
 
 from __future__ import annotations
@@ -34,8 +33,9 @@ from tests.documents import request
 from tests.documents import subprocess
 
 TASK = 700
-BUILT = ["task", "project", "attempt", "component_schema"]
-REUSED = ["task"]
+STAMP = ["task"]
+BUILT = (STAMP, sorted(["project", "attempt", "component_schema"]))
+REUSED: tuple[list[str], list[str]] = (STAMP, [])
 #: The table a statement reads (peewee names it t1 in every query), or the statement.
 TABLE = re.compile(r"FROM [`\"](\w+)[`\"] AS [`\"]t1[`\"]")
 
@@ -88,13 +88,24 @@ def statements(loaded: Server) -> Iterator[Statements]:
     loaded.store.db.query_hooks.remove(hook)
 
 
-def tables(sql: list[str]) -> list[str]:
-    """The tables read between the snapshot's BEGIN and its ROLLBACK, sorted."""
-    assert sql[0].startswith(("BEGIN", "START TRANSACTION")), sql
-    assert sql[-1] == "ROLLBACK", sql
-    found = [TABLE.search(statement) for statement in sql[1:-1]]
-    assert all(found), sql
-    return sorted(match.group(1) for match in found if match)
+def tables(sql: list[str]) -> tuple[list[str], list[str]]:
+    """(tables read on their own in order, tables read inside the one read snapshot sorted)."""
+    alone: list[str] = []
+    inside: list[str] = []
+    in_snapshot = False
+    for statement in sql:
+        if statement.startswith(("BEGIN", "START TRANSACTION")):
+            assert not in_snapshot and not inside, f"a second snapshot: {sql}"
+            in_snapshot = True
+        elif statement == "ROLLBACK":
+            assert in_snapshot, sql
+            in_snapshot = False
+        else:
+            match = TABLE.search(statement)
+            assert match, statement
+            (inside if in_snapshot else alone).append(match.group(1))
+    assert not in_snapshot, f"the snapshot was not ended: {sql}"
+    return alone, sorted(inside)
 
 
 def test_histories_do_not_add_queries(
@@ -107,7 +118,7 @@ def test_histories_do_not_add_queries(
         reused, reused_sql = statements.of(all_stub, call)
         assert len(built.histories) == len(reused.histories) == histories
         assert [o.key for o in built.outputs][:2] == ["count", "_result"]
-        assert (tables(built_sql), tables(reused_sql)) == (sorted(BUILT), REUSED), node_id
+        assert (tables(built_sql), tables(reused_sql)) == (BUILT, REUSED), node_id
 
 
 def test_children_do_not_add_queries(
@@ -116,7 +127,7 @@ def test_children_do_not_add_queries(
     statements.of(all_stub, request(TASK, "h0"))  # warm-up
     detail, sql = statements.of(all_stub, request(TASK, "sub"))
     assert len(detail.children) == 200
-    assert tables(sql) == sorted(["task", "project", "attempt", "node"])
+    assert tables(sql) == (STAMP, sorted(["project", "attempt", "node"]))
     child, child_sql = statements.of(all_stub, request(TASK, "child7", stack=("sub",)))
     assert child.id == "child7"
-    assert tables(child_sql) == sorted(["task", "project", "attempt"]), "no schema, no children"
+    assert tables(child_sql) == (STAMP, sorted(["project", "attempt"])), "no schema, no children"

@@ -7,8 +7,11 @@ uses the write methods, the authenticator the read ones.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from collections.abc import Iterable
+from functools import partial
 from typing import NamedTuple
+from typing import TypeVar
 
 from peewee import Database
 
@@ -16,7 +19,10 @@ from server import secrets
 from server.db.models import App
 from server.db.models import AppGrant
 from server.db.models import UserToken
+from server.db.store import Store
 from server.db.store import unavailable_on_db_error
+
+T = TypeVar("T")
 
 
 class AppRecord(NamedTuple):
@@ -45,42 +51,54 @@ def _now() -> int:
 class AppStore:
     """Reads and writes app credentials in one database."""
 
-    def __init__(self, db: Database) -> None:
+    def __init__(self, db: Database, store: Store | None = None) -> None:
+        """With a store, reads run on the serving call's connection (Store.read), which
+        is proven alive by the first of them."""
         self.db = db
+        self.store = store
+
+    def _reading(self, work: Callable[[], T]) -> T:
+        if self.store is not None:
+            return self.store.read(work)
+        with unavailable_on_db_error():
+            return work()
 
     def app(self, code: str) -> AppRecord | None:
         """The app with its grants, or None if there is no such app (two queries)."""
-        with unavailable_on_db_error():
-            row = (
-                App.select(
-                    App.code, App.secret_hash, App.all_businesses, App.may_assert_user, App.revoked
-                )
-                .where(App.code == code)
-                .tuples()
-                .first()
+        return self._reading(partial(self._app, code))
+
+    def _app(self, code: str) -> AppRecord | None:
+        row = (
+            App.select(
+                App.code, App.secret_hash, App.all_businesses, App.may_assert_user, App.revoked
             )
-            if row is None:
-                return None
-            grants = AppGrant.select(AppGrant.bk_biz_id).where(AppGrant.app == code).scalars()
-            code_, secret_hash, all_businesses, may_assert_user, revoked = row
-            return AppRecord(
-                code=code_,
-                secret_hash=secret_hash,
-                all_businesses=all_businesses,
-                may_assert_user=may_assert_user,
-                revoked=revoked,
-                businesses=frozenset(int(g) for g in grants),
-            )
+            .where(App.code == code)
+            .tuples()
+            .first()
+        )
+        if row is None:
+            return None
+        grants = AppGrant.select(AppGrant.bk_biz_id).where(AppGrant.app == code).scalars()
+        code_, secret_hash, all_businesses, may_assert_user, revoked = row
+        return AppRecord(
+            code=code_,
+            secret_hash=secret_hash,
+            all_businesses=all_businesses,
+            may_assert_user=may_assert_user,
+            revoked=revoked,
+            businesses=frozenset(int(g) for g in grants),
+        )
 
     def user_of_token(self, token: str) -> str | None:
         """The username a live issued token stands for, or None."""
-        with unavailable_on_db_error():
-            row = (
+        row = self._reading(
+            lambda: (
                 UserToken.select(UserToken.username, UserToken.expires_at)
                 .where(UserToken.token_hash == secrets.token_digest(token))
                 .tuples()
                 .first()
             )
+        )
         if row is None or row[1] <= _now():
             return None
         return str(row[0])

@@ -3,11 +3,10 @@
 playhouse.pool asks the server whether a pooled connection is alive at every
 checkout (``SELECT 1`` on PostgreSQL, a ping on MySQL) and, on MySQL, sends a
 ``ROLLBACK`` at every check-in: one or two round trips on every call. The store
-needs neither. Each call's first statement is the BEGIN of its read snapshot
-(Store.session), and that BEGIN is the liveness probe: when it finds a pooled
-connection dead (the database restarted under us), the session throws that
-connection and the pool's other idle ones away and begins once more on a new
-connection, before any statement of the call has run.
+needs neither. Each call's first statement is the liveness probe (Store._read):
+when it finds a pooled connection dead (the database restarted under us), the
+store throws that connection and the pool's other idle ones away and runs the
+statement once more on a new connection, before anything else of the call has run.
 
 So a checkout here only looks at what the driver already knows without asking
 the server, and a check-in rolls back only a transaction the server said is

@@ -8,11 +8,14 @@ imports peewee. Database failures surface as StoreUnavailable.
 from __future__ import annotations
 
 import logging
+import threading
+from collections.abc import Callable
 from collections.abc import Iterator
 from contextlib import contextmanager
 from functools import partial
 from typing import Any
 from typing import NamedTuple
+from typing import TypeVar
 
 import peewee
 from peewee import JOIN
@@ -34,6 +37,7 @@ from server.db.prepared import Prepared
 from server.db.prepared import Slot
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 
 class NodeRow(NamedTuple):
@@ -113,60 +117,89 @@ _NODE_COLUMNS = (
 )
 
 
+class _CallState(threading.local):
+    """Where the current thread's call stands with its connection (Store.session)."""
+
+    #: The call's read snapshot has begun (and needs its ROLLBACK).
+    snapshot = False
+    #: A statement of the call has succeeded, so its connection is known alive.
+    proven = False
+
+
 class Store:
     """Reads node records from one database."""
 
     def __init__(self, db: Database) -> None:
         self.db = db
+        self._call = _CallState()
         self._prepare()
 
     @contextmanager
     def session(self) -> Iterator[None]:
-        """One connection and one read snapshot for a call, given back afterwards.
-
-        Every query of the call reads the same snapshot, so a call never mixes a
-        node from before an import with its attempts from after it (each query on
-        its own would see the latest commit). The BEGIN also proves the pooled
-        connection alive; see _begin.
-        """
+        """One connection for a call, given back afterwards; see _read for its snapshot."""
         with unavailable_on_db_error():
-            self._begin()
+            self._connect()
+        self._call.snapshot = self._call.proven = False
         try:
             yield
         finally:
             self._end()
 
-    def _begin(self) -> None:
-        """Connect and begin the snapshot, once more on a new connection if that one is dead.
+    def _connect(self) -> None:
+        try:
+            self.db.connect(reuse_if_open=True)
+        except MaxConnectionsExceeded as exc:
+            raise peewee.OperationalError(str(exc)) from exc
+
+    def _read(self, query: Prepared, snapshot: bool, **values: object) -> list[tuple[Any, ...]]:
+        return self.read(partial(query.rows, **values), snapshot)
+
+    def read(self, work: Callable[[], T], snapshot: bool = False) -> T:
+        """work's result, run on the call's connection; inside the call's read snapshot
+        if snapshot, which begins at its first use.
+
+        The queries that build a reply (node, attempts, children, schema) all read one
+        snapshot, so a call never mixes a node from before an import with its attempts
+        from after it. The stamp and the credential and authorization lookups stand
+        alone: a call whose cached reply is still good runs one statement and no
+        transaction at all.
 
         A pooled connection the database dropped while it was idle (a restart, an
-        idle timeout) fails its first statement. Nothing of the call has run yet, so
-        it is safe to throw it away, with the pool's other idle connections (likely
-        dropped too), and begin again; a second failure is the caller's answer.
+        idle timeout) fails the call's first statement. Nothing of the call has run
+        yet, so that connection is thrown away, with the pool's other idle ones
+        (likely dropped too), and work runs once more on a new connection; a second
+        failure is the caller's answer. work must therefore only read.
         """
-        for retries_left in (1, 0):
-            try:
-                self.db.connect(reuse_if_open=True)
-            except MaxConnectionsExceeded as exc:
-                raise peewee.OperationalError(str(exc)) from exc
-            try:
-                self.db.execute_sql(_snapshot_statement(self.db))
-                return
-            except (peewee.OperationalError, peewee.InterfaceError) as exc:
-                self._discard_connection()
-                if not retries_left:
-                    raise
-                log.info("a pooled connection was dead (%s); beginning on a new one", exc)
+        call = self._call
+        with unavailable_on_db_error():
+            for retries_left in (0,) if call.proven else (1, 0):
+                try:
+                    if snapshot and not call.snapshot:
+                        self.db.execute_sql(_snapshot_statement(self.db))
+                        call.snapshot = True
+                    result = work()
+                    call.proven = True
+                    return result
+                except (peewee.OperationalError, peewee.InterfaceError) as exc:
+                    if call.proven or not retries_left:
+                        raise
+                    log.info("a pooled connection was dead (%s); retrying on a new one", exc)
+                    self._discard_connection()
+                    call.snapshot = False
+                    self._connect()
+        raise AssertionError("unreachable: the last try returns or raises")
 
     def _end(self) -> None:
-        """End the snapshot and give the connection back (or close it, without a pool)."""
-        try:
-            self.db.execute_sql("ROLLBACK")  # it read only: nothing to commit
-        except (peewee.DatabaseError, peewee.InterfaceError) as exc:
-            # The connection died during the call, whose answer is already decided.
-            log.info("ending a read snapshot failed (%s); dropping its connection", exc)
-            self._discard_connection()
-            return
+        """End the snapshot if one began, and give the connection back (or close it)."""
+        if self._call.snapshot:
+            self._call.snapshot = False
+            try:
+                self.db.execute_sql("ROLLBACK")  # it read only: nothing to commit
+            except (peewee.DatabaseError, peewee.InterfaceError) as exc:
+                # The connection died during the call, whose answer is already decided.
+                log.info("ending a read snapshot failed (%s); dropping its connection", exc)
+                self._discard_connection()
+                return
         self.db.close()
 
     def _discard_connection(self) -> None:
@@ -192,8 +225,7 @@ class Store:
         which of the three is missing.
         """
         query = self._node_by_project if by_project_id else self._node_by_business
-        with unavailable_on_db_error():
-            rows = query.rows(biz_id=biz_id, task_id=task_id, node_id=node_id)
+        rows = self._read(query, True, biz_id=biz_id, task_id=task_id, node_id=node_id)
         if not rows:
             scope = "project" if by_project_id else "cmdb_biz"
             raise errors.BusinessNotFound(
@@ -258,20 +290,17 @@ class Store:
     def stamp(self, task_id: int) -> tuple[str, int] | None:
         """What a reply about the task is built from, stamped: the task's digest and the
         catalog stamp (server.db.models). None for no such task."""
-        with unavailable_on_db_error():
-            rows = self._stamp.rows(task_id=task_id)
+        rows = self._read(self._stamp, False, task_id=task_id)
         return (rows[0][0], rows[0][1]) if rows else None
 
     def business_of_project(self, project_id: int) -> int | None:
         """The business a project belongs to; None for no such project or none."""
-        with unavailable_on_db_error():
-            rows = self._business_of_project.rows(project_id=project_id)
+        rows = self._read(self._business_of_project, False, project_id=project_id)
         return None if not rows or rows[0][0] is None else int(rows[0][0])
 
     def attempts(self, task_id: int, node_id: str, loop: int) -> list[AttemptRow]:
         """The node's earlier attempts in one loop, oldest first."""
-        with unavailable_on_db_error():
-            rows = self._attempts.rows(task_id=task_id, node_id=node_id, loop=loop)
+        rows = self._read(self._attempts, True, task_id=task_id, node_id=node_id, loop=loop)
         return [
             AttemptRow(
                 id_,
@@ -303,8 +332,7 @@ class Store:
 
     def children(self, task_id: int, node_id: str) -> list[ChildRow]:
         """The direct children of a sub-process node that have run, in stored order."""
-        with unavailable_on_db_error():
-            rows = self._children.rows(task_id=task_id, node_id=node_id)
+        rows = self._read(self._children, True, task_id=task_id, node_id=node_id)
         return [
             ChildRow(
                 child,
@@ -323,8 +351,7 @@ class Store:
 
     def output_schema(self, code: str, version: str) -> list[tuple[str, str]]:
         """The declared outputs of a plugin at a version as (key, name), in order."""
-        with unavailable_on_db_error():
-            rows = self._output_schema.rows(code=code, version=version)
+        rows = self._read(self._output_schema, True, code=code, version=version)
         if not rows:
             raise errors.ComponentNotFound(
                 f"component {code} has no output schema at version {version}",
