@@ -38,6 +38,8 @@ class AccessLog:
         self.logger = logger
         self.flush_seconds = flush_seconds
         self._lines: deque[_Line] = deque()
+        #: The last second formatted, and its text: most lines of a batch share it.
+        self._second: tuple[int, str] = (-1, "")
         self._stopped = threading.Event()
         self._thread = threading.Thread(target=self._run, name="access-log", daemon=True)
         self._thread.start()
@@ -62,7 +64,10 @@ class AccessLog:
 
     def _format(self, line: _Line) -> str:
         moment, fields = line
-        stamp = time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(moment))
+        second = int(moment)
+        if self._second[0] != second:
+            self._second = (second, time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(second)))
+        stamp = self._second[1]
         words = [_word(f) if isinstance(f, str) else f for f in fields]
         return self.template.format(*words, stamp=f"{stamp}.{int(moment % 1 * 1000):03d}")
 

@@ -70,7 +70,15 @@ Behaviour = Callable[[Any, grpc.ServicerContext], Any]
 
 class _ServiceCallInterceptor(grpc.ServerInterceptor):
     """Wraps the unary behaviour of our services' handlers with _wrap; health and
-    reflection handlers pass through untouched."""
+    reflection handlers pass through untouched.
+
+    grpcio asks for the handler on the thread that takes in every call, before the
+    call is admitted or refused, so a wrapped handler is built once per method and
+    handler (the ones grpcio registered never change) and reused.
+    """
+
+    def __init__(self) -> None:
+        self._wrapped: dict[str, tuple[grpc.RpcMethodHandler, grpc.RpcMethodHandler]] = {}
 
     def intercept_service(
         self,
@@ -81,11 +89,16 @@ class _ServiceCallInterceptor(grpc.ServerInterceptor):
         method: str = handler_call_details.method
         if handler is None or handler.unary_unary is None or not method.startswith(SERVICE_PREFIX):
             return handler
-        return grpc.unary_unary_rpc_method_handler(
+        known = self._wrapped.get(method)
+        if known is not None and known[0] is handler:
+            return known[1]
+        wrapped = grpc.unary_unary_rpc_method_handler(
             self._wrap(handler.unary_unary, method),
             request_deserializer=handler.request_deserializer,
             response_serializer=handler.response_serializer,
         )
+        self._wrapped[method] = (handler, wrapped)
+        return wrapped
 
     def _wrap(self, inner: Behaviour, method: str) -> Behaviour:
         raise NotImplementedError
@@ -95,6 +108,7 @@ class ServiceInterceptor(_ServiceCallInterceptor):
     """Wraps each unary TaskNodeService handler; see the module docstring."""
 
     def __init__(self, store: Store, access: AccessLog) -> None:
+        super().__init__()
         self.store = store
         self.access = access
 
@@ -143,6 +157,7 @@ class AuthInterceptor(_ServiceCallInterceptor):
     """Checks x-bkapi-authorization on every TaskNodeService call; see server.auth."""
 
     def __init__(self, authenticator: Authenticator) -> None:
+        super().__init__()
         self.authenticator = authenticator
 
     def _wrap(self, inner: Behaviour, method: str) -> Behaviour:
