@@ -32,6 +32,11 @@ from server.tls import server_credentials
 
 log = logging.getLogger(__name__)
 
+#: Calls grpc-core may hold before Python takes them in (its defaults: 1,000, then
+#: cancelling at random up to 3,000). Far above any load we refuse cleanly, and low
+#: enough to bound the memory they hold (a few KiB each).
+PENDING_CALLS_LIMIT = 20_000
+
 SERVICE_NAME = task_node_pb2.DESCRIPTOR.services_by_name["TaskNodeService"].full_name
 
 
@@ -87,6 +92,10 @@ def create_server(config: Config, reuse_port: bool = False) -> Server:
             ("grpc.max_send_message_length", config.max_send_message_bytes),
             # Only workers share a port; a lone server must fail on a taken one.
             ("grpc.so_reuseport", int(reuse_port)),
+            # grpc-core CANCELs calls beyond its queue limits before we see them; the
+            # limit that counts is maximum_concurrent_rpcs, refused RESOURCE_EXHAUSTED.
+            ("grpc.server.max_pending_requests", PENDING_CALLS_LIMIT),
+            ("grpc.server.max_pending_requests_hard_limit", PENDING_CALLS_LIMIT),
         ],
     )
     cache = DetailCache(config.reply_cache_mb * 1024 * 1024) if config.reply_cache_mb else None
