@@ -1,7 +1,8 @@
-"""The shim's gRPC client: one grpc.aio channel, any unary method by its descriptor."""
+"""The shim's gRPC client: a few grpc.aio channels, any unary method by its descriptor."""
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
 from typing import Any
 
@@ -17,6 +18,9 @@ from server.gateway.statuses import status_of
 
 #: Seconds a call may take before the shim gives up on it (DEADLINE_EXCEEDED).
 CALL_TIMEOUT_SECONDS = 10.0
+#: Connections to the gRPC server: a few per core, so that the kernel's spreading
+#: of connections over worker processes rarely leaves one of them without any.
+DEFAULT_CONNECTIONS = 4 * (os.cpu_count() or 1)
 
 Metadata = Sequence[tuple[str, str]]
 
@@ -32,8 +36,13 @@ class CallFailed(Exception):
 class Backend:
     """Calls the gRPC server at ``target``, over TLS when given credentials.
 
-    grpc.aio objects belong to the event loop that made them, so the channel is opened
-    on first use, inside the HTTP server's loop, and closed on its shutdown.
+    grpc.aio objects belong to the event loop that made them, so the channels are
+    opened on first use, inside the HTTP server's loop, and closed on its shutdown.
+
+    Calls take turns over ``connections`` channels, each with its own TCP connection:
+    the server's worker processes share one port (SO_REUSEPORT), and the kernel hands
+    each connection, not each call, to one of them, so a single connection would
+    leave every process but one idle.
     """
 
     def __init__(
@@ -41,12 +50,15 @@ class Backend:
         target: str,
         credentials: grpc.ChannelCredentials | None = None,
         timeout: float = CALL_TIMEOUT_SECONDS,
+        connections: int = DEFAULT_CONNECTIONS,
     ) -> None:
         self.target = target
         self.credentials = credentials
         self.timeout = timeout
-        self._channel: grpc.aio.Channel | None = None
-        self._callables: dict[tuple[str, bool], Any] = {}
+        self.connections = max(1, connections)
+        self._channels: list[grpc.aio.Channel] = []
+        self._callables: dict[tuple[str, bool], list[Any]] = {}
+        self._turn = 0
 
     async def call(
         self, method: MethodDescriptor, request: Message, metadata: Metadata, raw: bool = False
@@ -61,29 +73,36 @@ class Backend:
             raise CallFailed(self._status(exc)) from None
 
     async def close(self) -> None:
-        if self._channel is not None:
-            await self._channel.close()
-            self._channel = None
-            self._callables.clear()
+        channels, self._channels = self._channels, []
+        self._callables.clear()
+        for channel in channels:
+            await channel.close()
 
     def _callable(self, method: MethodDescriptor, raw: bool) -> Any:
         path = f"/{method.containing_service.full_name}/{method.name}"
         found = self._callables.get((path, raw))
         if found is None:
-            if self._channel is None:
-                self._channel = (
-                    grpc.aio.insecure_channel(self.target)
-                    if self.credentials is None
-                    else grpc.aio.secure_channel(self.target, self.credentials)
-                )
+            if not self._channels:
+                self._channels = [self._open() for _ in range(self.connections)]
             reply_class = message_factory.GetMessageClass(method.output_type)
-            found = self._channel.unary_unary(
-                path,
-                request_serializer=lambda message: message.SerializeToString(),
-                response_deserializer=None if raw else reply_class.FromString,
-            )
+            found = [
+                channel.unary_unary(
+                    path,
+                    request_serializer=lambda message: message.SerializeToString(),
+                    response_deserializer=None if raw else reply_class.FromString,
+                )
+                for channel in self._channels
+            ]
             self._callables[(path, raw)] = found
-        return found
+        self._turn = (self._turn + 1) % len(found)
+        return found[self._turn]
+
+    def _open(self) -> grpc.aio.Channel:
+        # Channels to one target share one connection unless each has its own pool.
+        options = [("grpc.use_local_subchannel_pool", 1)]
+        if self.credentials is None:
+            return grpc.aio.insecure_channel(self.target, options=options)
+        return grpc.aio.secure_channel(self.target, self.credentials, options=options)
 
     def _status(self, exc: grpc.aio.AioRpcError) -> status_pb2.Status:
         """The server's own status when it sent one; else a domain error naming the backend.
