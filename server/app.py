@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from concurrent import futures
 from dataclasses import dataclass
+from functools import partial
+from typing import Any
 
 import grpc
 from bksops.tasknode.v1 import task_node_pb2
@@ -55,6 +58,9 @@ class Server:
     cache: DetailCache | None
     access: AccessLog
     workers: futures.ThreadPoolExecutor
+    #: The service's handlers by method path, interceptors applied: what in-process
+    #: callers (the shim in this process, server.gateway.local) call.
+    handlers: dict[str, grpc.RpcMethodHandler]
 
     def start(self) -> None:
         self.grpc_server.start()
@@ -83,9 +89,13 @@ def create_server(config: Config, reuse_port: bool = False) -> Server:
     apps = AppStore(db, store)
     authenticator = Authenticator(apps, StoredTokenVerifier(apps), config.auth_cache_seconds)
     workers = futures.ThreadPoolExecutor(max_workers=config.grpc_workers, thread_name_prefix="grpc")
+    interceptors: list[grpc.ServerInterceptor] = [
+        ServiceInterceptor(store, access),
+        AuthInterceptor(authenticator),
+    ]
     server = grpc.server(
         workers,
-        interceptors=[ServiceInterceptor(store, access), AuthInterceptor(authenticator)],
+        interceptors=interceptors,
         maximum_concurrent_rpcs=config.max_concurrent_rpcs,
         options=[
             ("grpc.max_receive_message_length", config.max_receive_message_bytes),
@@ -99,9 +109,8 @@ def create_server(config: Config, reuse_port: bool = False) -> Server:
         ],
     )
     cache = DetailCache(config.reply_cache_mb * 1024 * 1024) if config.reply_cache_mb else None
-    task_node_pb2_grpc.add_TaskNodeServiceServicer_to_server(
-        TaskNodeServicer(store, Masker(config.secret_keywords), cache), server
-    )
+    servicer = TaskNodeServicer(store, Masker(config.secret_keywords), cache)
+    task_node_pb2_grpc.add_TaskNodeServiceServicer_to_server(servicer, server)
     health_servicer = health.HealthServicer(
         experimental_non_blocking=True,
         experimental_thread_pool=futures.ThreadPoolExecutor(max_workers=1),
@@ -119,4 +128,37 @@ def create_server(config: Config, reuse_port: bool = False) -> Server:
         port = 0
     if port == 0:
         raise CannotListen(f"cannot listen on {config.grpc_addr}: is the address in use?")
-    return Server(server, port, health_servicer, store, cache, access, workers)
+    handlers = in_process_handlers(servicer, interceptors)
+    return Server(server, port, health_servicer, store, cache, access, workers, handlers)
+
+
+def in_process_handlers(
+    servicer: TaskNodeServicer, interceptors: list[grpc.ServerInterceptor]
+) -> dict[str, grpc.RpcMethodHandler]:
+    """TaskNodeService's unary handlers by method path, wrapped by interceptors as
+    grpcio wraps them (the first outermost), taking and returning messages."""
+    service = task_node_pb2.DESCRIPTOR.services_by_name["TaskNodeService"]
+    handlers = {}
+    for method in service.methods:
+        path = f"/{service.full_name}/{method.name}"
+        plain: grpc.RpcMethodHandler = grpc.unary_unary_rpc_method_handler(
+            getattr(servicer, method.name)
+        )
+
+        def innermost(details: grpc.HandlerCallDetails, plain: Any = plain) -> Any:
+            return plain
+
+        chain: Callable[[grpc.HandlerCallDetails], Any] = innermost
+        for interceptor in reversed(interceptors):
+            chain = partial(interceptor.intercept_service, chain)
+        handlers[path] = chain(_CallDetails(path))
+    return handlers
+
+
+class _CallDetails(grpc.HandlerCallDetails):
+    """What an interceptor learns of a call before it runs: its method (and no metadata,
+    which the interceptors read from the call's context)."""
+
+    def __init__(self, method: str) -> None:
+        self.method = method
+        self.invocation_metadata = ()

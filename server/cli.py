@@ -29,6 +29,7 @@ from server.db.migrations import SchemaTooNew
 from server.db.models import Project
 from server.gateway.app import App
 from server.gateway.examples import banner
+from server.gateway.local import serve_shim
 from server.gateway.runner import HttpServer
 from server.values import loads
 from server.workers import Workers
@@ -140,24 +141,34 @@ def load_demo_if_empty(config: Config) -> bool:
 def _serve(config: Config, demo: bool) -> int:
     # Bad TLS settings fail here, before the database or any port is touched.
     tls.server_credentials(config)
-    shim_config = tls.for_own_server(config) if config.http_addr else config
     if demo:
         load_demo_if_empty(config)
     count = worker_count(config)
+    # The shim runs beside gRPC in each serving process, calling it in-process.
+    http: HttpServer | None = None
+    http_url = ""
     if count > 1:
         ensure_schema(open_database(config.database_url))  # refuse a bad schema here, once
-        workers = Workers(config, count)
+        workers = Workers(config, count, http=True)
         workers.start()
         port, stop_grpc, wait = workers.port, workers.stop, workers.watch
+        if workers.http:
+            http_url = _url(config, workers.http_port)
     else:
         server = create_server(config)
         server.start()
-        port, stop_grpc = server.port, server.stop
+        port = server.port
+        if config.http_addr:
+            http = serve_shim(config, server)
+            http_url = http.url
+
+        def stop_grpc(grace: float) -> None:
+            if http is not None:  # first: it calls gRPC's handlers
+                http.stop()
+            server.stop(grace)
 
         def wait() -> None:
             server.grpc_server.wait_for_termination()
-
-    http: HttpServer | None = None
 
     def stop(signum: int, frame: FrameType | None) -> None:
         log.info(
@@ -165,8 +176,6 @@ def _serve(config: Config, demo: bool) -> int:
             signal.Signals(signum).name,
             config.shutdown_grace_seconds,
         )
-        if http is not None:  # first: it calls gRPC
-            http.stop()
         stop_grpc(config.shutdown_grace_seconds)
 
     signal.signal(signal.SIGTERM, stop)
@@ -190,12 +199,20 @@ def _serve(config: Config, demo: bool) -> int:
             f"    {address} {SERVICE_NAME}/GetTaskNodeDetail\n",
             flush=True,
         )
-    local = address.replace("0.0.0.0:", "127.0.0.1:").replace("[::]:", "[::1]:")
-    if config.http_addr:
-        http = _start_http(shim_config, local, examples=demo)
+    if http_url:
+        log.info("HTTP/JSON shim on %s, calling gRPC in-process", http_url)
+        if demo:
+            print(banner(DEMO_APP, http_url, config.gateway_prefix), flush=True)
     wait()
     log.info("stopped")
     return 0
+
+
+def _url(config: Config, port: int) -> str:
+    """The shim's URL on port, as HttpServer.url spells it."""
+    host = config.http_addr.rsplit(":", 1)[0].strip("[]")
+    host = f"[{host}]" if ":" in host else host
+    return f"{'https' if config.tls_cert_file else 'http'}://{host}:{port}"
 
 
 def _start_http(config: Config, target: str, examples: bool) -> HttpServer:

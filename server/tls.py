@@ -7,7 +7,6 @@ than surfacing later as a failed handshake.
 
 from __future__ import annotations
 
-import dataclasses
 import ssl
 from typing import NamedTuple
 
@@ -74,25 +73,6 @@ def channel_credentials(config: Config) -> grpc.ChannelCredentials | None:
         client.key if client else None,
         client.cert if client else None,
     )
-
-
-def for_own_server(config: Config) -> Config:
-    """config for the shim in front of this process's own gRPC server.
-
-    When that server serves TLS and no CA is configured for it, the shim trusts the
-    server's own certificate, so a self-signed one works as is (gRPC accepts a
-    certificate as its own root). When the server requires client certificates, the
-    shim must have one: refused here rather than failing on every request.
-    """
-    if config.tls_client_ca_file and not config.grpc_client_cert_file:
-        raise TLSError(
-            "gRPC requires client certificates (TASKNODE_TLS_CLIENT_CA_FILE), so the HTTP "
-            "shim needs one: set TASKNODE_GRPC_CLIENT_CERT_FILE and "
-            "TASKNODE_GRPC_CLIENT_KEY_FILE, or serve no HTTP (TASKNODE_HTTP_ADDR empty)"
-        )
-    if config.tls_cert_file and not config.grpc_target_ca_file:
-        return dataclasses.replace(config, grpc_target_ca_file=config.tls_cert_file)
-    return config
 
 
 def _key_pair(cert_file: str, key_file: str, prefix: str) -> KeyPair | None:

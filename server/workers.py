@@ -1,4 +1,4 @@
-"""Serving gRPC from several processes on one port, one per core.
+"""Serving gRPC (and the HTTP/JSON shim) from several processes on one port, one per core.
 
 Python runs one thread at a time per process, so a server uses every core only
 with a process per core. Each worker is a fresh interpreter (spawned, not forked:
@@ -9,6 +9,9 @@ letting the scheduler move the server's threads between cores
 (../shared/reference/perf-baseline.md). The parent only starts, watches and
 stops the workers: a worker that dies is started again; SIGTERM is passed on, and
 each worker drains its calls in flight.
+
+With ``http``, each worker also serves the shim on the shared HTTP port, calling
+its own gRPC handlers in-process (server.gateway.local).
 """
 
 from __future__ import annotations
@@ -44,13 +47,19 @@ def worker_count(config: Config) -> int:
 class Workers:
     """gRPC worker processes sharing config.grpc_addr."""
 
-    def __init__(self, config: Config, count: int) -> None:
+    def __init__(self, config: Config, count: int, http: bool = False) -> None:
         self.count = count
+        self.http = http and bool(config.http_addr)
         self.cores = sorted(os.sched_getaffinity(0))
-        self._reserved: socket.socket | None = None
+        self._reserved: list[socket.socket] = []
         self.port = self._reserve_port(config.grpc_addr)
-        host = config.grpc_addr.rsplit(":", 1)[0]
-        self.config = dataclasses.replace(config, grpc_addr=f"{host}:{self.port}")
+        self.config = dataclasses.replace(config, grpc_addr=_with_port(config.grpc_addr, self.port))
+        self.http_port = 0
+        if self.http:
+            self.http_port = self._reserve_port(config.http_addr)
+            self.config = dataclasses.replace(
+                self.config, http_addr=_with_port(config.http_addr, self.http_port)
+            )
         self._ready: Queue[Any] = _spawn.Queue()
         self._processes: list[BaseProcess | None] = [None] * count
         self._stopping = False
@@ -65,9 +74,9 @@ class Workers:
             if message != "ready":
                 self.stop(0)
                 raise CannotListen(f"a gRPC worker could not start: {message}")
-        if self._reserved is not None:
-            self._reserved.close()
-            self._reserved = None
+        for reserved in self._reserved:
+            reserved.close()
+        self._reserved.clear()
 
     def watch(self) -> None:
         """Until stop(): start again any worker that died."""
@@ -98,7 +107,7 @@ class Workers:
         core = self.cores[index % len(self.cores)] if self.config.pin_processes else None
         process = _spawn.Process(
             target=_run_worker,
-            args=(self.config, index, core, self._ready),
+            args=(self.config, index, core, self._ready, self.http),
             name=f"tasknode-grpc-{index}",
             daemon=True,
         )
@@ -114,8 +123,12 @@ class Workers:
         reserved = socket.socket(family, socket.SOCK_STREAM)
         reserved.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
         reserved.bind((host.strip("[]"), 0))
-        self._reserved = reserved
+        self._reserved.append(reserved)
         return int(reserved.getsockname()[1])
+
+
+def _with_port(addr: str, port: int) -> str:
+    return f"{addr.rsplit(':', 1)[0]}:{port}"
 
 
 def _die_with_parent() -> None:
@@ -128,9 +141,12 @@ def _die_with_parent() -> None:
         log.warning("cannot tie worker lifetime to the parent on this system")
 
 
-def _run_worker(config: Config, index: int, core: int | None, ready: Queue[Any]) -> None:
-    """A worker process: pin, serve on the shared port, drain on SIGTERM."""
+def _run_worker(
+    config: Config, index: int, core: int | None, ready: Queue[Any], http: bool
+) -> None:
+    """A worker process: pin, serve on the shared port(s), drain on SIGTERM."""
     from server.app import create_server  # imported here: a fresh interpreter
+    from server.gateway.local import serve_shim
 
     logging.basicConfig(
         level=config.log_level.upper(),
@@ -143,6 +159,7 @@ def _run_worker(config: Config, index: int, core: int | None, ready: Queue[Any])
     try:
         server = create_server(config, reuse_port=True)
         server.start()
+        shim = serve_shim(config, server, reuse_port=True) if http else None
     except Exception as exc:
         ready.put(f"worker {index}: {exc}")
         raise SystemExit(2) from exc
@@ -153,6 +170,8 @@ def _run_worker(config: Config, index: int, core: int | None, ready: Queue[Any])
             signal.Signals(signum).name,
             config.shutdown_grace_seconds,
         )
+        if shim is not None:  # first: it calls gRPC's handlers
+            shim.stop()
         server.stop(config.shutdown_grace_seconds)
 
     signal.signal(signal.SIGTERM, stop)

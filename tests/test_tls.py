@@ -37,7 +37,6 @@ from server.gateway.app import App
 from server.gateway.runner import HttpServer
 from server.tls import TLSError
 from server.tls import channel_credentials
-from server.tls import for_own_server
 from server.tls import server_credentials
 from server.tls import server_key_pair
 from tests.conftest import SEED_NODE
@@ -266,8 +265,6 @@ def test_shim_settings_that_cannot_work_are_refused(pki: Pki) -> None:
     cert, key = pki.client
     with pytest.raises(TLSError, match="TASKNODE_GRPC_CLIENT_CERT_FILE needs"):
         channel_credentials(Config(grpc_client_cert_file=cert, grpc_client_key_file=key))
-    with pytest.raises(TLSError, match="so the HTTP shim needs one"):
-        for_own_server(tls_config(Config(), pki, mtls=True))
 
 
 def test_serve_refuses_a_certificate_without_its_key(tmp_path: Path, pki: Pki) -> None:
@@ -292,8 +289,9 @@ def test_serve_refuses_a_certificate_without_its_key(tmp_path: Path, pki: Pki) -
 
 
 def test_serve_in_two_processes_over_mtls(tmp_path: Path, pki: Pki) -> None:
-    """The workers serve the same certificate, and the shim trusts it without a CA of its own."""
-    (cert, key), (client_cert, client_key) = pki.server, pki.client
+    """The workers serve the same certificate; the shim in each calls gRPC in-process, so it
+    needs no client certificate of its own."""
+    cert, key = pki.server
     process = subprocess.Popen(
         [sys.executable, "-m", "server", "serve", "--demo"],
         env={
@@ -306,8 +304,6 @@ def test_serve_in_two_processes_over_mtls(tmp_path: Path, pki: Pki) -> None:
             "TASKNODE_TLS_CERT_FILE": cert,
             "TASKNODE_TLS_KEY_FILE": key,
             "TASKNODE_TLS_CLIENT_CA_FILE": pki.ca,
-            "TASKNODE_GRPC_CLIENT_CERT_FILE": client_cert,
-            "TASKNODE_GRPC_CLIENT_KEY_FILE": client_key,
         },
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,

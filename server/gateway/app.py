@@ -30,6 +30,7 @@ from server.gateway import credentials as creds
 from server.gateway import legacy
 from server.gateway import statuses
 from server.gateway.client import Backend
+from server.gateway.client import Caller
 from server.gateway.client import CallFailed
 from server.gateway.credentials import Authenticate
 from server.gateway.credentials import accept_everyone
@@ -71,15 +72,18 @@ class Response:
 
 
 class App:
-    """The HTTP/JSON shim: the legacy routes and the HttpRule routes, calling gRPC at target.
+    """The HTTP/JSON shim: the legacy routes and the HttpRule routes, calling the service
+    at target (a gRPC address) or through a Caller (server.gateway.local in-process).
 
     authenticate is the seam for the shim's own checks of the caller (see credentials.py).
     """
 
     def __init__(
-        self, config: Config, target: str, authenticate: Authenticate = accept_everyone
+        self, config: Config, target: str | Caller, authenticate: Authenticate = accept_everyone
     ) -> None:
-        self.backend = Backend(target, channel_credentials(config))
+        self.backend: Caller = (
+            Backend(target, channel_credentials(config)) if isinstance(target, str) else target
+        )
         self.router = Router([*legacy_routes(config.gateway_prefix), *canonical_routes()])
         self.zone = ZoneInfo(config.time_zone)
         self.max_body_bytes = config.max_body_bytes
@@ -167,7 +171,7 @@ class App:
         raw: bool = False,
     ) -> Any:
         metadata = [*creds.metadata(credentials), ("x-bkapi-request-id", request.request_id)]
-        return await self.backend.call(route.rpc, message, metadata, raw)
+        return await self.backend.call(route.rpc, message, metadata, raw, request.peer)
 
     async def _lifespan(self, receive: Receive, send: Send) -> None:
         while True:

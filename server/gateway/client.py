@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 from collections.abc import Sequence
 from typing import Any
+from typing import Protocol
 
 import grpc
 from google.protobuf import message_factory
@@ -23,6 +24,26 @@ CALL_TIMEOUT_SECONDS = 10.0
 DEFAULT_CONNECTIONS = 4 * (os.cpu_count() or 1)
 
 Metadata = Sequence[tuple[str, str]]
+
+
+class Caller(Protocol):
+    """What the shim calls the service through: Backend over a channel, or
+    server.gateway.local.LocalBackend in the server's own process."""
+
+    async def call(
+        self,
+        method: MethodDescriptor,
+        request: Message,
+        metadata: Metadata,
+        raw: bool = False,
+        peer: str = "",
+    ) -> Any:
+        """The reply of ``method`` to ``request`` (its serialized bytes when ``raw``);
+        CallFailed with the status otherwise. ``peer`` is the HTTP client, as gRPC names
+        peers, for the server's logs where it can see it."""
+        ...
+
+    async def close(self) -> None: ...
 
 
 class CallFailed(Exception):
@@ -61,10 +82,14 @@ class Backend:
         self._turn = 0
 
     async def call(
-        self, method: MethodDescriptor, request: Message, metadata: Metadata, raw: bool = False
+        self,
+        method: MethodDescriptor,
+        request: Message,
+        metadata: Metadata,
+        raw: bool = False,
+        peer: str = "",
     ) -> Any:
-        """The reply of ``method`` to ``request`` (its serialized bytes when ``raw``);
-        CallFailed with the status otherwise."""
+        """See Caller.call; the server sees this process as the peer."""
         try:
             return await self._callable(method, raw)(
                 request, timeout=self.timeout, metadata=tuple(metadata)

@@ -46,6 +46,8 @@ class Request:
     #: Header names in lower case; of a repeated header, the last value.
     headers: dict[str, str]
     client: str
+    #: The client as gRPC names a peer ("ipv4:10.0.0.1:5000", "ipv6:[::1]:5000"), or "-".
+    peer: str
     request_id: str
     trace_id: str
     body: bytes = b""
@@ -66,6 +68,7 @@ class Request:
             query=scope.get("query_string", b""),
             headers=headers,
             client=f"{client[0]}:{client[1]}" if client else "-",
+            peer=_peer(client),
             request_id=uuid.uuid4().hex,
             trace_id=_trace_id(headers.get("traceparent")),
         )
@@ -73,7 +76,7 @@ class Request:
     @classmethod
     def unread(cls) -> Request:
         """A request of which nothing could be read: it has only its ids."""
-        return cls("", "", b"", {}, "-", uuid.uuid4().hex, uuid.uuid4().hex)
+        return cls("", "", b"", {}, "-", "-", uuid.uuid4().hex, uuid.uuid4().hex)
 
     def query_pairs(self) -> list[tuple[str, str]]:
         """The query string's name/value pairs in order, percent-decoded."""
@@ -167,3 +170,10 @@ def show(value: values.JSON) -> str:
         text = repr(value)
         return text if len(text) <= 40 else text[:40] + "..."
     return "an array" if isinstance(value, list) else "an object"
+
+
+def _peer(client: Any) -> str:
+    if not client:
+        return "-"
+    host, port = client[0], client[1]
+    return f"ipv6:[{host}]:{port}" if ":" in host else f"ipv4:{host}:{port}"

@@ -57,10 +57,15 @@ class HttpServer:
     """The shim on ``addr`` (host:port; port 0 picks a free one), over TLS with ``tls``."""
 
     def __init__(
-        self, app: App, addr: str, grace: float = 10.0, tls: KeyPair | None = None
+        self,
+        app: App,
+        addr: str,
+        grace: float = 10.0,
+        tls: KeyPair | None = None,
+        reuse_port: bool = False,
     ) -> None:
         self.scheme = "http" if tls is None else "https"
-        self.socket = bind(addr)
+        self.socket = bind(addr, reuse_port)
         self.host, self.port = self.socket.getsockname()[:2]
         config = uvicorn.Config(
             app,
@@ -101,8 +106,9 @@ class HttpServer:
         self.socket.close()
 
 
-def bind(addr: str) -> socket.socket:
-    """A listening TCP socket on host:port ("[::1]:8080" for IPv6); CannotListen if not."""
+def bind(addr: str, reuse_port: bool = False) -> socket.socket:
+    """A listening TCP socket on host:port ("[::1]:8080" for IPv6); CannotListen if not.
+    With reuse_port, worker processes share the port (see server.workers)."""
     host, _, port = addr.rpartition(":")
     host = host.strip("[]")
     if not host or not port.isdigit():
@@ -111,6 +117,8 @@ def bind(addr: str) -> socket.socket:
     sock = socket.socket(family, socket.SOCK_STREAM)
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if reuse_port:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
         sock.bind((host, int(port)))
         sock.listen(2048)
     except OSError as exc:

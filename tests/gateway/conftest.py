@@ -16,6 +16,8 @@ from server.app import create_server
 from server.cli import load_demo_if_empty
 from server.config import Config
 from server.gateway.app import App
+from server.gateway.client import Caller
+from server.gateway.local import LocalBackend
 from server.gateway.runner import HttpServer
 
 #: The seed document's credentials: the demo database's app and token.
@@ -26,8 +28,9 @@ HEX32 = re.compile(r"[0-9a-f]{32}")
 
 
 @contextmanager
-def running_shim(config: Config, target: str) -> Iterator[HttpServer]:
-    """The shim on a free port of 127.0.0.1, calling gRPC at target; stopped on exit."""
+def running_shim(config: Config, target: str | Caller) -> Iterator[HttpServer]:
+    """The shim on a free port of 127.0.0.1, calling gRPC at target (or through a Caller);
+    stopped on exit."""
     http = HttpServer(App(config, target), "127.0.0.1:0", grace=1)
     http.start()
     try:
@@ -42,10 +45,21 @@ def seed_app(server: Server) -> dict[str, str]:
     return SEED_APP
 
 
-@pytest.fixture
-def shim(demo_config: Config, grpc_address: str, seed_app: dict[str, str]) -> Iterator[str]:
-    """The base URL of the shim in front of the demo server (which knows SEED_APP too)."""
-    with running_shim(demo_config, grpc_address) as http:
+@pytest.fixture(params=["channel", "in-process"])
+def shim(
+    request: pytest.FixtureRequest,
+    demo_config: Config,
+    server: Server,
+    grpc_address: str,
+    seed_app: dict[str, str],
+) -> Iterator[str]:
+    """The base URL of the shim in front of the demo server (which knows SEED_APP too),
+    calling it over a gRPC channel (`make gateway`) or in-process (`make run`): every
+    test of the shim holds for both."""
+    target: str | Caller = grpc_address
+    if request.param == "in-process":
+        target = LocalBackend(server.handlers, server.workers)
+    with running_shim(demo_config, target) as http:
         yield http.url
 
 

@@ -22,7 +22,9 @@ from tests.conftest import SEED_NODE
 from tests.conftest import SEED_PARENT
 from tests.processes import start_server
 
-SHIM_LINE = re.compile(r"HTTP/JSON shim on (http://127\.0\.0\.1:\d+), calling gRPC at \S+")
+SHIM_LINE = re.compile(
+    r"HTTP/JSON shim on (http://127\.0\.0\.1:\d+), calling gRPC (at \S+|in-process)"
+)
 QUERY = {
     "node_id": SEED_NODE,
     "subprocess_stack": json.dumps([SEED_PARENT]),

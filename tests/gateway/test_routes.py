@@ -84,7 +84,7 @@ def things_service() -> ServiceDescriptor:
 
 
 def request(path_vars: dict[str, str], query: bytes = b"", body: bytes = b"") -> Request:
-    return Request("GET", "/", query, {}, "-", "0" * 32, "0" * 32, body, path_vars)
+    return Request("GET", "/", query, {}, "-", "-", "0" * 32, "0" * 32, body, path_vars)
 
 
 def test_templates_match_raw_paths() -> None:
