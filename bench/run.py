@@ -184,6 +184,7 @@ def main() -> int:
         shim = measure_shim(log, args.seconds)
         storm = measure_overload(body, args.seconds, log)
         rss = procs.peak_rss_mib(procs.tree(server.pid))
+        after_storm_ms = median_ms(GRPC_ADDR, dataset.NODE_3, 5)  # still up, and how fast
     finally:
         procs.stop(server)
     (WORK / "reply.bin").write_bytes(reply)
@@ -242,6 +243,7 @@ def main() -> int:
     for code, (count, median, longest) in probe.by_code.items():
         print(f"  probe {code}: {count} calls, median {median:.1f} ms, max {longest:.1f} ms")
     print(f"server peak RSS (all processes): {rss:.0f} MiB")
+    print(f"after the storm: calls answered OK, median {after_storm_ms:.2f} ms")
     return 0
 
 
