@@ -1,11 +1,12 @@
 """make bench: the service against the ceiling of its own stack, in one run.
 
-Starts the real server (what `make run` starts, on a benchmark database), drives
-GetTaskNodeDetail with h2load at 1, 16 and 80 calls in flight, then the ceiling
-server (bench/ceiling.py: the same reply, prebuilt) the same way, and prints
-calls/s, p50/p99, server CPU per call and the ratios the performance targets are
-set in. Every figure of the real server is checked against its own count of OK
-replies (its access log).
+Starts the real server (what `make run` starts, on a benchmark database) and the
+ceiling server (bench/ceiling.py: the same reply, prebuilt), drives
+GetTaskNodeDetail on each in turn with h2load at 1, 16 and 80 calls in flight,
+twice, and prints calls/s, p50/p99, server CPU per call and the ratios the
+performance targets are set in; then the legacy shim with wrk, a node with 1,000
+earlier attempts, and 3,200 calls in flight with a probe. Every figure of the
+real server is checked against its own count of OK replies (its access log).
 
     .venv/bin/python -m bench.run [--seconds 10]
 """
@@ -16,6 +17,7 @@ import argparse
 import json
 import os
 import platform
+import subprocess
 import sys
 import time
 from dataclasses import dataclass
@@ -46,6 +48,10 @@ METHOD = "/bksops.tasknode.v1.TaskNodeService/GetTaskNodeDetail"
 #: connection to one of them at random, so 16 in flight go over 16 connections: over
 #: 4 of them, one process in eight runs would get them all and the other idle.
 LOADS = (h2.Load(1, 1), h2.Load(16, 1), h2.Load(16, 5))
+#: Runs of each server at each load, interleaved (see best_runs).
+REPEATS = 2
+SERVICE = "GetTaskNodeDetail"
+CEILING = "ceiling (prebuilt reply)"
 AUTH = {"x-bkapi-authorization": json.dumps(DEMO_APP)}
 
 
@@ -168,17 +174,26 @@ def main() -> int:
         f"Python {platform.python_version()}, grpcio {grpc.__version__}, "
         f"{time.strftime('%Y-%m-%d %H:%M')}"
     )
-    rows: list[Row] = []
+    runs: list[Row] = []
     log = WORK / "server.log"
     server = procs.start([sys.executable, "-m", "server", "serve"], env, log, "serving")
     try:
         reply = reply_bytes(GRPC_ADDR, dataset.NODE_3)
+        (WORK / "reply.bin").write_bytes(reply)
         body = h2.grpc_body(request(dataset.NODE_3).SerializeToString(), WORK / "body.bin")
-        pids = procs.tree(server.pid)
-        for load in LOADS:
-            rows.append(
-                measure("GetTaskNodeDetail", GRPC_ADDR, body, load, args.seconds, pids, log)
-            )
+        ceiling = start_ceiling()
+        try:
+            service_pids, ceiling_pids = procs.tree(server.pid), procs.tree(ceiling.pid)
+            for _ in range(REPEATS):
+                for load in LOADS:
+                    runs.append(
+                        measure(SERVICE, GRPC_ADDR, body, load, args.seconds, service_pids, log)
+                    )
+                    runs.append(
+                        measure(CEILING, CEILING_ADDR, body, load, args.seconds, ceiling_pids, None)
+                    )
+        finally:
+            procs.stop(ceiling)
         history_cold_ms = cold_ms(GRPC_ADDR, dataset.NODE_1000)
         history_ms = median_ms(GRPC_ADDR, dataset.NODE_1000, 50)
         shim = measure_shim(log, args.seconds)
@@ -187,36 +202,14 @@ def main() -> int:
         after_storm_ms = median_ms(GRPC_ADDR, dataset.NODE_3, 5)  # still up, and how fast
     finally:
         procs.stop(server)
-    (WORK / "reply.bin").write_bytes(reply)
-    ceiling_log = WORK / "ceiling.log"
-    ceiling = procs.start(
-        [
-            sys.executable,
-            "-m",
-            "bench.ceiling",
-            "--addr",
-            CEILING_ADDR,
-            "--reply",
-            str(WORK / "reply.bin"),
-        ],
-        os.environ.copy(),
-        ceiling_log,
-        "ready",
+    rows = best_runs(runs)
+    print(
+        f"\nreply: {len(reply)} bytes; node with 3 earlier attempts; "
+        f"best of {REPEATS} interleaved runs of each server at each load\n"
     )
-    try:
-        pids = procs.tree(ceiling.pid)
-        for load in LOADS:
-            rows.append(
-                measure(
-                    "ceiling (prebuilt reply)", CEILING_ADDR, body, load, args.seconds, pids, None
-                )
-            )
-    finally:
-        procs.stop(ceiling)
-    print(f"\nreply: {len(reply)} bytes; node with 3 earlier attempts\n")
     print_table(rows)
-    service = {r.run.load.in_flight: r for r in rows if r.server == "GetTaskNodeDetail"}
-    ceiling_rows = {r.run.load.in_flight: r for r in rows if r.server != "GetTaskNodeDetail"}
+    service = {r.run.load.in_flight: r for r in rows if r.server == SERVICE}
+    ceiling_rows = {r.run.load.in_flight: r for r in rows if r.server == CEILING}
     at16 = service[16].run.per_second / ceiling_rows[16].run.per_second
     print(f"\nservice / ceiling at 16 in flight: {at16:.2f} (target >= 0.45)")
     spread = service[16].run.p99_ms / service[16].run.p50_ms
@@ -245,6 +238,39 @@ def main() -> int:
     print(f"server peak RSS (all processes): {rss:.0f} MiB")
     print(f"after the storm: calls answered OK, median {after_storm_ms:.2f} ms")
     return 0
+
+
+def start_ceiling() -> subprocess.Popen[bytes]:
+    """The ceiling server (bench/ceiling.py) on the real server's reply, started."""
+    return procs.start(
+        [
+            sys.executable,
+            "-m",
+            "bench.ceiling",
+            "--addr",
+            CEILING_ADDR,
+            "--reply",
+            str(WORK / "reply.bin"),
+        ],
+        os.environ.copy(),
+        WORK / "ceiling.log",
+        "ready",
+    )
+
+
+def best_runs(runs: list[Row]) -> list[Row]:
+    """Each server's fastest run at each load, in the order first measured.
+
+    The kernel hands each connection to one worker process at random: a lopsided
+    split leaves a process short of calls and only ever lowers a run's figure, so
+    the best of a few interleaved runs is each server's figure, both treated alike.
+    """
+    best: dict[tuple[str, int], Row] = {}
+    for row in runs:
+        key = (row.server, row.run.load.in_flight)
+        if key not in best or row.run.per_second > best[key].run.per_second:
+            best[key] = row
+    return sorted(best.values(), key=lambda r: (r.server != SERVICE, r.run.load.in_flight))
 
 
 def cold_ms(addr: str, node_id: str) -> float:
