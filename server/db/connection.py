@@ -30,6 +30,10 @@ SQLITE_PRAGMAS = {
 }
 
 
+#: Seconds to wait for a database server to accept a connection (libpq, pymysql).
+CONNECT_TIMEOUT_SECONDS = 5
+
+
 class DatabaseURLError(ValueError):
     """The database URL cannot be used; the message says why."""
 
@@ -135,10 +139,13 @@ def _server(scheme: str, parts: SplitResult) -> Database:
         kwargs["password"] = unquote(parts.password)
     kwargs.update(options)
     name = unquote(parts.path.lstrip("/"))
+    # s to wait for the server to accept a new connection: an unreachable database is
+    # then a call's UNAVAILABLE within the deadline, not a thread stuck for minutes.
+    kwargs.setdefault("connect_timeout", CONNECT_TIMEOUT_SECONDS)
     if scheme in ("postgres", "postgresql"):
         return PooledPostgresqlDatabase(name, field_types={"JSONTEXT": "TEXT"}, **kwargs)
     kwargs.setdefault("charset", "utf8mb4")
-    # A call reads one snapshot (Store.session); only REPEATABLE READ gives one, and a
+    # A call reads one snapshot (Store.read); only REPEATABLE READ gives one, and a
     # server configured for READ COMMITTED (as Django suggests) would not.
     kwargs.setdefault("init_command", "SET SESSION TRANSACTION ISOLATION LEVEL REPEATABLE READ")
     return PooledMySQLDatabase(name, field_types={"JSONTEXT": "LONGTEXT"}, **kwargs)

@@ -35,7 +35,25 @@ class PooledPostgresqlDatabase(pool.PooledPostgresqlDatabase):
 
 
 class PooledMySQLDatabase(pool.PooledMySQLDatabase):
-    """A MySQL pool that neither pings at checkout nor rolls back a clean connection."""
+    """A MySQL pool that neither pings at checkout nor rolls back a clean connection,
+    and whose new connections give up on a silent server after connect_timeout."""
+
+    connect_params: dict[str, Any]
+
+    def _connect(self) -> Any:
+        # pymysql bounds only the TCP connect by connect_timeout, and reads the server's
+        # greeting under read_timeout (none by default): a server that accepts and never
+        # answers would hold the calling thread for good. Bound the handshake too, then
+        # give the connection the configured read timeout (pymysql applies it per read).
+        params = self.connect_params
+        read_timeout = params.get("read_timeout")
+        self.connect_params = {**params, "read_timeout": read_timeout or params["connect_timeout"]}
+        try:
+            conn = super()._connect()
+        finally:
+            self.connect_params = params
+        conn._read_timeout = read_timeout
+        return conn
 
     def _is_closed(self, conn: Any) -> bool:
         # pymysql drops its socket as soon as a read or write on it fails.
