@@ -28,10 +28,13 @@ The HTTP status follows from ``code`` (grpc-gateway's mapping, in the shim).
      +-- BackendUnavailable         UNAVAILABLE        3555000
      +-- MethodNotAllowed           UNIMPLEMENTED      3540000  (HTTP 405)
      +-- PayloadTooLarge            RESOURCE_EXHAUSTED 3540000  (HTTP 413)
+     +-- Overloaded                 RESOURCE_EXHAUSTED 3555000  (HTTP 429)
 
-The last three, and RouteNotFound, are raised only by the HTTP shim (server.gateway):
-the gRPC backend cannot be reached, or the HTTP request itself is refused. Those
-refusals keep their HTTP status on every route (server.gateway.statuses).
+The last four, and RouteNotFound, are raised only by the HTTP shim (server.gateway):
+the gRPC backend cannot be reached, the HTTP request itself is refused, or the
+process already serves as many HTTP requests as it admits. Those refusals keep
+their HTTP status on every route (server.gateway.statuses). (Over gRPC, grpcio
+itself refuses calls beyond the limit, RESOURCE_EXHAUSTED without details.)
 """
 
 from __future__ import annotations
@@ -189,6 +192,14 @@ class PayloadTooLarge(ServiceError):
     code = grpc.StatusCode.RESOURCE_EXHAUSTED
     reason = "PAYLOAD_TOO_LARGE"
     legacy_code = 3540000
+
+
+class Overloaded(ServiceError):
+    """The process already serves as many calls as it admits; retrying later may help."""
+
+    code = grpc.StatusCode.RESOURCE_EXHAUSTED
+    reason = "OVERLOADED"
+    legacy_code = 3555000
 
 
 class Unauthenticated(ServiceError):

@@ -38,6 +38,8 @@ from server.gateway.statuses import status_of
 #: The peer of an in-process call whose HTTP client is unknown.
 PEER = "in-process"
 STATUS_DETAILS_KEY = "grpc-status-details-bin"
+#: Calls a LocalBackend waits on at once unless told otherwise (Config.max_concurrent_rpcs).
+DEFAULT_LIMIT = 256
 
 
 class LocalBackend:
@@ -48,10 +50,15 @@ class LocalBackend:
         handlers: dict[str, grpc.RpcMethodHandler],
         executor: futures.Executor,
         timeout: float = CALL_TIMEOUT_SECONDS,
+        limit: int = DEFAULT_LIMIT,
     ) -> None:
         self.handlers = handlers
         self.executor = executor
         self.timeout = timeout
+        #: Calls waited on at once; more are refused OVERLOADED at once, as the gRPC
+        #: server refuses calls beyond maximum_concurrent_rpcs, rather than queued.
+        self.limit = limit
+        self._waiting = 0  # touched only on the event loop's thread
 
     async def call(
         self,
@@ -67,9 +74,19 @@ class LocalBackend:
             raise CallFailed(
                 status_pb2.Status(code=grpc.StatusCode.UNIMPLEMENTED.value[0], message=method.name)
             )
+        if self._waiting >= self.limit:
+            raise CallFailed(
+                status_of(
+                    errors.Overloaded(
+                        f"the server is serving {self.limit} requests at once; retry later",
+                        {"limit": str(self.limit)},
+                    )
+                )
+            )
         context = LocalContext(metadata, time.monotonic() + self.timeout, peer or PEER)
         loop = asyncio.get_running_loop()
         running = loop.run_in_executor(self.executor, handler.unary_unary, request, context)
+        self._waiting += 1
         try:
             reply = await asyncio.wait_for(running, self.timeout)
         except Aborted as exc:
@@ -82,6 +99,8 @@ class LocalBackend:
                     )
                 )
             ) from None
+        finally:
+            self._waiting -= 1
         return reply.SerializeToString() if raw else reply
 
     async def close(self) -> None:
@@ -160,7 +179,10 @@ class LocalContext(grpc.ServicerContext):
 def serve_shim(config: Config, server: Server, reuse_port: bool = False) -> HttpServer:
     """The shim on config.http_addr in front of server's own handlers, started."""
     http = HttpServer(
-        App(config, LocalBackend(server.handlers, server.workers)),
+        App(
+            config,
+            LocalBackend(server.handlers, server.workers, limit=config.max_concurrent_rpcs),
+        ),
         config.http_addr,
         config.shutdown_grace_seconds,
         tls.server_key_pair(config),

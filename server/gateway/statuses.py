@@ -43,6 +43,7 @@ HTTP_REFUSALS: dict[str, int] = {
     errors.RouteNotFound.reason: 404,
     errors.MethodNotAllowed.reason: 405,
     errors.PayloadTooLarge.reason: 413,
+    errors.Overloaded.reason: 429,
 }
 
 _CODES = {code.value[0]: code for code in grpc.StatusCode}

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import json
+import threading
+from concurrent import futures
 from typing import Any
 
 import grpc
@@ -67,3 +69,31 @@ def test_in_process_calls_are_logged_with_the_http_client_as_peer(server: Server
     call(backend, seed_request(), metadata=AS_DEMO, peer="ipv6:[::1]:5000")
     assert recorded[0][0] == "ipv6:[::1]:5000"
     assert recorded[0][2:5] == ("esb_test", "admin", "OK")
+
+
+def test_calls_beyond_the_limit_are_refused_at_once_and_the_limit_frees_up() -> None:
+    path = f"/{METHOD.containing_service.full_name}/{METHOD.name}"
+    release = threading.Event()
+
+    def held(request: pb.GetTaskNodeDetailRequest, context: grpc.ServicerContext) -> pb.NodeDetail:
+        release.wait(10)
+        return pb.NodeDetail(id=request.node_id)
+
+    handlers: dict[str, grpc.RpcMethodHandler] = {path: grpc.unary_unary_rpc_method_handler(held)}
+    with futures.ThreadPoolExecutor(4) as executor:
+        backend = LocalBackend(handlers, executor, limit=1)
+
+        async def scenario() -> tuple[str, int, str, str]:
+            first = asyncio.create_task(backend.call(METHOD, seed_request(), metadata=[]))
+            await asyncio.sleep(0.05)  # the first call is being served
+            with pytest.raises(CallFailed) as refused:
+                await backend.call(METHOD, seed_request(), metadata=[])
+            release.set()
+            served = await first
+            again = await backend.call(METHOD, seed_request(node_id="again"), metadata=[])
+            return served.id, refused.value.status.code, refused.value.status.message, again.id
+
+        served, code, message, again = asyncio.run(scenario())
+    assert (served, again) == (SEED_NODE, "again")
+    assert code == grpc.StatusCode.RESOURCE_EXHAUSTED.value[0]
+    assert "serving 1 requests at once" in message
