@@ -7,6 +7,7 @@ import logging
 import re
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 
 import grpc
 import pytest
@@ -163,14 +164,22 @@ def test_health_and_reflection_stay_open(channel: grpc.Channel) -> None:
     assert health.Check(health_pb2.HealthCheckRequest(), timeout=5).status == 1
 
 
-def test_revocation_and_rotation_apply_within_the_cache_time(demo_config: Config) -> None:
+@contextmanager
+def caching_for(demo_config: Config, seconds: float) -> Iterator[tuple[Server, AppStore]]:
+    """A started demo server that trusts a checked identity for seconds, and its apps."""
     config = Config(
-        database_url=demo_config.database_url, grpc_addr="127.0.0.1:0", auth_cache_seconds=0.5
+        database_url=demo_config.database_url, grpc_addr="127.0.0.1:0", auth_cache_seconds=seconds
     )
     running = create_server(config)
     running.start()
     try:
-        apps = AppStore(running.store.db)
+        yield running, AppStore(running.store.db)
+    finally:
+        running.stop(None)
+
+
+def test_revocation_and_rotation_apply_within_the_cache_time(demo_config: Config) -> None:
+    with caching_for(demo_config, 0.5) as (running, apps):
         with running.store.db.connection_context():
             apps.add("rotating", "first", businesses=[2], may_assert_user=True)
         first = {"bk_app_code": "rotating", "bk_app_secret": "first", "bk_username": "u"}
@@ -188,8 +197,6 @@ def test_revocation_and_rotation_apply_within_the_cache_time(demo_config: Config
             time.sleep(0.6)
             assert call(channel, second, seed_request())[1] == "CREDENTIALS_INVALID"
             assert call(channel, creds(), seed_request())[1] == "BUSINESS_NOT_GRANTED"
-    finally:
-        running.stop(None)
 
 
 def test_an_expired_identity_is_rechecked_without_hashing_its_secret_again(
@@ -205,13 +212,7 @@ def test_an_expired_identity_is_rechecked_without_hashing_its_secret_again(
         return verify(secret, stored)
 
     monkeypatch.setattr(secrets, "verify_secret", counted)
-    config = Config(
-        database_url=demo_config.database_url, grpc_addr="127.0.0.1:0", auth_cache_seconds=0.1
-    )
-    running = create_server(config)
-    running.start()
-    try:
-        apps = AppStore(running.store.db)
+    with caching_for(demo_config, 0.1) as (running, apps):
         with running.store.db.connection_context():
             apps.add("steady", "its-secret", businesses=[2], may_assert_user=True)
         steady = {"bk_app_code": "steady", "bk_app_secret": "its-secret", "bk_username": "u"}
@@ -225,8 +226,6 @@ def test_an_expired_identity_is_rechecked_without_hashing_its_secret_again(
             time.sleep(0.15)
             assert call(channel, steady, seed_request())[0] == grpc.StatusCode.OK
             assert len(hashed) == 2 and hashed[0] != hashed[1]
-    finally:
-        running.stop(None)
 
 
 def test_failed_attempts_are_logged_without_secrets(
