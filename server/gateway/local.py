@@ -2,7 +2,7 @@
 
 `serve` runs the shim in the same processes as the gRPC server. Calling that server
 over a channel would cost a gRPC client in the shim and a second pass through the
-gRPC server, more CPU than serving the call itself (~750 µs a request against ~300
+gRPC server, more CPU than serving the call itself (~870 µs a request against ~300
 µs for the call, measured with `make bench`). This backend calls the same handlers
 through the same interceptors (deadline, credentials, store session, error
 statuses, access log), on the server's own worker threads, so a request over HTTP
