@@ -202,7 +202,7 @@ def _serve(config: Config, demo: bool) -> int:
     if http_url:
         log.info("HTTP/JSON shim on %s, calling gRPC in-process", http_url)
         if demo:
-            print(banner(DEMO_APP, http_url, config.gateway_prefix), flush=True)
+            print(banner(DEMO_APP, http_url, config.gateway_prefix, _cacert(config)), flush=True)
     wait()
     log.info("stopped")
     return 0
@@ -227,7 +227,7 @@ def _start_http(config: Config, target: str, examples: bool) -> HttpServer:
     http.start()
     log.info("HTTP/JSON shim on %s, calling gRPC at %s", http.url, target)
     if examples:
-        print(banner(DEMO_APP, http.url, config.gateway_prefix), flush=True)
+        print(banner(DEMO_APP, http.url, config.gateway_prefix, _cacert(config)), flush=True)
     return http
 
 
@@ -251,12 +251,20 @@ def _gateway(config: Config) -> int:
     return 0
 
 
+def _cacert(config: Config) -> str:
+    """What a client of this server trusts: the configured CA, or the (self-signed)
+    certificate itself; none without TLS."""
+    if not config.tls_cert_file:
+        return ""
+    return config.grpc_target_ca_file or config.tls_cert_file
+
+
 def _grpcurl_transport(config: Config) -> str:
     """grpcurl's flags to reach this server: plaintext, or trusting its certificate
     (with the shim's client certificate when the server requires one)."""
     if not config.tls_cert_file:
         return "-plaintext"
-    flags = f"-cacert {config.grpc_target_ca_file or config.tls_cert_file}"
+    flags = f"-cacert {_cacert(config)}"
     if config.grpc_client_cert_file:
         flags += f" -cert {config.grpc_client_cert_file} -key {config.grpc_client_key_file}"
     return flags

@@ -11,6 +11,7 @@ import signal
 import ssl
 import subprocess
 import sys
+from collections.abc import Iterable
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -288,6 +289,17 @@ def test_serve_refuses_a_certificate_without_its_key(tmp_path: Path, pki: Pki) -
     )
 
 
+def first_printed_command(output: Iterable[str]) -> str:
+    """The first curl command of the banner in output, its continued lines joined."""
+    lines: list[str] = []
+    for line in output:
+        if lines or line.lstrip().startswith("curl "):
+            lines.append(line.strip().removesuffix("\\").strip())
+            if not line.rstrip().endswith("\\"):
+                break
+    return " ".join(lines)
+
+
 def test_serve_in_two_processes_over_mtls(tmp_path: Path, pki: Pki) -> None:
     """The workers serve the same certificate; the shim in each calls gRPC in-process, so it
     needs no client certificate of its own."""
@@ -319,10 +331,14 @@ def test_serve_in_two_processes_over_mtls(tmp_path: Path, pki: Pki) -> None:
                 url = found.group(1)
                 break
         assert grpc_address and url, process.stdout.read()
+        printed = first_printed_command(process.stdout)
         with grpc.secure_channel(grpc_address, credentials(pki, pki.client)) as channel:
             assert call_seed(channel)
         answer = seed_over_https(url, pki)
         assert answer["result"] is True, answer
+        assert f"--cacert {cert} " in printed
+        pasted = subprocess.run(printed, shell=True, capture_output=True, text=True, timeout=30)
+        assert json.loads(pasted.stdout)["result"] is True, pasted
     finally:
         process.send_signal(signal.SIGTERM)
         process.wait(15)

@@ -38,10 +38,15 @@ class Example:
 
 
 def curl_examples(
-    credentials: Mapping[str, str], base: str = "http://127.0.0.1:8080", prefix: str = ""
+    credentials: Mapping[str, str],
+    base: str = "http://127.0.0.1:8080",
+    prefix: str = "",
+    cacert: str = "",
 ) -> list[Example]:
     """The examples calling as credentials (bk_app_code, bk_app_secret, bk_username) a shim
-    at base (no trailing slash), with its gateway route under prefix."""
+    at base (no trailing slash), with its gateway route under prefix, trusting cacert
+    (a self-signed certificate is its own) when given."""
+    curl = f"curl --cacert {cacert}" if cacert else "curl"
     esb = f"{base}/api/c/compapi/v2/sops/get_task_node_detail/"
     stack = f"--data-urlencode 'subprocess_stack={json.dumps([SEED_PARENT])}'"
     gateway = "/".join(part for part in (prefix.strip("/"), "get_task_node_detail/10/2/") if part)
@@ -61,48 +66,48 @@ def curl_examples(
     return [
         Example(
             "The seed request: old ESB route, POST with a JSON body",
-            f"curl -s {esb} \\\n"
+            f"{curl} -s {esb} \\\n"
             "  -H 'Content-Type: application/json' \\\n"
             f"  -d '{json.dumps(seed)}'",
         ),
         Example(
             "The same as a GET with a query string (old ESB route without /v2)",
-            f"curl -sG {base}/api/c/compapi/sops/get_task_node_detail/ \\\n"
+            f"{curl} -sG {base}/api/c/compapi/sops/get_task_node_detail/ \\\n"
             f"  {params} \\\n"
             f"  -d bk_biz_id=2 -d task_id=10 -d node_id={SEED_NODE} \\\n"
             f"  {stack} -d component_code=job_fast_execute_script",
         ),
         Example(
             "The API gateway route (task first), credentials in the header the SDKs send",
-            f"curl -sG {base}/{gateway} \\\n"
+            f"{curl} -sG {base}/{gateway} \\\n"
             f"  {header} \\\n"
             f"  -d node_id={SEED_NODE} \\\n"
             f"  {stack} -d component_code=job_fast_execute_script",
         ),
         Example(
             "The canonical route of the proto's google.api.http rule, in proto JSON",
-            f"curl -s {header} \\\n"
+            f"{curl} -s {header} \\\n"
             f"  '{base}/v1/businesses/2/tasks/10/nodes/{SEED_NODE}"
             f"?subprocessStack={SEED_PARENT}&componentCode=job_fast_execute_script'",
         ),
         Example(
             "A business error: HTTP 200, result false, the bk-sops code and message",
-            f"curl -sG {esb} \\\n  {params} \\\n"
+            f"{curl} -sG {esb} \\\n  {params} \\\n"
             "  -d bk_biz_id=2 -d task_id=10 -d node_id=nodeunknown",
             fails=True,
         ),
         Example(
             "The same error on the canonical route: HTTP 404 and a google.rpc.Status",
-            f"curl -si {header} \\\n  {base}/v1/businesses/2/tasks/10/nodes/nodeunknown",
+            f"{curl} -si {header} \\\n  {base}/v1/businesses/2/tasks/10/nodes/nodeunknown",
             fails=True,
         ),
     ]
 
 
-def banner(credentials: Mapping[str, str], base: str, prefix: str = "") -> str:
+def banner(credentials: Mapping[str, str], base: str, prefix: str = "", cacert: str = "") -> str:
     """The start-up text: every example, ready to paste."""
     lines = [f"HTTP/JSON shim on {base}. Try (as the demo app):"]
-    for example in curl_examples(credentials, base, prefix):
+    for example in curl_examples(credentials, base, prefix, cacert):
         lines += [
             "",
             f"  # {example.title}",
