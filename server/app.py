@@ -12,6 +12,7 @@ from typing import Any
 import grpc
 from bksops.tasknode.v1 import task_node_pb2
 from bksops.tasknode.v1 import task_node_pb2_grpc
+from google.protobuf.descriptor import MethodDescriptor
 from google.rpc import error_details_pb2  # noqa: F401  (lets reflection resolve error details)
 from grpc_health.v1 import health
 from grpc_health.v1 import health_pb2
@@ -132,6 +133,11 @@ def create_server(config: Config, reuse_port: bool = False) -> Server:
     return Server(server, port, health_servicer, store, cache, access, workers, handlers)
 
 
+def method_path(method: MethodDescriptor) -> str:
+    """The gRPC path of a method ("/package.Service/Method"), how calls name it."""
+    return f"/{method.containing_service.full_name}/{method.name}"
+
+
 def in_process_handlers(
     servicer: TaskNodeServicer, interceptors: list[grpc.ServerInterceptor]
 ) -> dict[str, grpc.RpcMethodHandler]:
@@ -140,7 +146,7 @@ def in_process_handlers(
     service = task_node_pb2.DESCRIPTOR.services_by_name["TaskNodeService"]
     handlers = {}
     for method in service.methods:
-        path = f"/{service.full_name}/{method.name}"
+        path = method_path(method)
         plain: grpc.RpcMethodHandler = grpc.unary_unary_rpc_method_handler(
             getattr(servicer, method.name)
         )

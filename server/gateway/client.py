@@ -15,6 +15,7 @@ from google.rpc import status_pb2
 from grpc_status import rpc_status
 
 from server import errors
+from server.app import method_path
 from server.gateway.statuses import status_of
 
 #: Seconds a call may take before the shim gives up on it (DEADLINE_EXCEEDED).
@@ -104,7 +105,7 @@ class Backend:
             await channel.close()
 
     def _callable(self, method: MethodDescriptor, raw: bool) -> Any:
-        path = f"/{method.containing_service.full_name}/{method.name}"
+        path = method_path(method)
         found = self._callables.get((path, raw))
         if found is None:
             if not self._channels:

@@ -27,6 +27,7 @@ from google.rpc import status_pb2
 from server import errors
 from server import tls
 from server.app import Server
+from server.app import method_path
 from server.config import Config
 from server.gateway.app import App
 from server.gateway.client import CALL_TIMEOUT_SECONDS
@@ -69,7 +70,7 @@ class LocalBackend:
         peer: str = "",
     ) -> Any:
         """See Caller.call; the server's logs name the HTTP client as the call's peer."""
-        handler = self.handlers.get(f"/{method.containing_service.full_name}/{method.name}")
+        handler = self.handlers.get(method_path(method))
         if handler is None or handler.unary_unary is None:
             raise CallFailed(
                 status_pb2.Status(code=grpc.StatusCode.UNIMPLEMENTED.value[0], message=method.name)

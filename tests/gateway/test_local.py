@@ -14,6 +14,7 @@ from bksops.tasknode.v1 import task_node_pb2 as pb
 from google.rpc import error_details_pb2
 
 from server.app import Server
+from server.app import method_path
 from server.auth import METADATA_KEY
 from server.cli import DEMO_APP
 from server.gateway.client import CallFailed
@@ -72,7 +73,7 @@ def test_in_process_calls_are_logged_with_the_http_client_as_peer(server: Server
 
 
 def test_calls_beyond_the_limit_are_refused_at_once_and_the_limit_frees_up() -> None:
-    path = f"/{METHOD.containing_service.full_name}/{METHOD.name}"
+    path = method_path(METHOD)
     release = threading.Event()
 
     def held(request: pb.GetTaskNodeDetailRequest, context: grpc.ServicerContext) -> pb.NodeDetail:
