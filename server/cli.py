@@ -27,10 +27,11 @@ from server.db.loader import load_document
 from server.db.loader import load_file
 from server.db.migrations import SchemaTooNew
 from server.db.models import Project
-from server.gateway.app import App
 from server.gateway.examples import banner
 from server.gateway.local import serve_shim
 from server.gateway.runner import HttpServer
+from server.gateway.runner import start_shim
+from server.gateway.runner import url
 from server.values import loads
 from server.workers import Workers
 from server.workers import worker_count
@@ -200,35 +201,24 @@ def _serve(config: Config, demo: bool) -> int:
             flush=True,
         )
     if http_url:
-        log.info("HTTP/JSON shim on %s, calling gRPC in-process", http_url)
-        if demo:
-            print(banner(DEMO_APP, http_url, config.gateway_prefix, _cacert(config)), flush=True)
+        _announce_shim(config, http_url, "in-process", examples=demo)
     wait()
     log.info("stopped")
     return 0
 
 
 def _url(config: Config, port: int) -> str:
-    """The shim's URL on port, as HttpServer.url spells it."""
-    host = config.http_addr.rsplit(":", 1)[0].strip("[]")
-    host = f"[{host}]" if ":" in host else host
-    return f"{'https' if config.tls_cert_file else 'http'}://{host}:{port}"
+    """The shim's URL on port (the workers' shared one)."""
+    scheme = "https" if config.tls_cert_file else "http"
+    return url(scheme, config.http_addr.rsplit(":", 1)[0], port)
 
 
-def _start_http(config: Config, target: str, examples: bool) -> HttpServer:
-    """The HTTP/JSON shim on config.http_addr, calling gRPC at target, started; with
-    examples, print curl commands for every route (as the demo app)."""
-    http = HttpServer(
-        App(config, target),
-        config.http_addr,
-        config.shutdown_grace_seconds,
-        tls.server_key_pair(config),
-    )
-    http.start()
-    log.info("HTTP/JSON shim on %s, calling gRPC at %s", http.url, target)
+def _announce_shim(config: Config, shim_url: str, calling: str, examples: bool) -> None:
+    """Log where the shim serves and what it calls; with examples, print curl commands
+    for every route (as the demo app)."""
+    log.info("HTTP/JSON shim on %s, calling gRPC %s", shim_url, calling)
     if examples:
-        print(banner(DEMO_APP, http.url, config.gateway_prefix, _cacert(config)), flush=True)
-    return http
+        print(banner(DEMO_APP, shim_url, config.gateway_prefix, _cacert(config)), flush=True)
 
 
 def _gateway(config: Config) -> int:
@@ -236,7 +226,9 @@ def _gateway(config: Config) -> int:
     if not config.http_addr:
         print("error: TASKNODE_HTTP_ADDR is empty: nothing to serve", file=sys.stderr)
         return 2
-    http = _start_http(config, config.grpc_target or config.grpc_addr, examples=True)
+    target = config.grpc_target or config.grpc_addr
+    http = start_shim(config, target)
+    _announce_shim(config, http.url, f"at {target}", examples=True)
     stopping = threading.Event()
 
     def stop(signum: int, frame: FrameType | None) -> None:

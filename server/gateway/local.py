@@ -25,22 +25,21 @@ from google.protobuf.message import Message
 from google.rpc import status_pb2
 
 from server import errors
-from server import tls
 from server.app import Server
 from server.app import method_path
 from server.config import Config
-from server.gateway.app import App
 from server.gateway.client import CALL_TIMEOUT_SECONDS
 from server.gateway.client import CallFailed
 from server.gateway.client import Metadata
 from server.gateway.runner import HttpServer
+from server.gateway.runner import start_shim
 from server.gateway.statuses import status_of
 
 #: The peer of an in-process call whose HTTP client is unknown.
 PEER = "in-process"
 STATUS_DETAILS_KEY = "grpc-status-details-bin"
-#: Calls a LocalBackend waits on at once unless told otherwise (Config.max_concurrent_rpcs).
-DEFAULT_LIMIT = 256
+#: Calls a LocalBackend waits on at once unless told otherwise: as many as gRPC admits.
+DEFAULT_LIMIT = Config.max_concurrent_rpcs
 
 
 class LocalBackend:
@@ -179,15 +178,5 @@ class LocalContext(grpc.ServicerContext):
 
 def serve_shim(config: Config, server: Server, reuse_port: bool = False) -> HttpServer:
     """The shim on config.http_addr in front of server's own handlers, started."""
-    http = HttpServer(
-        App(
-            config,
-            LocalBackend(server.handlers, server.workers, limit=config.max_concurrent_rpcs),
-        ),
-        config.http_addr,
-        config.shutdown_grace_seconds,
-        tls.server_key_pair(config),
-        reuse_port,
-    )
-    http.start()
-    return http
+    backend = LocalBackend(server.handlers, server.workers, limit=config.max_concurrent_rpcs)
+    return start_shim(config, backend, reuse_port)

@@ -18,9 +18,12 @@ from uvicorn.protocols.http.httptools_impl import STATUS_LINE
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from server.app import CannotListen
+from server.config import Config
 from server.gateway.app import App
 from server.gateway.app import unreadable
+from server.gateway.client import Caller
 from server.tls import KeyPair
+from server.tls import server_key_pair
 
 #: Seconds start() waits for uvicorn to come up.
 START_TIMEOUT = 10.0
@@ -88,8 +91,7 @@ class HttpServer:
 
     @property
     def url(self) -> str:
-        host = f"[{self.host}]" if ":" in self.host else self.host
-        return f"{self.scheme}://{host}:{self.port}"
+        return url(self.scheme, self.host, self.port)
 
     def start(self) -> None:
         """Serve; return once uvicorn is up (RuntimeError if it could not come up)."""
@@ -104,6 +106,26 @@ class HttpServer:
         if self._thread.is_alive():
             self._thread.join()
         self.socket.close()
+
+
+def start_shim(config: Config, target: str | Caller, reuse_port: bool = False) -> HttpServer:
+    """The shim on config.http_addr, with config's certificate if any, calling the service
+    at target (a gRPC address, or a Caller), started."""
+    http = HttpServer(
+        App(config, target),
+        config.http_addr,
+        config.shutdown_grace_seconds,
+        server_key_pair(config),
+        reuse_port,
+    )
+    http.start()
+    return http
+
+
+def url(scheme: str, host: str, port: int) -> str:
+    """scheme://host:port, an IPv6 host in brackets."""
+    host = host.strip("[]")
+    return f"{scheme}://[{host}]:{port}" if ":" in host else f"{scheme}://{host}:{port}"
 
 
 def bind(addr: str, reuse_port: bool = False) -> socket.socket:
