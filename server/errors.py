@@ -35,6 +35,11 @@ the gRPC backend cannot be reached, the HTTP request itself is refused, or the
 process already serves as many HTTP requests as it admits. Those refusals keep
 their HTTP status on every route (server.gateway.statuses). (Over gRPC, grpcio
 itself refuses calls beyond the limit, RESOURCE_EXHAUSTED without details.)
+
+An error never grows with the request that caused it: a status travels in HTTP/2
+trailers, which gRPC clients refuse beyond 8 KiB by default (reporting
+RESOURCE_EXHAUSTED instead of the error). ``bounded_violations`` and ``clip`` set
+the limits below, and every status is built through them (server.interceptors.to_status).
 """
 
 from __future__ import annotations
@@ -47,6 +52,17 @@ from typing import ClassVar
 import grpc
 
 DOMAIN = "tasknode.bksops.tencent.com"
+
+#: Field violations listed in one error; one more says how many were left out.
+MAX_VIOLATIONS = 10
+#: UTF-8 bytes of the violations listed, all together.
+MAX_VIOLATION_BYTES = 1536
+#: UTF-8 bytes of each violation's field and description, and each ErrorInfo value.
+MAX_TEXT_BYTES = 200
+#: UTF-8 bytes of an error's message. With the limits above, a whole status (message,
+#: ErrorInfo with our few keys, BadRequest) is at most about 3 KiB, under 6 KiB as gRPC
+#: trailers (details in base64, the message percent-encoded beside them).
+MAX_MESSAGE_BYTES = 512
 
 
 @dataclass(frozen=True)
@@ -240,6 +256,37 @@ class PermissionDenied(ServiceError):
     reason = "BUSINESS_NOT_GRANTED"
     legacy_code = 3599999
     gateway_error = (1640301, "APP_NO_PERMISSION")
+
+
+def clip(text: str, limit: int) -> str:
+    """text, cut to at most limit bytes of UTF-8 on a character boundary; "…" marks a cut."""
+    if len(text) * 4 <= limit:  # short enough whatever its characters
+        return text
+    encoded = text.encode("utf-8", "replace")
+    if len(encoded) <= limit:
+        return text
+    return encoded[: limit - len("…".encode())].decode("utf-8", "ignore") + "…"
+
+
+def bounded_violations(violations: Sequence[FieldViolation]) -> list[FieldViolation]:
+    """The violations an error lists: the first MAX_VIOLATIONS (fewer if they pass
+    MAX_VIOLATION_BYTES), each clipped, then one saying how many more there were."""
+    listed: list[FieldViolation] = []
+    size = 0
+    for violation in violations[:MAX_VIOLATIONS]:
+        field = clip(violation.field, MAX_TEXT_BYTES)
+        description = clip(violation.description, MAX_TEXT_BYTES)
+        size += len(f"{field}{description}".encode("utf-8", "replace"))
+        if size > MAX_VIOLATION_BYTES:
+            break
+        listed.append(FieldViolation(field, description))
+    left_out = violations[len(listed) :]
+    if left_out:
+        # Most often the rest are entries of one list (subprocess_stack[i]): name the list.
+        fields = {v.field.split("[")[0] for v in left_out}
+        field = clip(fields.pop(), MAX_TEXT_BYTES) if len(fields) == 1 else ""
+        listed.append(FieldViolation(field, f"and {len(left_out)} more violations, not listed"))
+    return listed
 
 
 def error_classes() -> list[type[ServiceError]]:

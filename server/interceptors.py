@@ -36,10 +36,12 @@ SERVICE_PREFIX = "/bksops.tasknode."
 
 
 def to_status(exc: errors.ServiceError) -> grpc.Status:
-    """The gRPC status for a domain error: its code, message, ErrorInfo and BadRequest."""
-    info = error_details_pb2.ErrorInfo(
-        reason=exc.reason, domain=errors.DOMAIN, metadata=exc.metadata
-    )
+    """The gRPC status for a domain error: its code, message, ErrorInfo and BadRequest,
+    each within the bounds of server.errors, however many bad fields the request had."""
+    metadata = {
+        key: errors.clip(value, errors.MAX_TEXT_BYTES) for key, value in exc.metadata.items()
+    }
+    info = error_details_pb2.ErrorInfo(reason=exc.reason, domain=errors.DOMAIN, metadata=metadata)
     details = [_pack(info)]
     if exc.violations:
         details.append(
@@ -49,13 +51,14 @@ def to_status(exc: errors.ServiceError) -> grpc.Status:
                         error_details_pb2.BadRequest.FieldViolation(
                             field=v.field, description=v.description
                         )
-                        for v in exc.violations
+                        for v in errors.bounded_violations(exc.violations)
                     ]
                 )
             )
         )
+    message = errors.clip(exc.message, errors.MAX_MESSAGE_BYTES)
     return rpc_status.to_status(
-        status_pb2.Status(code=exc.code.value[0], message=exc.message, details=details)
+        status_pb2.Status(code=exc.code.value[0], message=message, details=details)
     )
 
 

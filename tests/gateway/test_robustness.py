@@ -88,6 +88,24 @@ def test_malformed_authorization_headers(client: httpx.Client, case: str) -> Non
     assert_golden(f"gateway/malformed_{case}", exchange(response))
 
 
+def test_an_error_stays_small_however_many_fields_are_bad(http: httpx.Client) -> None:
+    """One violation per bad entry once made errors larger than the request (and, over a
+    channel, larger than a gRPC client accepts)."""
+    bad = "x!"  # not a node id
+    legacy = http.post(ESB_V2, json={**SEED, "subprocess_stack": [bad] * 5000})
+    assert legacy.json()["code"] == 3599999, legacy.text[:500]  # INVALID_SUBPROCESS_STACK
+    assert len(legacy.content) < 1024, len(legacy.content)
+    canonical = http.get(
+        CANONICAL,
+        params=[("subprocessStack", bad)] * 250,
+        headers={"x-bkapi-authorization": json.dumps(DEMO_APP)},
+    )
+    assert canonical.status_code == 400
+    assert len(canonical.content) < 2048, len(canonical.content)
+    violations = canonical.json()["details"][1]["fieldViolations"]
+    assert violations[-1]["description"] == "and 241 more violations, not listed"
+
+
 def test_a_query_string_that_is_not_utf8(client: httpx.Client) -> None:
     response = client.get(ESB_V2 + "?node_id=%ff%fe&bk_biz_id=2")
     assert_golden("gateway/malformed_query_not_utf8", exchange(response))
