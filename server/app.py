@@ -12,6 +12,7 @@ from typing import Any
 import grpc
 from bksops.tasknode.v1 import task_node_pb2
 from bksops.tasknode.v1 import task_node_pb2_grpc
+from google.protobuf import message_factory
 from google.protobuf.descriptor import MethodDescriptor
 from google.rpc import error_details_pb2  # noqa: F401  (lets reflection resolve error details)
 from grpc_health.v1 import health
@@ -142,13 +143,15 @@ def in_process_handlers(
     servicer: TaskNodeServicer, interceptors: list[grpc.ServerInterceptor]
 ) -> dict[str, grpc.RpcMethodHandler]:
     """TaskNodeService's unary handlers by method path, wrapped by interceptors as
-    grpcio wraps them (the first outermost), taking and returning messages."""
+    grpcio wraps them (the first outermost), taking a message (or its bytes) and
+    returning a message."""
     service = task_node_pb2.DESCRIPTOR.services_by_name["TaskNodeService"]
     handlers = {}
     for method in service.methods:
         path = method_path(method)
         plain: grpc.RpcMethodHandler = grpc.unary_unary_rpc_method_handler(
-            getattr(servicer, method.name)
+            getattr(servicer, method.name),
+            request_deserializer=message_factory.GetMessageClass(method.input_type).FromString,
         )
 
         def innermost(details: grpc.HandlerCallDetails, plain: Any = plain) -> Any:

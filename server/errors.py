@@ -10,6 +10,7 @@ The HTTP status follows from ``code`` (grpc-gateway's mapping, in the shim).
      |    +-- InvalidSubprocessStack                   3599999
      |    +-- SubprocessStackMismatch                  3540000
      |    +-- InvalidLoop                              3540000
+     |    +-- MalformedRequest                         3540000
      +-- NotFound                   NOT_FOUND
      |    +-- BusinessNotFound                         3540400
      |    +-- TaskNotFound                             3540400
@@ -119,6 +120,12 @@ class InvalidLoop(InvalidArgument):
     """loop is not a positive integer."""
 
     reason = "INVALID_LOOP"
+
+
+class MalformedRequest(InvalidArgument):
+    """The request's bytes are not its protobuf message (corrupt, or a string not UTF-8)."""
+
+    reason = "MALFORMED_REQUEST"
 
 
 class NotFound(ServiceError):

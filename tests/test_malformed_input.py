@@ -1,18 +1,41 @@
-"""Malformed input over gRPC is the caller's error: requests that would make huge
-errors get a status far under the 8 KiB of trailers gRPC clients accept."""
+"""Malformed input over gRPC is the caller's error: bytes that are not a request, and
+requests that would make huge errors. Each is answered INVALID_ARGUMENT, with an access
+line, no traceback in the log, and a status far under the 8 KiB of trailers gRPC
+clients accept."""
 
 from __future__ import annotations
 
+import json
+import logging
+
 import grpc
 import pytest
+from bksops.tasknode.v1 import task_node_pb2 as pb
 from bksops.tasknode.v1 import task_node_pb2_grpc as pb_grpc
 from google.rpc import error_details_pb2
 from grpc_status import rpc_status
 
 from server import errors
+from server.app import Server
+from server.app import method_path
+from server.auth import METADATA_KEY
+from server.cli import DEMO_APP
+from server.gateway.local import Aborted
+from server.gateway.local import LocalContext
 from server.interceptors import to_status
 from tests.conftest import seed_request
 
+GET_DETAIL = method_path(
+    pb.DESCRIPTOR.services_by_name["TaskNodeService"].methods_by_name["GetTaskNodeDetail"]
+)
+CREDENTIALS = json.dumps(DEMO_APP)
+#: Bytes that are no GetTaskNodeDetailRequest, each in its own way.
+NOT_REQUESTS = {
+    "not protobuf": b"\xff\xff\xff\xff",
+    "cut short": seed_request().SerializeToString()[:-3],
+    "node_id not UTF-8": b"\x1a\x02\xff\xfe",
+    "unknown groups nested past the parser's limit": b"\xa3\x06" * 10_000,
+}
 #: gRPC trailers a client accepts by default (grpc.max_metadata_size).
 CLIENT_METADATA_LIMIT = 8 * 1024
 
@@ -22,6 +45,52 @@ def reason_of(error: grpc.RpcError) -> str:
     info = error_details_pb2.ErrorInfo()
     assert status is not None and status.details[0].Unpack(info)
     return info.reason
+
+
+def logged(caplog: pytest.LogCaptureFixture, server: Server) -> list[logging.LogRecord]:
+    """Every record logged so far, the access lines written out first."""
+    server.access.flush()
+    return caplog.records
+
+
+def access_lines(records: list[logging.LogRecord]) -> list[str]:
+    return [
+        line
+        for record in records
+        if record.name == "tasknode.access"
+        for line in record.getMessage().splitlines()
+    ]
+
+
+def test_bytes_that_are_no_request_are_invalid_argument_with_an_access_line(
+    channel: grpc.Channel, server: Server, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO)
+    # No serializers: the bytes go as they are.
+    call: grpc.UnaryUnaryMultiCallable[bytes, bytes] = channel.unary_unary(GET_DETAIL)
+    for name, data in NOT_REQUESTS.items():
+        with pytest.raises(grpc.RpcError) as raised:
+            call(data, metadata=((METADATA_KEY, CREDENTIALS),), timeout=10)
+        assert raised.value.code() == grpc.StatusCode.INVALID_ARGUMENT, name
+        assert reason_of(raised.value) == "MALFORMED_REQUEST", name
+        assert "not a valid protobuf message" in (raised.value.details() or ""), name
+    records = logged(caplog, server)
+    assert [r.getMessage() for r in records if r.levelno >= logging.ERROR or r.exc_info] == []
+    lines = [line for line in access_lines(records) if "MALFORMED_REQUEST" in line]
+    assert len(lines) == len(NOT_REQUESTS), access_lines(records)
+    assert all(" app=- user=- INVALID_ARGUMENT/MALFORMED_REQUEST " in line for line in lines)
+
+
+def test_a_request_is_still_parsed_in_process(server: Server) -> None:
+    """The in-process path (the shim's) hands over messages or their bytes alike."""
+    handler = server.handlers[GET_DETAIL].unary_unary
+    assert handler is not None
+    for request in (seed_request(), seed_request().SerializeToString()):
+        context = LocalContext([(METADATA_KEY, CREDENTIALS)], deadline=float("inf"))
+        assert handler(request, context).name
+    with pytest.raises(Aborted) as aborted:
+        handler(b"\xff\xff", LocalContext([(METADATA_KEY, CREDENTIALS)], float("inf")))
+    assert aborted.value.status.code == grpc.StatusCode.INVALID_ARGUMENT.value[0]
 
 
 def test_an_error_stays_small_however_many_fields_are_bad(
