@@ -43,6 +43,10 @@ log = logging.getLogger(__name__)
 PENDING_CALLS_LIMIT = 20_000
 
 SERVICE_NAME = task_node_pb2.DESCRIPTOR.services_by_name["TaskNodeService"].full_name
+#: The logger grpcio's core bindings write to, before any of our code sees a call.
+GRPC_CORE_LOGGER = "grpc._cython.cygrpc"
+#: What grpcio logs (at ERROR, with a traceback) for bytes it cannot decode as UTF-8.
+_UNDECODABLE = "Invalid encoding on %s"
 
 
 class CannotListen(OSError):
@@ -80,9 +84,41 @@ class Server:
         self.store.close()
 
 
+class WithheldBytes(logging.Filter):
+    """Keeps what callers send out of grpcio's log.
+
+    grpcio logs a metadata value that is not UTF-8 whole, at ERROR with a traceback,
+    before any of our code sees the call, and that value may hold an app secret. Its
+    record is rewritten to one line that says what happened without the value (the
+    call goes on, and server.auth refuses such credentials); bytes in any other
+    record of grpcio's core are replaced by their length.
+    """
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        args = record.args if isinstance(record.args, tuple) else ()
+        if not any(isinstance(arg, bytes) for arg in args):
+            return True
+        if record.msg == _UNDECODABLE:
+            record.msg = "grpcio received a value that is not UTF-8: %s, withheld from the log"
+            record.levelno, record.levelname = logging.WARNING, "WARNING"
+            record.exc_info, record.exc_text = None, None
+        record.args = tuple(
+            f"<{len(arg)} bytes>" if isinstance(arg, bytes) else arg for arg in args
+        )
+        return True
+
+
+def withhold_received_bytes() -> None:
+    """Install WithheldBytes on grpcio's core logger, once per process."""
+    logger = logging.getLogger(GRPC_CORE_LOGGER)
+    if not any(isinstance(f, WithheldBytes) for f in logger.filters):
+        logger.addFilter(WithheldBytes())
+
+
 def create_server(config: Config, reuse_port: bool = False) -> Server:
     """Open the store (creating its schema if needed) and build the server on config.grpc_addr,
     over TLS when config has a certificate (TLSError if its files will not do)."""
+    withhold_received_bytes()
     credentials = server_credentials(config)
     db = open_database(config.database_url)
     ensure_schema(db)

@@ -25,10 +25,12 @@ import logging
 import os
 import threading
 import time
+from collections.abc import Iterable
 from collections.abc import Mapping
 from contextvars import ContextVar
 from dataclasses import dataclass
 from typing import Any
+from typing import NoReturn
 from typing import Protocol
 
 from server import errors
@@ -41,6 +43,8 @@ log = logging.getLogger("tasknode.auth")
 current_principal: ContextVar[Principal | None] = ContextVar("current_principal", default=None)
 
 METADATA_KEY = "x-bkapi-authorization"
+#: Where a gRPC client would put the credentials as bytes: refused, they are JSON text.
+BINARY_KEY = f"{METADATA_KEY}-bin"
 CREDENTIAL_FIELDS = ("bk_app_code", "bk_app_secret", "bk_username", "bk_token")
 MAX_FIELD_LENGTH = 256
 #: The action a read of a node detail needs, named in permission errors.
@@ -159,13 +163,18 @@ class Authenticator:
         self._checked: dict[tuple[bytes, str], bool] = {}
         self._lock = threading.Lock()
 
-    def authenticate(self, header: str | None, peer: str) -> Principal:
-        """The Principal for an X-Bkapi-Authorization value; Unauthenticated (logged) if not.
+    def authenticate(self, metadata: Iterable[tuple[str, str | bytes]], peer: str) -> Principal:
+        """The Principal for a call's metadata (its X-Bkapi-Authorization value, see
+        header_of); Unauthenticated (logged) if not.
 
-        The cache is keyed by a sha256 of the header text, so a call whose credentials
-        were checked lately costs one hash; failures are cached too, so repeating a
-        wrong secret costs no more slow hashing.
+        The cache is keyed by a keyed hash of the header text, so a call whose
+        credentials were checked lately costs one hash; failures are cached too, so
+        repeating a wrong secret costs no more slow hashing.
         """
+        try:
+            header = header_of(metadata)
+        except errors.Unauthenticated as exc:
+            _refuse(exc, peer)
         key = _fingerprint(header or "")
         now = time.monotonic()
         with self._lock:
@@ -184,13 +193,7 @@ class Authenticator:
             outcome = cached[1]
         if isinstance(outcome, Principal):
             return outcome
-        log.warning(
-            "authentication failed: app=%r peer=%s reason=%s",
-            outcome.metadata.get("appCode", ""),
-            peer,
-            outcome.reason,
-        )
-        raise type(outcome)(outcome.message, outcome.metadata)
+        _refuse(outcome, peer)
 
     def _verify(self, credentials: Credentials) -> Principal:
         if not credentials.app_code:
@@ -239,6 +242,49 @@ class Authenticator:
             "such as bk_token, bk_username",
             {"appCode": credentials.app_code[:64]},
         )
+
+
+def header_of(metadata: Iterable[tuple[str, str | bytes]]) -> str | None:
+    """The X-Bkapi-Authorization text in a call's gRPC metadata; None when it has none.
+
+    Metadata that breaks gRPC's rules is refused as unreadable credentials, never
+    guessed at: the key more than once, the -bin key, or a value that is not printable
+    ASCII (gRPC's rule for text values; JSON escapes every other character). grpcio
+    hands over a value that is not UTF-8 decoded as Latin-1, which is only told apart
+    from a real one by this rule.
+    """
+    header: str | None = None
+    for key, value in metadata:
+        if key == METADATA_KEY:
+            if header is not None:
+                raise errors.CredentialsInvalid(
+                    f"{METADATA_KEY} is given more than once", {"field": METADATA_KEY}
+                )
+            if not isinstance(value, str) or not (value.isascii() and value.isprintable()):
+                raise errors.CredentialsInvalid(
+                    f"{METADATA_KEY} must be printable ASCII: JSON with \\u escapes for "
+                    "other characters",
+                    {"field": METADATA_KEY},
+                )
+            header = value
+        elif key == BINARY_KEY:
+            raise errors.CredentialsInvalid(
+                f"credentials go in {METADATA_KEY}, as JSON text, not in {BINARY_KEY}",
+                {"field": BINARY_KEY},
+            )
+    return header
+
+
+def _refuse(outcome: errors.Unauthenticated, peer: str) -> NoReturn:
+    """Log a refused call (the app it claimed, never a secret) and raise a fresh copy of
+    outcome, which may be cached and shared by threads."""
+    log.warning(
+        "authentication failed: app=%r peer=%s reason=%s",
+        outcome.metadata.get("appCode", ""),
+        peer,
+        outcome.reason,
+    )
+    raise type(outcome)(outcome.message, outcome.metadata)
 
 
 _DECOY_HASH = secrets.hash_secret(secrets.new_secret())

@@ -27,7 +27,6 @@ from grpc_status import rpc_status
 
 from server import errors
 from server.access import AccessLog
-from server.auth import METADATA_KEY
 from server.auth import Authenticator
 from server.auth import current_principal
 from server.db.store import Store
@@ -204,12 +203,9 @@ class AuthInterceptor(_ServiceCallInterceptor):
 
     def _wrap(self, inner: Behaviour, method: str) -> Behaviour:
         def call(request: Any, context: grpc.ServicerContext) -> Any:
-            header = None
-            for key, value in context.invocation_metadata():
-                if key == METADATA_KEY and isinstance(value, str):
-                    header = value
+            metadata = context.invocation_metadata()
             # No reset here: ServiceInterceptor, outside, resets it after its access log.
-            current_principal.set(self.authenticator.authenticate(header, context.peer()))
+            current_principal.set(self.authenticator.authenticate(metadata, context.peer()))
             return inner(request, context)
 
         return call

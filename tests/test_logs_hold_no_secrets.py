@@ -34,6 +34,7 @@ from tests.gateway.test_auth_routes import UNVERIFIED
 from tests.gateway.test_auth_routes import Case
 from tests.gateway.test_auth_routes import expected
 from tests.gateway.test_auth_routes import seen
+from tests.raw_grpc import raw_call
 
 APP = "logcheck"
 WRONG_SECRET = f"wrong-secret-{uuid.uuid4().hex}"
@@ -47,6 +48,16 @@ MALFORMED = [
 ]
 #: The code of a credential failure in the body of each route style: ESB, gateway, canonical.
 REFUSED = {1306000, 1640001, 16}
+GET_DETAIL = "/bksops.tasknode.v1.TaskNodeService/GetTaskNodeDetail"
+
+
+def not_utf8(credentials: dict[str, str]) -> bytes:
+    """X-Bkapi-Authorization bytes for credentials, with a byte that is not UTF-8 in the
+    user name: no gRPC client sends them, so they go as raw HTTP/2 or HTTP headers."""
+    text = json.dumps({**credentials, "bk_username": "bob\xff"}, ensure_ascii=False)
+    return text.encode("latin-1")
+
+
 PEER = r"peer=ipv4:127\.0\.0\.1:\d+"
 
 
@@ -184,17 +195,32 @@ def test_a_run_logs_who_failed_and_who_called_but_no_secret(env: dict[str, str],
             assert grpc_reason(channel, json.dumps(credentials)) == (case.reason or "OK")
         for header in MALFORMED:
             assert grpc_reason(channel, header) == "CREDENTIALS_INVALID"
+    for credentials in (as_bob, {**as_bob, "bk_app_secret": WRONG_SECRET}):
+        metadata = [(HEADER.encode(), not_utf8(credentials))]
+        reply = raw_call(
+            f"127.0.0.1:{grpc_port}", GET_DETAIL, metadata, seed_request().SerializeToString()
+        )
+        assert (reply.code, reply.reason) == (
+            grpc.StatusCode.UNAUTHENTICATED,
+            "CREDENTIALS_INVALID",
+        )
     with httpx.Client(base_url=base, timeout=10) as http:
         for route, (style, call) in ROUTES.items():
             for credentials, case in attempts:
                 assert seen(call(http, credentials, GRANTED)) == expected(style, case), route
-        for header in MALFORMED:
+        unreadable_headers = [
+            *(header.encode() for header in MALFORMED),
+            *(not_utf8(c) for c in (as_bob, {**as_bob, "bk_app_secret": WRONG_SECRET})),
+        ]
+        for value in unreadable_headers:
             for path in (
                 ESB_V2,
                 "/get_task_node_detail/10/2/",
                 "/v1/businesses/2/tasks/10/nodes/x",
             ):
-                response = http.get(path, params=GRANTED.legacy_params(), headers={HEADER: header})
+                response = http.get(
+                    path, params=GRANTED.legacy_params(), headers={HEADER.encode(): value}
+                )
                 assert response.json()["code"] in REFUSED, (path, response.text)
         too_long = {**as_bob, "bk_app_secret": WRONG_SECRET * 8, **GRANTED.legacy_params()}
         assert http.get(ESB_V2, params=too_long).json()["code"] in REFUSED
@@ -212,7 +238,8 @@ def test_a_run_logs_who_failed_and_who_called_but_no_secret(env: dict[str, str],
         failed = rf"authentication failed: app='{APP}' {PEER} reason={reason}\n"
         assert len(re.findall(failed, output)) == calls, output
     unreadable = rf"authentication failed: app='' {PEER} reason=CREDENTIALS_INVALID\n"
-    assert len(re.findall(unreadable, output)) >= len(MALFORMED), output
+    assert len(re.findall(unreadable, output)) >= len(MALFORMED) + 2, output
+    assert "grpcio received a value that is not UTF-8: <" in output
     for user in ("bob", "alice"):
         line = rf"access \S+ ipv4:127\.0\.0\.1:\d+ \S+/GetTaskNodeDetail app={APP} user={user} OK "
         assert len(re.findall(line, output)) == calls, output

@@ -1,7 +1,7 @@
-"""Malformed input over gRPC is the caller's error: bytes that are not a request, and
-requests that would make huge errors. Each is answered INVALID_ARGUMENT, with an access
-line, no traceback in the log, and a status far under the 8 KiB of trailers gRPC
-clients accept."""
+"""Malformed input over gRPC is the caller's error: bytes that are not a request,
+metadata that breaks gRPC's rules, and requests that would make huge errors. Each is
+answered INVALID_ARGUMENT or UNAUTHENTICATED, with an access line, no traceback in the
+log, and a status far under the 8 KiB of trailers gRPC clients accept."""
 
 from __future__ import annotations
 
@@ -24,6 +24,7 @@ from server.gateway.local import Aborted
 from server.gateway.local import LocalContext
 from server.interceptors import to_status
 from tests.conftest import seed_request
+from tests.raw_grpc import raw_call
 
 GET_DETAIL = method_path(
     pb.DESCRIPTOR.services_by_name["TaskNodeService"].methods_by_name["GetTaskNodeDetail"]
@@ -91,6 +92,44 @@ def test_a_request_is_still_parsed_in_process(server: Server) -> None:
     with pytest.raises(Aborted) as aborted:
         handler(b"\xff\xff", LocalContext([(METADATA_KEY, CREDENTIALS)], float("inf")))
     assert aborted.value.status.code == grpc.StatusCode.INVALID_ARGUMENT.value[0]
+
+
+#: x-bkapi-authorization metadata that breaks gRPC's rules, as raw HTTP/2 headers.
+MALFORMED_METADATA: dict[str, list[tuple[bytes, bytes]]] = {
+    "given twice": [(METADATA_KEY.encode(), CREDENTIALS.encode())] * 2,
+    "under the -bin key": [(f"{METADATA_KEY}-bin".encode(), b"e30")],
+    "not UTF-8": [
+        (METADATA_KEY.encode(), CREDENTIALS.replace("admin", "adm\xff").encode("latin-1"))
+    ],
+    "UTF-8 that is not ASCII": [
+        (METADATA_KEY.encode(), CREDENTIALS.replace("admin", "管理").encode())
+    ],
+    "a control character": [
+        (METADATA_KEY.encode(), CREDENTIALS.replace("admin", "adm\x01").encode())
+    ],
+}
+
+
+def test_malformed_credential_metadata_is_unreadable_credentials(
+    grpc_address: str, server: Server, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO)
+    request = seed_request().SerializeToString()
+    for name, metadata in MALFORMED_METADATA.items():
+        reply = raw_call(grpc_address, GET_DETAIL, metadata, request)
+        assert (reply.code, reply.reason) == (
+            grpc.StatusCode.UNAUTHENTICATED,
+            "CREDENTIALS_INVALID",
+        ), (name, reply.message)
+        assert METADATA_KEY in reply.message, name
+    records = logged(caplog, server)
+    assert [r.getMessage() for r in records if r.levelno >= logging.ERROR or r.exc_info] == []
+    everything = "\n".join(r.getMessage() for r in records)
+    assert "bk_app_secret" not in everything  # no credential text at all, the secret "xxx" in it
+    # grpcio's own line about the bytes that are not UTF-8, without them:
+    assert "grpcio received a value that is not UTF-8: <" in everything
+    refused = [line for line in access_lines(records) if "CREDENTIALS_INVALID" in line]
+    assert len(refused) == len(MALFORMED_METADATA), access_lines(records)
 
 
 def test_an_error_stays_small_however_many_fields_are_bad(

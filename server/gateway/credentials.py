@@ -32,7 +32,7 @@ async def accept_everyone(credentials: Credentials) -> None:
 def read_credentials(header: str | None, params: Mapping[str, object]) -> Credentials:
     """The credentials of a request: its header, then its parameters (legacy routes)."""
     try:
-        claimed = Credentials.from_header(header)
+        claimed = Credentials.from_header(_utf8(header))
     except RecursionError:  # '[[[[…' nested past the parser's limit: as bad as any bad JSON
         raise errors.CredentialsInvalid(
             "X-Bkapi-Authorization is not valid JSON", {"field": METADATA_KEY}
@@ -41,6 +41,21 @@ def read_credentials(header: str | None, params: Mapping[str, object]) -> Creden
     return Credentials(
         **{f.name: getattr(claimed, f.name) or getattr(given, f.name) for f in fields(Credentials)}
     )
+
+
+def _utf8(header: str | None) -> str | None:
+    """The header's JSON text: ASGI hands header bytes over as Latin-1, JSON is UTF-8.
+
+    Bytes that are not UTF-8 make the credentials unreadable, as they do over gRPC.
+    """
+    if header is None or header.isascii():
+        return header
+    try:
+        return header.encode("latin-1").decode("utf-8")
+    except UnicodeError:
+        raise errors.CredentialsInvalid(
+            "X-Bkapi-Authorization is not UTF-8", {"field": METADATA_KEY}
+        ) from None
 
 
 def metadata(credentials: Credentials) -> list[tuple[str, str]]:

@@ -88,6 +88,17 @@ def test_malformed_authorization_headers(client: httpx.Client, case: str) -> Non
     assert_golden(f"gateway/malformed_{case}", exchange(response))
 
 
+def test_an_authorization_header_that_is_not_utf8(client: httpx.Client) -> None:
+    """Unreadable credentials, as over gRPC; not Latin-1 text that happens to be accepted."""
+    header = json.dumps({**DEMO_APP, "bk_username": "bob\xff"}, ensure_ascii=False)
+    headers = {b"x-bkapi-authorization": header.encode("latin-1")}
+    response = client.get(ESB_V2, params=SEED_BODY, headers=headers)
+    assert (response.json()["code"], response.json()["message"]) == (
+        1306000,
+        "X-Bkapi-Authorization is not UTF-8",
+    )
+
+
 def test_an_error_stays_small_however_many_fields_are_bad(http: httpx.Client) -> None:
     """One violation per bad entry once made errors larger than the request (and, over a
     channel, larger than a gRPC client accepts)."""
