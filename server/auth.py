@@ -10,6 +10,9 @@ every call, so a verified identity is cached for ``cache_seconds``, keyed by a
 keyed hash of the credentials (the cache holds no secret). A revocation, rotation
 or grant change therefore takes effect within ``cache_seconds``.
 
+A bk_token's expiry holds to the microsecond all the same: an identity verified with
+a token carries the token's expiry and is checked again once it has passed.
+
 Re-checking an identity when its entry expires reads the app's row again, but
 does not hash the secret again while the row's stored hash is the one it was
 checked against: that outcome is remembered per (secret, stored hash). Without
@@ -34,6 +37,7 @@ from typing import Protocol
 from server import errors
 from server import secrets
 from server.db.apps import AppStore
+from server.db.apps import TokenRecord
 
 log = logging.getLogger("tasknode.auth")
 
@@ -113,6 +117,13 @@ class Principal:
     app_code: str
     username: str
     businesses: frozenset[int] | None
+    #: When the identity stops holding (its bk_token expires), in microseconds since the
+    #: epoch; None: only the cache time bounds it.
+    expires_at: int | None = None
+
+    def lapsed(self) -> bool:
+        """Whether the identity's expiry has passed."""
+        return self.expires_at is not None and self.expires_at <= time.time_ns() // 1000
 
     def may_read(self, bk_biz_id: int | None) -> bool:
         if self.businesses is None:
@@ -130,9 +141,9 @@ class Principal:
 
 
 class TokenVerifier(Protocol):
-    """Turns a bk_token into a username; None when the token is not valid."""
+    """Turns a bk_token into its user and expiry; None when the token is not valid."""
 
-    def username_for(self, token: str) -> str | None: ...
+    def user_for(self, token: str) -> TokenRecord | None: ...
 
 
 class StoredTokenVerifier:
@@ -141,7 +152,7 @@ class StoredTokenVerifier:
     def __init__(self, apps: AppStore) -> None:
         self.apps = apps
 
-    def username_for(self, token: str) -> str | None:
+    def user_for(self, token: str) -> TokenRecord | None:
         return self.apps.user_of_token(token)
 
 
@@ -170,7 +181,8 @@ class Authenticator:
         now = time.monotonic()
         with self._lock:
             cached = self._cache.get(key)
-        if cached is None or cached[0] <= now:
+        lapsed = cached is not None and isinstance(cached[1], Principal) and cached[1].lapsed()
+        if cached is None or cached[0] <= now or lapsed:
             try:
                 outcome: Principal | errors.Unauthenticated = self._verify(
                     Credentials.from_header(header)
@@ -208,11 +220,12 @@ class Authenticator:
                 "APP authentication failed: bk_app_code or bk_app_secret is invalid",
                 {"appCode": credentials.app_code[:64]},
             )
-        username = self._user(credentials, app.may_assert_user)
+        username, expires_at = self._user(credentials, app.may_assert_user)
         return Principal(
             app_code=app.code,
             username=username,
             businesses=None if app.all_businesses else app.businesses,
+            expires_at=expires_at,
         )
 
     def _matches(self, secret: str, stored: str) -> bool:
@@ -227,13 +240,14 @@ class Authenticator:
                 self._checked[key] = known
         return known
 
-    def _user(self, credentials: Credentials, may_assert_user: bool) -> str:
+    def _user(self, credentials: Credentials, may_assert_user: bool) -> tuple[str, int | None]:
+        """The verified username, and when it stops holding (None: no expiry)."""
         if credentials.token:
-            username = self.tokens.username_for(credentials.token)
-            if username:
-                return username
+            found = self.tokens.user_for(credentials.token)
+            if found is not None and found.username:
+                return found.username, found.expires_at
         elif credentials.username and may_assert_user:
-            return credentials.username
+            return credentials.username, None
         raise errors.UserUnverified(
             "User authentication failed, please provide a valid user identity, "
             "such as bk_token, bk_username",

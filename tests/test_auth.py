@@ -156,6 +156,18 @@ def test_expired_token_is_refused(channel: grpc.Channel, apps: AppStore) -> None
     assert call(channel, expired, seed_request())[:2] == (UNAUTHENTICATED, "USER_UNVERIFIED")
 
 
+def test_a_token_is_refused_from_the_moment_it_expires(
+    channel: grpc.Channel, apps: AppStore
+) -> None:
+    """Though the identity it verified is trusted for the cache time (10 s here)."""
+    token = apps.issue_token("alice", 2)
+    expiry = time.time() + 2  # no earlier than the token's own
+    holder = {**DEMO_APP, "bk_username": "", "bk_token": token}
+    assert call(channel, holder, seed_request())[0] == grpc.StatusCode.OK
+    time.sleep(max(0.0, expiry - time.time()) + 0.01)  # the token has now expired
+    assert call(channel, holder, seed_request())[:2] == (UNAUTHENTICATED, "USER_UNVERIFIED")
+
+
 def test_health_and_reflection_stay_open(channel: grpc.Channel) -> None:
     from grpc_health.v1 import health_pb2
     from grpc_health.v1 import health_pb2_grpc
