@@ -18,6 +18,14 @@ does not hash the secret again while the row's stored hash is the one it was
 checked against: that outcome is remembered per (secret, stored hash). Without
 this every busy thread would run scrypt at once each ``cache_seconds``, a burst
 of CPU that stalls every call in flight.
+
+A secret that must be hashed (one not checked before against that stored hash) first
+takes a token of its caller's failure budget and then one of a few hash slots
+(server.throttle); without either it is refused at once, CREDENTIAL_CHECKS_THROTTLED,
+and the refusal is not cached. An unknown app goes the same way and hashes a decoy,
+so neither its answer nor its timing tells it from a wrong secret. Both tables are
+bounded and forget the least recently used entry first, so a flood of random
+credentials cannot push out the identities callers keep using.
 """
 
 from __future__ import annotations
@@ -25,19 +33,24 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
 import os
 import threading
 import time
+from collections import OrderedDict
 from collections.abc import Mapping
 from contextvars import ContextVar
 from dataclasses import dataclass
-from typing import Any
 from typing import Protocol
+from typing import TypeVar
 
 from server import errors
 from server import secrets
 from server.db.apps import AppStore
 from server.db.apps import TokenRecord
+from server.throttle import FailureBudget
+from server.throttle import HashSlots
+from server.throttle import caller_of
 
 log = logging.getLogger("tasknode.auth")
 
@@ -161,37 +174,48 @@ class Authenticator:
 
     MAX_CACHED = 10_000
 
-    def __init__(self, apps: AppStore, tokens: TokenVerifier, cache_seconds: float) -> None:
+    def __init__(
+        self,
+        apps: AppStore,
+        tokens: TokenVerifier,
+        cache_seconds: float,
+        slots: HashSlots,
+        budget: FailureBudget,
+    ) -> None:
         self.apps = apps
         self.tokens = tokens
         self.cache_seconds = cache_seconds
-        self._cache: dict[bytes, tuple[float, Principal | errors.Unauthenticated]] = {}
+        self.slots = slots
+        self.budget = budget
+        self._cache: OrderedDict[bytes, tuple[float, Principal | errors.Unauthenticated]] = (
+            OrderedDict()
+        )
         #: Whether a secret (by fingerprint) matched a stored hash; see the module docstring.
-        self._checked: dict[tuple[bytes, str], bool] = {}
+        self._checked: OrderedDict[tuple[bytes, str], bool] = OrderedDict()
         self._lock = threading.Lock()
 
     def authenticate(self, header: str | None, peer: str) -> Principal:
         """The Principal for an X-Bkapi-Authorization value; Unauthenticated (logged) if not.
 
-        The cache is keyed by a sha256 of the header text, so a call whose credentials
-        were checked lately costs one hash; failures are cached too, so repeating a
-        wrong secret costs no more slow hashing.
+        The cache is keyed by a keyed hash of the header text, so a call whose
+        credentials were checked lately costs one fast hash; failures are cached too,
+        so repeating a wrong secret costs no more slow hashing. CredentialChecksThrottled
+        when the secret had to be hashed and could not be.
         """
         key = _fingerprint(header or "")
         now = time.monotonic()
         with self._lock:
-            cached = self._cache.get(key)
+            cached = _recall(self._cache, key)
         lapsed = cached is not None and isinstance(cached[1], Principal) and cached[1].lapsed()
         if cached is None or cached[0] <= now or lapsed:
             try:
                 outcome: Principal | errors.Unauthenticated = self._verify(
-                    Credentials.from_header(header)
+                    Credentials.from_header(header), caller_of(peer)
                 )
             except errors.Unauthenticated as exc:
                 outcome = exc
             with self._lock:
-                _bounded(self._cache, self.MAX_CACHED)
-                self._cache[key] = (now + self.cache_seconds, outcome)
+                _remember(self._cache, key, (now + self.cache_seconds, outcome), self.MAX_CACHED)
         else:
             outcome = cached[1]
         if isinstance(outcome, Principal):
@@ -204,7 +228,7 @@ class Authenticator:
         )
         raise type(outcome)(outcome.message, outcome.metadata)
 
-    def _verify(self, credentials: Credentials) -> Principal:
+    def _verify(self, credentials: Credentials, caller: str) -> Principal:
         if not credentials.app_code:
             raise errors.CredentialsMissing("APP Code [bk_app_code] cannot be empty")
         if not credentials.app_secret:
@@ -214,7 +238,7 @@ class Authenticator:
         app = self.apps.app(credentials.app_code)
         # Hash even for an unknown app, so its answer takes as long as a wrong secret's.
         stored = app.secret_hash if app is not None else _DECOY_HASH
-        matches = self._matches(credentials.app_secret, stored)
+        matches = self._matches(credentials.app_secret, stored, caller, credentials.app_code)
         if app is None or not matches or app.revoked:
             raise errors.CredentialsInvalid(
                 "APP authentication failed: bk_app_code or bk_app_secret is invalid",
@@ -228,16 +252,34 @@ class Authenticator:
             expires_at=expires_at,
         )
 
-    def _matches(self, secret: str, stored: str) -> bool:
-        """verify_secret, remembered for this secret and this stored hash."""
+    def _matches(self, secret: str, stored: str, caller: str, app_code: str) -> bool:
+        """verify_secret, remembered for this secret and this stored hash; hashing only
+        within caller's failure budget and a hash slot (see the module docstring)."""
         key = (_fingerprint(secret), stored)
         with self._lock:
-            known = self._checked.get(key)
-        if known is None:
+            known = _recall(self._checked, key)
+        if known is not None:
+            return known
+        retry_in = math.ceil(self.budget.take(caller))
+        if retry_in:
+            raise errors.CredentialChecksThrottled(
+                f"too many failed credential checks from this caller; retry in {retry_in} s",
+                {"appCode": app_code[:64], "retryAfterSeconds": str(retry_in)},
+            )
+        if not self.slots.acquire():
+            self.budget.give_back(caller)
+            raise errors.CredentialChecksThrottled(
+                "the server is checking as many credentials as it can at once; retry shortly",
+                {"appCode": app_code[:64]},
+            )
+        try:
             known = secrets.verify_secret(secret, stored)
-            with self._lock:
-                _bounded(self._checked, self.MAX_CACHED)
-                self._checked[key] = known
+        finally:
+            self.slots.release()
+        if known:
+            self.budget.give_back(caller)
+        with self._lock:
+            _remember(self._checked, key, known, self.MAX_CACHED)
         return known
 
     def _user(self, credentials: Credentials, may_assert_user: bool) -> tuple[str, int | None]:
@@ -267,7 +309,22 @@ def _fingerprint(text: str) -> bytes:
     ).digest()
 
 
-def _bounded(table: dict[Any, Any], limit: int) -> None:
-    """Make room in a cache table: emptied whole when full (callers hold the lock)."""
-    if len(table) >= limit:
-        table.clear()
+K = TypeVar("K")
+V = TypeVar("V")
+
+
+def _recall(table: OrderedDict[K, V], key: K) -> V | None:
+    """table[key] (None if absent), now the most recently used (callers hold the lock)."""
+    value = table.get(key)
+    if value is not None:
+        table.move_to_end(key)
+    return value
+
+
+def _remember(table: OrderedDict[K, V], key: K, value: V, limit: int) -> None:
+    """Set table[key], forgetting the least recently used entry beyond limit (callers hold
+    the lock)."""
+    table[key] = value
+    table.move_to_end(key)
+    if len(table) > limit:
+        table.popitem(last=False)

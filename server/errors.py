@@ -29,12 +29,14 @@ The HTTP status follows from ``code`` (grpc-gateway's mapping, in the shim).
      +-- MethodNotAllowed           UNIMPLEMENTED      3540000  (HTTP 405)
      +-- PayloadTooLarge            RESOURCE_EXHAUSTED 3540000  (HTTP 413)
      +-- Overloaded                 RESOURCE_EXHAUSTED 3555000  (HTTP 429)
+     +-- CredentialChecksThrottled  RESOURCE_EXHAUSTED 3555000  (HTTP 429)
 
-The last four, and RouteNotFound, are raised only by the HTTP shim (server.gateway):
-the gRPC backend cannot be reached, the HTTP request itself is refused, or the
-process already serves as many HTTP requests as it admits. Those refusals keep
-their HTTP status on every route (server.gateway.statuses). (Over gRPC, grpcio
-itself refuses calls beyond the limit, RESOURCE_EXHAUSTED without details.)
+BackendUnavailable, MethodNotAllowed, PayloadTooLarge, Overloaded and RouteNotFound
+are raised only by the HTTP shim (server.gateway): the gRPC backend cannot be reached,
+the HTTP request itself is refused, or the process already serves as many HTTP requests
+as it admits. Those refusals, and CredentialChecksThrottled, keep their HTTP status on
+every route (server.gateway.statuses). (Over gRPC, grpcio itself refuses calls beyond
+the limit, RESOURCE_EXHAUSTED without details.)
 """
 
 from __future__ import annotations
@@ -199,6 +201,20 @@ class Overloaded(ServiceError):
 
     code = grpc.StatusCode.RESOURCE_EXHAUSTED
     reason = "OVERLOADED"
+    legacy_code = 3555000
+
+
+class CredentialChecksThrottled(ServiceError):
+    """A secret could not be checked now: its caller failed too many checks lately, or the
+    process is hashing as many secrets as it may (server.throttle). Retrying later may help.
+
+    Not UNAUTHENTICATED: the credentials were not checked, and a caller with good ones
+    (say, on a fresh server process) must retry, not conclude they are wrong. An unknown
+    app is throttled alike, so this says nothing about which apps exist.
+    """
+
+    code = grpc.StatusCode.RESOURCE_EXHAUSTED
+    reason = "CREDENTIAL_CHECKS_THROTTLED"
     legacy_code = 3555000
 
 
