@@ -41,6 +41,7 @@ from collections import OrderedDict
 from collections.abc import Mapping
 from contextvars import ContextVar
 from dataclasses import dataclass
+from functools import partial
 from typing import Protocol
 from typing import TypeVar
 
@@ -50,6 +51,7 @@ from server.db.apps import AppStore
 from server.db.apps import TokenRecord
 from server.throttle import FailureBudget
 from server.throttle import HashSlots
+from server.throttle import SlotsBusy
 from server.throttle import caller_of
 
 log = logging.getLogger("tasknode.auth")
@@ -266,16 +268,14 @@ class Authenticator:
                 f"too many failed credential checks from this caller; retry in {retry_in} s",
                 {"appCode": app_code[:64], "retryAfterSeconds": str(retry_in)},
             )
-        if not self.slots.acquire():
+        try:
+            known = self.slots.run(partial(secrets.verify_secret, secret, stored))
+        except SlotsBusy:
             self.budget.give_back(caller)
             raise errors.CredentialChecksThrottled(
                 "the server is checking as many credentials as it can at once; retry shortly",
                 {"appCode": app_code[:64]},
-            )
-        try:
-            known = secrets.verify_secret(secret, stored)
-        finally:
-            self.slots.release()
+            ) from None
         if known:
             self.budget.give_back(caller)
         with self._lock:

@@ -5,10 +5,13 @@ a fresh wrong secret with every call, so without bounds a few callers keep every
 hashing and every serving thread waiting on a hash. Two bounds hold here, both for
 checks that must hash (a secret verified before is remembered and never waits):
 
-- HashSlots: at most ``slots`` hashes run at once in a process (so at most that many
-  16 MiB buffers), at most as many checks wait for one, and none waits longer than
-  ``wait_seconds``. Any other check is refused at once, so a flood holds at most
-  2 x slots serving threads and the rest keep serving.
+- HashSlots: at most ``slots`` hashes run at once in a process, at most as many checks
+  wait for one, and none waits longer than ``wait_seconds``. Any other check is refused
+  at once, so a flood holds at most 2 x slots serving threads and the rest keep serving.
+  The hashes run on ``slots`` threads of their own: glibc keeps a thread's freed 16 MiB
+  scrypt buffer in that thread's arena, so hashing on the serving threads would keep
+  16 MiB per serving thread (+131 MiB for 8 of them, measured). Those threads run at a
+  lower priority (Linux), so hashing gets the CPU the serving threads leave.
 - FailureBudget: a token bucket per caller (its peer address; an IPv6 /64 counts as
   one address): ``per_minute`` failed checks in a burst, then one every
   60 / ``per_minute`` seconds. A check takes a token before it hashes and gives it
@@ -20,13 +23,27 @@ checks that must hash (a secret verified before is remembered and never waits):
 from __future__ import annotations
 
 import ipaddress
+import os
+import sys
 import threading
 import time
 from collections import OrderedDict
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from typing import TypeVar
+
+T = TypeVar("T")
+#: How much nicer than the serving threads the hash threads are (Linux: per thread).
+HASH_NICENESS = 10
+
+
+class SlotsBusy(Exception):
+    """No hash slot came free in time."""
 
 
 class HashSlots:
-    """At most ``slots`` holders at once, at most as many waiters, each waiting a bounded time."""
+    """Runs hashes on ``slots`` threads of their own, with at most as many waiting, each for a
+    bounded time."""
 
     def __init__(self, slots: int, wait_seconds: float) -> None:
         if slots < 1:
@@ -36,6 +53,19 @@ class HashSlots:
         self._free = threading.BoundedSemaphore(slots)
         self._lock = threading.Lock()
         self._admitted = 0  # holding a slot or waiting for one
+        self._threads = ThreadPoolExecutor(
+            slots, thread_name_prefix="hash", initializer=_lower_priority
+        )
+
+    def run(self, work: Callable[[], T]) -> T:
+        """work() on a hash thread once a slot is free; SlotsBusy if none came free in time."""
+        if not self.acquire():
+            raise SlotsBusy
+        try:
+            # A slot held means a hash thread is idle: this starts at once.
+            return self._threads.submit(work).result()
+        finally:
+            self.release()
 
     def acquire(self) -> bool:
         """Take a slot, waiting at most wait_seconds; False (at once if the queue is full)
@@ -104,6 +134,13 @@ class FailureBudget:
         """caller's tokens at now (callers hold the lock)."""
         tokens, counted = self._buckets.get(caller, (self.capacity, now))
         return min(self.capacity, tokens + (now - counted) * self.rate)
+
+
+def _lower_priority() -> None:
+    """Make the calling thread nicer (Linux: a thread is a task with a nice value of its own;
+    elsewhere this would renice the whole process, so it is left alone)."""
+    if sys.platform == "linux":
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), HASH_NICENESS)
 
 
 def caller_of(peer: str) -> str:
