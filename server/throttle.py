@@ -10,8 +10,11 @@ checks that must hash (a secret verified before is remembered and never waits):
   at once, so a flood holds at most 2 x slots serving threads and the rest keep serving.
   The hashes run on ``slots`` threads of their own: glibc keeps a thread's freed 16 MiB
   scrypt buffer in that thread's arena, so hashing on the serving threads would keep
-  16 MiB per serving thread (+131 MiB for 8 of them, measured). Those threads run at a
-  lower priority (Linux), so hashing gets the CPU the serving threads leave.
+  16 MiB per serving thread (+131 MiB for 8 of them, measured). Those threads are nicer
+  (Linux), so while the serving threads are busy hashing gets about a tenth of the CPU
+  one of them gets, bounding what a flood from many addresses burns. (SCHED_IDLE would
+  spare serving even the scheduler's slice, but starve new callers' checks for seconds
+  on a busy machine.)
 - FailureBudget: a token bucket per caller (its peer address; an IPv6 /64 counts as
   one address): ``per_minute`` failed checks in a burst, then one every
   60 / ``per_minute`` seconds. A check takes a token before it hashes and gives it
