@@ -50,7 +50,7 @@ class HashSlots:
 
     def __init__(self, slots: int, wait_seconds: float) -> None:
         if slots < 1:
-            raise ValueError("there must be at least one hash slot")
+            raise ValueError("TASKNODE_AUTH_HASH_SLOTS must be at least 1")
         self.slots = slots
         self.wait_seconds = wait_seconds
         self._free = threading.BoundedSemaphore(slots)
