@@ -200,9 +200,8 @@ class Authenticator:
         """The Principal for an X-Bkapi-Authorization value; Unauthenticated (logged) if not.
 
         The cache is keyed by a keyed hash of the header text, so a call whose
-        credentials were checked lately costs one fast hash; failures are cached too,
-        so repeating a wrong secret costs no more slow hashing. CredentialChecksThrottled
-        when the secret had to be hashed and could not be.
+        credentials were checked lately costs one hash; failures are cached too, so
+        repeating a wrong secret costs no more slow hashing.
         """
         key = _fingerprint(header or "")
         now = time.monotonic()

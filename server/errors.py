@@ -25,18 +25,17 @@ The HTTP status follows from ``code`` (grpc-gateway's mapping, in the shim).
      |    +-- CredentialsInvalid
      |    +-- UserUnverified
      +-- PermissionDenied           PERMISSION_DENIED  3599999  (gateway 1640301)
+     +-- CredentialChecksThrottled  RESOURCE_EXHAUSTED 3555000  (HTTP 429)
      +-- BackendUnavailable         UNAVAILABLE        3555000
      +-- MethodNotAllowed           UNIMPLEMENTED      3540000  (HTTP 405)
      +-- PayloadTooLarge            RESOURCE_EXHAUSTED 3540000  (HTTP 413)
      +-- Overloaded                 RESOURCE_EXHAUSTED 3555000  (HTTP 429)
-     +-- CredentialChecksThrottled  RESOURCE_EXHAUSTED 3555000  (HTTP 429)
 
-BackendUnavailable, MethodNotAllowed, PayloadTooLarge, Overloaded and RouteNotFound
-are raised only by the HTTP shim (server.gateway): the gRPC backend cannot be reached,
-the HTTP request itself is refused, or the process already serves as many HTTP requests
-as it admits. Those refusals, and CredentialChecksThrottled, keep their HTTP status on
-every route (server.gateway.statuses). (Over gRPC, grpcio itself refuses calls beyond
-the limit, RESOURCE_EXHAUSTED without details.)
+The last four, and RouteNotFound, are raised only by the HTTP shim (server.gateway):
+the gRPC backend cannot be reached, the HTTP request itself is refused, or the
+process already serves as many HTTP requests as it admits. Those refusals keep
+their HTTP status on every route (server.gateway.statuses). (Over gRPC, grpcio
+itself refuses calls beyond the limit, RESOURCE_EXHAUSTED without details.)
 """
 
 from __future__ import annotations
@@ -210,7 +209,8 @@ class CredentialChecksThrottled(ServiceError):
 
     Not UNAUTHENTICATED: the credentials were not checked, and a caller with good ones
     (say, on a fresh server process) must retry, not conclude they are wrong. An unknown
-    app is throttled alike, so this says nothing about which apps exist.
+    app is throttled alike, so this says nothing about which apps exist. Like the shim's
+    refusals it keeps its HTTP status, 429, on every route (server.gateway.statuses).
     """
 
     code = grpc.StatusCode.RESOURCE_EXHAUSTED
