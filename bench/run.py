@@ -5,10 +5,11 @@ ceiling server (bench/ceiling.py: the same reply, prebuilt), drives
 GetTaskNodeDetail on each in turn with h2load at 1, 16 and 80 calls in flight,
 twice, and prints calls/s, p50/p99, server CPU per call and the ratios the
 performance targets are set in; then the legacy shim with wrk, a node with 1,000
-earlier attempts, and 3,200 calls in flight with a probe. Every figure of the
-real server is checked against its own count of OK replies (its access log).
+earlier attempts, 3,200 calls in flight with a probe, and a flood of callers
+sending wrong secrets. Every figure of the real server is checked against its own
+count of OK replies (its access log).
 
-    .venv/bin/python -m bench.run [--seconds 10]
+    .venv/bin/python -m bench.run [--seconds 10] [--only auth-flood]
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import platform
 import subprocess
 import sys
 import time
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -53,6 +55,16 @@ REPEATS = 2
 SERVICE = "GetTaskNodeDetail"
 CEILING = "ceiling (prebuilt reply)"
 AUTH = {"x-bkapi-authorization": json.dumps(DEMO_APP)}
+#: Callers of the credential flood, and the server settings it meets: as it is (all the
+#: callers come from one address, so its budget of failures stops them), and with no budget
+#: per caller, as callers from many addresses would meet it (the hash slots alone).
+FLOOD_CALLERS = 16
+FLOOD_SETTINGS: tuple[tuple[str, dict[str, str]], ...] = (
+    ("as configured, one address", {}),
+    ("hash slots alone", {"TASKNODE_AUTH_FAILURES_PER_MINUTE": "0"}),
+)
+#: Loads of the legitimate caller, with and without the flood.
+LEGIT_LOADS = (h2.Load(1, 1), h2.Load(16, 1))
 
 
 @dataclass(frozen=True)
@@ -159,6 +171,7 @@ def print_table(rows: list[Row]) -> None:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--seconds", type=float, default=10)
+    parser.add_argument("--only", choices=["auth-flood"], help="run this step alone")
     args = parser.parse_args()
     WORK.mkdir(parents=True, exist_ok=True)
     url = f"sqlite:///{WORK / 'bench.db'}"
@@ -174,13 +187,16 @@ def main() -> int:
         f"Python {platform.python_version()}, grpcio {grpc.__version__}, "
         f"{time.strftime('%Y-%m-%d %H:%M')}"
     )
+    body = h2.grpc_body(request(dataset.NODE_3).SerializeToString(), WORK / "body.bin")
+    if args.only == "auth-flood":
+        print_auth_flood(measure_auth_flood(env, body, args.seconds), args.seconds)
+        return 0
     runs: list[Row] = []
     log = WORK / "server.log"
     server = procs.start([sys.executable, "-m", "server", "serve"], env, log, "serving")
     try:
         reply = reply_bytes(GRPC_ADDR, dataset.NODE_3)
         (WORK / "reply.bin").write_bytes(reply)
-        body = h2.grpc_body(request(dataset.NODE_3).SerializeToString(), WORK / "body.bin")
         ceiling = start_ceiling()
         try:
             service_pids, ceiling_pids = procs.tree(server.pid), procs.tree(ceiling.pid)
@@ -202,6 +218,7 @@ def main() -> int:
         after_storm_ms = median_ms(GRPC_ADDR, dataset.NODE_3, 5)  # still up, and how fast
     finally:
         procs.stop(server)
+    flood = measure_auth_flood(env, body, args.seconds)
     rows = best_runs(runs)
     print(
         f"\nreply: {len(reply)} bytes; node with 3 earlier attempts; "
@@ -238,7 +255,99 @@ def main() -> int:
         print(f"  probe {code}: {count} calls, median {median:.1f} ms, max {longest:.1f} ms")
     print(f"server peak RSS (all processes): {rss:.0f} MiB")
     print(f"after the storm: calls answered OK, median {after_storm_ms:.2f} ms")
+    print_auth_flood(flood, args.seconds)
     return 0
+
+
+@dataclass(frozen=True)
+class FloodRow:
+    """The legitimate caller's runs on one server setting, with or without the flood."""
+
+    setting: str
+    #: The flood's answers by reason; None: no flood.
+    flood: Counter[str] | None
+    runs: list[h2.Run]
+    cores: float  # server CPU seconds per second while the runs lasted
+    peak_rss_mib: float
+
+
+def measure_auth_flood(env: dict[str, str], body: Path, seconds: float) -> list[FloodRow]:
+    """For each of FLOOD_SETTINGS, a fresh server: h2load calling as the demo app at each of
+    LEGIT_LOADS, first alone, then while FLOOD_CALLERS send fresh wrong secrets for the same
+    app (bench.flood, in a process of its own)."""
+    url = f"http://{GRPC_ADDR}{METHOD}"
+    rows: list[FloodRow] = []
+    for setting, extra in FLOOD_SETTINGS:
+        server = procs.start(
+            [sys.executable, "-m", "server", "serve"],
+            {**env, **extra},
+            WORK / "flood-server.log",
+            "serving",
+        )
+        try:
+            pids = procs.tree(server.pid)
+            reply_bytes(GRPC_ADDR, dataset.NODE_3)
+            h2.h2load(url, body, h2.Load(16, 1), 2, AUTH, warm_up=0)  # every process verifies
+            rows.append(legit_runs(setting, None, url, body, seconds, pids))
+            flood = subprocess.Popen(
+                [
+                    *(sys.executable, "-m", "bench.flood", GRPC_ADDR, DEMO_APP["bk_app_code"]),
+                    *("--callers", str(FLOOD_CALLERS), "--seconds", "600", "--until-stdin-closes"),
+                ],
+                cwd=ROOT,
+                stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE,
+                text=True,
+            )
+            answered: Counter[str] = Counter()
+            try:
+                time.sleep(2)  # the flood's process starts and connects
+                rows.append(legit_runs(setting, answered, url, body, seconds, pids))
+            finally:
+                out, _ = flood.communicate(timeout=60)  # closing its stdin stops it
+            answered.update(json.loads(out))
+        finally:
+            procs.stop(server)
+    return rows
+
+
+def legit_runs(
+    setting: str,
+    flood: Counter[str] | None,
+    url: str,
+    body: Path,
+    seconds: float,
+    pids: list[int],
+) -> FloodRow:
+    """h2load as the demo app at each of LEGIT_LOADS, and what the server spent meanwhile."""
+    before, started = procs.cpu_seconds(pids), time.monotonic()
+    runs = [h2.h2load(url, body, load, seconds, AUTH, warm_up=0) for load in LEGIT_LOADS]
+    cores = (procs.cpu_seconds(pids) - before) / (time.monotonic() - started)
+    return FloodRow(setting, flood, runs, cores, procs.peak_rss_mib(pids))
+
+
+def print_auth_flood(rows: list[FloodRow], seconds: float) -> None:
+    print(
+        f"\ncredential flood: {FLOOD_CALLERS} callers, each sending a fresh wrong secret for the "
+        f"demo app with every call, while h2load calls as the demo app ({seconds:g} s a load)\n"
+    )
+    print("| server | flood | in flight | calls/s | p50 ms | p99 ms | CPU cores | peak RSS MiB |")
+    print("|---|---|---|---|---|---|---|---|")
+    for row in rows:
+        for run in row.runs:
+            print(
+                f"| {row.setting} | {'yes' if row.flood is not None else 'no'} | "
+                f"{run.load.in_flight} | {run.per_second:,.0f} | {run.p50_ms:.2f} | "
+                f"{run.p99_ms:.2f} | {row.cores:.2f} | {row.peak_rss_mib:.0f} |"
+            )
+    for row in rows:
+        if row.flood is not None:
+            answers = ", ".join(f"{count:,} {reason}" for reason, count in row.flood.most_common())
+            print(f"flood answers, {row.setting}: {answers}")
+    print(
+        "(CREDENTIALS_INVALID: hashed and found wrong; CREDENTIAL_CHECKS_THROTTLED: refused "
+        "unhashed; peak RSS is the server processes' high-water mark so far)"
+    )
 
 
 def start_ceiling() -> subprocess.Popen[bytes]:

@@ -33,6 +33,8 @@ from server.handlers.task_node import TaskNodeServicer
 from server.interceptors import AuthInterceptor
 from server.interceptors import ServiceInterceptor
 from server.nodes import Masker
+from server.throttle import FailureBudget
+from server.throttle import HashSlots
 from server.tls import server_credentials
 
 log = logging.getLogger(__name__)
@@ -125,7 +127,13 @@ def create_server(config: Config, reuse_port: bool = False) -> Server:
     store = Store(db)
     access = AccessLog()
     apps = AppStore(db, store)
-    authenticator = Authenticator(apps, StoredTokenVerifier(apps), config.auth_cache_seconds)
+    authenticator = Authenticator(
+        apps,
+        StoredTokenVerifier(apps),
+        config.auth_cache_seconds,
+        HashSlots(config.auth_hash_slots, config.auth_hash_wait_seconds),
+        FailureBudget(config.auth_failures_per_minute),
+    )
     workers = futures.ThreadPoolExecutor(max_workers=config.grpc_workers, thread_name_prefix="grpc")
     interceptors: list[grpc.ServerInterceptor] = [
         ServiceInterceptor(store, access),

@@ -10,11 +10,22 @@ every call, so a verified identity is cached for ``cache_seconds``, keyed by a
 keyed hash of the credentials (the cache holds no secret). A revocation, rotation
 or grant change therefore takes effect within ``cache_seconds``.
 
+A bk_token's expiry holds to the microsecond all the same: an identity verified with
+a token carries the token's expiry and is checked again once it has passed.
+
 Re-checking an identity when its entry expires reads the app's row again, but
 does not hash the secret again while the row's stored hash is the one it was
 checked against: that outcome is remembered per (secret, stored hash). Without
 this every busy thread would run scrypt at once each ``cache_seconds``, a burst
 of CPU that stalls every call in flight.
+
+A secret that must be hashed (one not checked before against that stored hash) first
+takes a token of its caller's failure budget and then one of a few hash slots
+(server.throttle); without either it is refused at once, CREDENTIAL_CHECKS_THROTTLED,
+and the refusal is not cached. An unknown app goes the same way and hashes a decoy,
+so neither its answer nor its timing tells it from a wrong secret. Both tables are
+bounded and forget the least recently used entry first, so a flood of random
+credentials cannot push out the identities callers keep using.
 """
 
 from __future__ import annotations
@@ -22,20 +33,28 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
 import os
 import threading
 import time
+from collections import OrderedDict
 from collections.abc import Iterable
 from collections.abc import Mapping
 from contextvars import ContextVar
 from dataclasses import dataclass
-from typing import Any
+from functools import partial
 from typing import NoReturn
 from typing import Protocol
+from typing import TypeVar
 
 from server import errors
 from server import secrets
 from server.db.apps import AppStore
+from server.db.apps import TokenRecord
+from server.throttle import FailureBudget
+from server.throttle import HashSlots
+from server.throttle import SlotsBusy
+from server.throttle import caller_of
 
 log = logging.getLogger("tasknode.auth")
 
@@ -117,6 +136,13 @@ class Principal:
     app_code: str
     username: str
     businesses: frozenset[int] | None
+    #: When the identity stops holding (its bk_token expires), in microseconds since the
+    #: epoch; None: only the cache time bounds it.
+    expires_at: int | None = None
+
+    def lapsed(self) -> bool:
+        """Whether the identity's expiry has passed."""
+        return self.expires_at is not None and self.expires_at <= time.time_ns() // 1000
 
     def may_read(self, bk_biz_id: int | None) -> bool:
         if self.businesses is None:
@@ -134,9 +160,9 @@ class Principal:
 
 
 class TokenVerifier(Protocol):
-    """Turns a bk_token into a username; None when the token is not valid."""
+    """Turns a bk_token into its user and expiry; None when the token is not valid."""
 
-    def username_for(self, token: str) -> str | None: ...
+    def user_for(self, token: str) -> TokenRecord | None: ...
 
 
 class StoredTokenVerifier:
@@ -145,7 +171,7 @@ class StoredTokenVerifier:
     def __init__(self, apps: AppStore) -> None:
         self.apps = apps
 
-    def username_for(self, token: str) -> str | None:
+    def user_for(self, token: str) -> TokenRecord | None:
         return self.apps.user_of_token(token)
 
 
@@ -154,13 +180,24 @@ class Authenticator:
 
     MAX_CACHED = 10_000
 
-    def __init__(self, apps: AppStore, tokens: TokenVerifier, cache_seconds: float) -> None:
+    def __init__(
+        self,
+        apps: AppStore,
+        tokens: TokenVerifier,
+        cache_seconds: float,
+        slots: HashSlots,
+        budget: FailureBudget,
+    ) -> None:
         self.apps = apps
         self.tokens = tokens
         self.cache_seconds = cache_seconds
-        self._cache: dict[bytes, tuple[float, Principal | errors.Unauthenticated]] = {}
+        self.slots = slots
+        self.budget = budget
+        self._cache: OrderedDict[bytes, tuple[float, Principal | errors.Unauthenticated]] = (
+            OrderedDict()
+        )
         #: Whether a secret (by fingerprint) matched a stored hash; see the module docstring.
-        self._checked: dict[tuple[bytes, str], bool] = {}
+        self._checked: OrderedDict[tuple[bytes, str], bool] = OrderedDict()
         self._lock = threading.Lock()
 
     def authenticate(self, metadata: Iterable[tuple[str, str | bytes]], peer: str) -> Principal:
@@ -178,24 +215,24 @@ class Authenticator:
         key = _fingerprint(header or "")
         now = time.monotonic()
         with self._lock:
-            cached = self._cache.get(key)
-        if cached is None or cached[0] <= now:
+            cached = _recall(self._cache, key)
+        lapsed = cached is not None and isinstance(cached[1], Principal) and cached[1].lapsed()
+        if cached is None or cached[0] <= now or lapsed:
             try:
                 outcome: Principal | errors.Unauthenticated = self._verify(
-                    Credentials.from_header(header)
+                    Credentials.from_header(header), caller_of(peer)
                 )
             except errors.Unauthenticated as exc:
                 outcome = exc
             with self._lock:
-                _bounded(self._cache, self.MAX_CACHED)
-                self._cache[key] = (now + self.cache_seconds, outcome)
+                _remember(self._cache, key, (now + self.cache_seconds, outcome), self.MAX_CACHED)
         else:
             outcome = cached[1]
         if isinstance(outcome, Principal):
             return outcome
         _refuse(outcome, peer)
 
-    def _verify(self, credentials: Credentials) -> Principal:
+    def _verify(self, credentials: Credentials, caller: str) -> Principal:
         if not credentials.app_code:
             raise errors.CredentialsMissing("APP Code [bk_app_code] cannot be empty")
         if not credentials.app_secret:
@@ -205,38 +242,56 @@ class Authenticator:
         app = self.apps.app(credentials.app_code)
         # Hash even for an unknown app, so its answer takes as long as a wrong secret's.
         stored = app.secret_hash if app is not None else _DECOY_HASH
-        matches = self._matches(credentials.app_secret, stored)
+        matches = self._matches(credentials.app_secret, stored, caller, credentials.app_code)
         if app is None or not matches or app.revoked:
             raise errors.CredentialsInvalid(
                 "APP authentication failed: bk_app_code or bk_app_secret is invalid",
                 {"appCode": credentials.app_code[:64]},
             )
-        username = self._user(credentials, app.may_assert_user)
+        username, expires_at = self._user(credentials, app.may_assert_user)
         return Principal(
             app_code=app.code,
             username=username,
             businesses=None if app.all_businesses else app.businesses,
+            expires_at=expires_at,
         )
 
-    def _matches(self, secret: str, stored: str) -> bool:
-        """verify_secret, remembered for this secret and this stored hash."""
+    def _matches(self, secret: str, stored: str, caller: str, app_code: str) -> bool:
+        """verify_secret, remembered for this secret and this stored hash; hashing only
+        within caller's failure budget and a hash slot (see the module docstring)."""
         key = (_fingerprint(secret), stored)
         with self._lock:
-            known = self._checked.get(key)
-        if known is None:
-            known = secrets.verify_secret(secret, stored)
-            with self._lock:
-                _bounded(self._checked, self.MAX_CACHED)
-                self._checked[key] = known
+            known = _recall(self._checked, key)
+        if known is not None:
+            return known
+        retry_in = math.ceil(self.budget.take(caller))
+        if retry_in:
+            raise errors.CredentialChecksThrottled(
+                f"too many failed credential checks from this caller; retry in {retry_in} s",
+                {"appCode": app_code[:64], "retryAfterSeconds": str(retry_in)},
+            )
+        try:
+            known = self.slots.run(partial(secrets.verify_secret, secret, stored))
+        except SlotsBusy:
+            self.budget.give_back(caller)
+            raise errors.CredentialChecksThrottled(
+                "the server is checking as many credentials as it can at once; retry shortly",
+                {"appCode": app_code[:64]},
+            ) from None
+        if known:
+            self.budget.give_back(caller)
+        with self._lock:
+            _remember(self._checked, key, known, self.MAX_CACHED)
         return known
 
-    def _user(self, credentials: Credentials, may_assert_user: bool) -> str:
+    def _user(self, credentials: Credentials, may_assert_user: bool) -> tuple[str, int | None]:
+        """The verified username, and when it stops holding (None: no expiry)."""
         if credentials.token:
-            username = self.tokens.username_for(credentials.token)
-            if username:
-                return username
+            found = self.tokens.user_for(credentials.token)
+            if found is not None and found.username:
+                return found.username, found.expires_at
         elif credentials.username and may_assert_user:
-            return credentials.username
+            return credentials.username, None
         raise errors.UserUnverified(
             "User authentication failed, please provide a valid user identity, "
             "such as bk_token, bk_username",
@@ -299,7 +354,22 @@ def _fingerprint(text: str) -> bytes:
     ).digest()
 
 
-def _bounded(table: dict[Any, Any], limit: int) -> None:
-    """Make room in a cache table: emptied whole when full (callers hold the lock)."""
-    if len(table) >= limit:
-        table.clear()
+K = TypeVar("K")
+V = TypeVar("V")
+
+
+def _recall(table: OrderedDict[K, V], key: K) -> V | None:
+    """table[key] (None if absent), now the most recently used (callers hold the lock)."""
+    value = table.get(key)
+    if value is not None:
+        table.move_to_end(key)
+    return value
+
+
+def _remember(table: OrderedDict[K, V], key: K, value: V, limit: int) -> None:
+    """Set table[key], forgetting the least recently used entry beyond limit (callers hold
+    the lock)."""
+    table[key] = value
+    table.move_to_end(key)
+    if len(table) > limit:
+        table.popitem(last=False)

@@ -42,6 +42,14 @@ class Config:
     #: Seconds a verified app credential is trusted before it is checked again: the
     #: longest a revocation, rotation or grant change takes to apply.
     auth_cache_seconds: float = 10.0
+    #: App secrets hashed (scrypt, ~16 MiB each) at once in each process; as many more
+    #: checks wait for a slot, at most auth_hash_wait_seconds, and the rest are refused at
+    #: once (RESOURCE_EXHAUSTED). A secret checked before never waits.
+    auth_hash_slots: int = 1
+    auth_hash_wait_seconds: float = 0.2
+    #: Failed secret checks a caller (peer address) may make in a burst, and per minute
+    #: after it; beyond, its checks are refused without hashing. 0: no limit per caller.
+    auth_failures_per_minute: int = 30
     #: Logging level name.
     log_level: str = "INFO"
     #: host:port of the HTTP/JSON shim (server.gateway); port 0 picks a free one, empty

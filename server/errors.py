@@ -26,6 +26,7 @@ The HTTP status follows from ``code`` (grpc-gateway's mapping, in the shim).
      |    +-- CredentialsInvalid
      |    +-- UserUnverified
      +-- PermissionDenied           PERMISSION_DENIED  3599999  (gateway 1640301)
+     +-- CredentialChecksThrottled  RESOURCE_EXHAUSTED 3555000  (HTTP 429)
      +-- BackendUnavailable         UNAVAILABLE        3555000
      +-- MethodNotAllowed           UNIMPLEMENTED      3540000  (HTTP 405)
      +-- PayloadTooLarge            RESOURCE_EXHAUSTED 3540000  (HTTP 413)
@@ -222,6 +223,21 @@ class Overloaded(ServiceError):
 
     code = grpc.StatusCode.RESOURCE_EXHAUSTED
     reason = "OVERLOADED"
+    legacy_code = 3555000
+
+
+class CredentialChecksThrottled(ServiceError):
+    """A secret could not be checked now: its caller failed too many checks lately, or the
+    process is hashing as many secrets as it may (server.throttle). Retrying later may help.
+
+    Not UNAUTHENTICATED: the credentials were not checked, and a caller with good ones
+    (say, on a fresh server process) must retry, not conclude they are wrong. An unknown
+    app is throttled alike, so this says nothing about which apps exist. Like the shim's
+    refusals it keeps its HTTP status, 429, on every route (server.gateway.statuses).
+    """
+
+    code = grpc.StatusCode.RESOURCE_EXHAUSTED
+    reason = "CREDENTIAL_CHECKS_THROTTLED"
     legacy_code = 3555000
 
 

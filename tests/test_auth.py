@@ -5,9 +5,16 @@ from __future__ import annotations
 import json
 import logging
 import re
+import statistics
+import subprocess
+import sys
+import threading
 import time
+from collections import Counter
 from collections.abc import Iterator
 from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
 
 import grpc
 import pytest
@@ -23,10 +30,13 @@ from server.auth import Credentials
 from server.cli import DEMO_APP
 from server.config import Config
 from server.db.apps import AppStore
+from tests.conftest import ALL_APP
 from tests.conftest import seed_request
 
+ROOT = Path(__file__).resolve().parent.parent
 UNAUTHENTICATED = grpc.StatusCode.UNAUTHENTICATED
 DENIED = grpc.StatusCode.PERMISSION_DENIED
+THROTTLED = grpc.StatusCode.RESOURCE_EXHAUSTED
 OTHER_BUSINESS_TASK = seed_request(
     bk_biz_id="3",
     task_id="20",
@@ -156,6 +166,18 @@ def test_expired_token_is_refused(channel: grpc.Channel, apps: AppStore) -> None
     assert call(channel, expired, seed_request())[:2] == (UNAUTHENTICATED, "USER_UNVERIFIED")
 
 
+def test_a_token_is_refused_from_the_moment_it_expires(
+    channel: grpc.Channel, apps: AppStore
+) -> None:
+    """Though the identity it verified is trusted for the cache time (10 s here)."""
+    token = apps.issue_token("alice", 2)
+    expiry = time.time() + 2  # no earlier than the token's own
+    holder = {**DEMO_APP, "bk_username": "", "bk_token": token}
+    assert call(channel, holder, seed_request())[0] == grpc.StatusCode.OK
+    time.sleep(max(0.0, expiry - time.time()) + 0.01)  # the token has now expired
+    assert call(channel, holder, seed_request())[:2] == (UNAUTHENTICATED, "USER_UNVERIFIED")
+
+
 def test_health_and_reflection_stay_open(channel: grpc.Channel) -> None:
     from grpc_health.v1 import health_pb2
     from grpc_health.v1 import health_pb2_grpc
@@ -165,11 +187,9 @@ def test_health_and_reflection_stay_open(channel: grpc.Channel) -> None:
 
 
 @contextmanager
-def caching_for(demo_config: Config, seconds: float) -> Iterator[tuple[Server, AppStore]]:
-    """A started demo server that trusts a checked identity for seconds, and its apps."""
-    config = Config(
-        database_url=demo_config.database_url, grpc_addr="127.0.0.1:0", auth_cache_seconds=seconds
-    )
+def serving(demo_config: Config, **settings: Any) -> Iterator[tuple[Server, AppStore]]:
+    """A started demo server with these Config settings, and its apps."""
+    config = Config(database_url=demo_config.database_url, grpc_addr="127.0.0.1:0", **settings)
     running = create_server(config)
     running.start()
     try:
@@ -179,7 +199,7 @@ def caching_for(demo_config: Config, seconds: float) -> Iterator[tuple[Server, A
 
 
 def test_revocation_and_rotation_apply_within_the_cache_time(demo_config: Config) -> None:
-    with caching_for(demo_config, 0.5) as (running, apps):
+    with serving(demo_config, auth_cache_seconds=0.5) as (running, apps):
         with running.store.db.connection_context():
             apps.add("rotating", "first", businesses=[2], may_assert_user=True)
         first = {"bk_app_code": "rotating", "bk_app_secret": "first", "bk_username": "u"}
@@ -212,7 +232,7 @@ def test_an_expired_identity_is_rechecked_without_hashing_its_secret_again(
         return verify(secret, stored)
 
     monkeypatch.setattr(secrets, "verify_secret", counted)
-    with caching_for(demo_config, 0.1) as (running, apps):
+    with serving(demo_config, auth_cache_seconds=0.1) as (running, apps):
         with running.store.db.connection_context():
             apps.add("steady", "its-secret", businesses=[2], may_assert_user=True)
         steady = {"bk_app_code": "steady", "bk_app_secret": "its-secret", "bk_username": "u"}
@@ -226,6 +246,113 @@ def test_an_expired_identity_is_rechecked_without_hashing_its_secret_again(
             time.sleep(0.15)
             assert call(channel, steady, seed_request())[0] == grpc.StatusCode.OK
             assert len(hashed) == 2 and hashed[0] != hashed[1]
+
+
+class HashesAtOnce:
+    """Stands in for secrets.verify_secret, running the real one, to count how many run at
+    once: the most, how many in all, and on which threads."""
+
+    def __init__(self) -> None:
+        self.verify = secrets.verify_secret
+        self.running = self.most = self.total = 0
+        self.threads: set[int] = set()
+        self.lock = threading.Lock()
+
+    def __call__(self, secret: str, stored: str) -> bool:
+        with self.lock:
+            self.running += 1
+            self.most = max(self.most, self.running)
+            self.total += 1
+            self.threads.add(threading.get_ident())
+        try:
+            return self.verify(secret, stored)
+        finally:
+            with self.lock:
+                self.running -= 1
+
+
+@contextmanager
+def flooding(address: str, app_code: str, callers: int = 16) -> Iterator[Counter[str]]:
+    """bench.flood in a process of its own (not competing with the server for this
+    process's GIL): callers sending fresh wrong secrets for app_code until the block ends.
+    Filled on exit with how many answers of each reason they got."""
+    answered: Counter[str] = Counter()
+    command = [sys.executable, "-m", "bench.flood", address, app_code, "--callers", str(callers)]
+    process = subprocess.Popen(
+        [*command, "--seconds", "60", "--until-stdin-closes"],
+        cwd=ROOT,
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        yield answered
+    finally:
+        out, _ = process.communicate(timeout=30)  # closing its stdin stops it
+    answered.update(json.loads(out))
+
+
+def test_a_flood_of_wrong_secrets_hashes_within_the_slots_and_spares_known_callers(
+    demo_config: Config, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """16 callers sending a fresh wrong secret with every call, each hashed at production
+    cost: one secret is hashed at a time, always on the same thread (which alone keeps
+    scrypt's 16 MiB), the other checks are refused, and a caller whose secret was verified
+    before is answered as fast as ever, never waiting for a hash."""
+    hashing = HashesAtOnce()
+    monkeypatch.setattr(secrets, "verify_secret", hashing)
+    settings = {"auth_hash_slots": 1, "auth_failures_per_minute": 0}  # every caller is 127.0.0.1
+    with serving(demo_config, **settings) as (running, apps):
+        with running.store.db.connection_context():
+            monkeypatch.setattr(secrets, "SCRYPT_N", secrets.DEFAULT_SCRYPT_N)
+            apps.add("flooded", "its-secret", businesses=[2])
+        address = f"127.0.0.1:{running.port}"
+        with grpc.insecure_channel(address) as channel:
+            assert call(channel, creds(), seed_request())[0] == grpc.StatusCode.OK
+            with flooding(address, "flooded") as answered:
+                while hashing.total < 4:  # the flood is under way
+                    time.sleep(0.01)
+                took = []
+                for i in range(20):
+                    started = time.perf_counter()
+                    # A new user each time: a new header, checked again, its secret known.
+                    outcome = call(channel, creds(bk_username=f"user{i}"), seed_request())
+                    took.append(time.perf_counter() - started)
+                    assert outcome[0] == grpc.StatusCode.OK
+    assert hashing.most == 1 and len(hashing.threads) == 1
+    assert answered["CREDENTIALS_INVALID"] and answered["CREDENTIAL_CHECKS_THROTTLED"]
+    assert statistics.median(took) < 0.1, took  # ~25 ms here; ~250 ms with every thread hashing
+
+
+def test_a_caller_past_its_failure_budget_is_refused_without_hashing(
+    demo_config: Config, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An unknown app alike (neither is hashed), and secrets verified before still pass."""
+    hashing = HashesAtOnce()
+    monkeypatch.setattr(secrets, "verify_secret", hashing)
+    throttled = (THROTTLED, "CREDENTIAL_CHECKS_THROTTLED")
+    with (
+        serving(demo_config, auth_failures_per_minute=3) as (running, _),
+        grpc.insecure_channel(f"127.0.0.1:{running.port}") as channel,
+    ):
+        assert call(channel, creds(), seed_request())[0] == grpc.StatusCode.OK
+        guesses = [
+            call(channel, creds(bk_app_secret=f"guess{i}"), seed_request()) for i in range(5)
+        ]
+        failed = (UNAUTHENTICATED, "CREDENTIALS_INVALID")
+        assert [guess[:2] for guess in guesses] == [failed] * 3 + [throttled] * 2
+        unknown = call(channel, creds(bk_app_code="nobody"), seed_request())
+        assert unknown[:2] == throttled
+        for message in (guesses[-1][2], unknown[2]):
+            assert re.fullmatch(
+                r"too many failed credential checks from this caller; retry in \d+ s", message
+            )
+        assert hashing.total == 4
+        # The demo app's secret is known: a new user of it needs no hash.
+        assert call(channel, creds(bk_username="other"), seed_request())[0] == grpc.StatusCode.OK
+        # A good secret not checked yet waits for the budget like any other.
+        assert call(channel, ALL_APP, seed_request())[:2] == throttled
+        assert hashing.total == 4
 
 
 def test_failed_attempts_are_logged_without_secrets(

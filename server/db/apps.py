@@ -36,6 +36,13 @@ class AppRecord(NamedTuple):
     businesses: frozenset[int]
 
 
+class TokenRecord(NamedTuple):
+    """Whom a live token stands for, and until when (microseconds since the epoch)."""
+
+    username: str
+    expires_at: int
+
+
 class AppNotFound(LookupError):
     """The command line named an app that does not exist."""
 
@@ -89,8 +96,8 @@ class AppStore:
             businesses=frozenset(int(g) for g in grants),
         )
 
-    def user_of_token(self, token: str) -> str | None:
-        """The username a live issued token stands for, or None."""
+    def user_of_token(self, token: str) -> TokenRecord | None:
+        """The user a live issued token stands for and its expiry, or None."""
         row = self._reading(
             lambda: (
                 UserToken.select(UserToken.username, UserToken.expires_at)
@@ -101,7 +108,7 @@ class AppStore:
         )
         if row is None or row[1] <= _now():
             return None
-        return str(row[0])
+        return TokenRecord(str(row[0]), int(row[1]))
 
     # Writes, for the command line ----------------------------------------------------
 

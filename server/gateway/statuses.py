@@ -37,13 +37,15 @@ HTTP_STATUS: dict[grpc.StatusCode, int] = {
     grpc.StatusCode.DATA_LOSS: 500,
 }
 
-#: Refusals of the HTTP request itself. They are about HTTP, not about the business, so they
-#: keep their own status on every route, the legacy ones (HTTP 200 for business errors) too.
+#: Refusals of the HTTP request itself, or of its credentials unchecked. They are about HTTP
+#: or load, not about the business, so they keep their own status on every route, the legacy
+#: ones (HTTP 200 for business errors) too: a client backs off on a 429 whatever the route.
 HTTP_REFUSALS: dict[str, int] = {
     errors.RouteNotFound.reason: 404,
     errors.MethodNotAllowed.reason: 405,
     errors.PayloadTooLarge.reason: 413,
     errors.Overloaded.reason: 429,
+    errors.CredentialChecksThrottled.reason: 429,
 }
 
 _CODES = {code.value[0]: code for code in grpc.StatusCode}

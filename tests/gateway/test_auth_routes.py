@@ -17,6 +17,7 @@ import pytest
 
 from server.app import Server
 from server.cli import DEMO_APP
+from server.config import Config
 from server.db.apps import AppStore
 from tests.conftest import ALL_APP
 from tests.conftest import SEED_NODE
@@ -288,3 +289,22 @@ def test_denial_says_nothing_about_the_task(http: httpx.Client) -> None:
         # An app granted every business tells the two apart: the task really is missing.
         granted = [without_ids(call(http, ALL_APP, t)) for t in (NOT_GRANTED, NOT_GRANTED_NO_TASK)]
         assert granted[0] != granted[1], route
+
+
+@pytest.mark.parametrize("database_url", STORES[:1], indirect=True)
+def test_throttled_credential_checks_are_429_on_every_route(http: httpx.Client) -> None:
+    """A secret refused unchecked is neither right nor wrong: every route says retry later,
+    and callers whose secret was verified before are served all the while."""
+    assert seen(esb_get_query(http, DEMO_APP, GRANTED))[0] == 200
+    for n in range(Config.auth_failures_per_minute):  # this address's whole budget
+        guess = {**DEMO_APP, "bk_app_secret": f"guess{n}"}
+        assert esb_get_query(http, guess, GRANTED).json()["code"] == UNAUTHENTICATED.legacy
+    one_more = {**DEMO_APP, "bk_app_secret": "one more guess"}
+    for route, (style, call) in ROUTES.items():
+        status, _, body = seen(call(http, one_more, GRANTED))
+        assert status == 429, route
+        if style == "canonical":
+            assert (body["code"], body["details"]) == (8, ["CREDENTIAL_CHECKS_THROTTLED"])
+        else:
+            assert (body["result"], body["code"]) == (False, 3555000), route
+        assert seen(call(http, DEMO_APP, GRANTED)) == expected(style, CASES["granted"]), route
