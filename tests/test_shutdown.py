@@ -75,11 +75,14 @@ def serving(tmp_path: Path, processes: str) -> Iterator[tuple[subprocess.Popen[s
 @contextmanager
 def steady_calls(port: int) -> Iterator[collections.Counter[str]]:
     """CLIENTS threads calling GetTaskNodeDetail back to back until the block ends: the
-    count of each outcome (status code name)."""
+    count of each outcome (status code name).
+
+    Each starts once the one before has been answered: a worker hashes a secret it has
+    not checked yet for one caller at a time (server.throttle) and refuses the others."""
     outcomes: collections.Counter[str] = collections.Counter()
     done = threading.Event()
 
-    def call() -> None:
+    def call(answered: threading.Event) -> None:
         with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
             stub = pb_grpc.TaskNodeServiceStub(authorized(channel))
             while not done.is_set():
@@ -89,16 +92,14 @@ def steady_calls(port: int) -> Iterator[collections.Counter[str]]:
                 except grpc.RpcError as exc:
                     outcomes[exc.code().name] += 1
                     done.wait(0.01)  # a refused caller would go elsewhere; do not spin
+                answered.set()
 
-    # One call first: the demo app's secret is then hashed once, not by every client at
-    # once (which the server would refuse, a hash at a time).
-    with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
-        pb_grpc.TaskNodeServiceStub(authorized(channel)).GetTaskNodeDetail(
-            seed_request(), timeout=10
-        )
-    threads = [threading.Thread(target=call) for _ in range(CLIENTS)]
-    for thread in threads:
-        thread.start()
+    threads = []
+    for _ in range(CLIENTS):
+        answered = threading.Event()
+        threads.append(threading.Thread(target=call, args=(answered,)))
+        threads[-1].start()
+        answered.wait(30)
     try:
         yield outcomes
     finally:
@@ -150,6 +151,22 @@ def not_serving_within(port: int, seconds: float) -> bool:
     return False
 
 
+def refusal_reason(port: int) -> str:
+    """The ErrorInfo reason of a new call's refusal. Every try must be UNAVAILABLE; tried
+    again while that is a worker closing the connection as it exits, not a refusal."""
+    for _ in range(20):
+        with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+            stub = pb_grpc.TaskNodeServiceStub(authorized(channel))
+            with pytest.raises(grpc.RpcError) as refused:
+                stub.GetTaskNodeDetail(seed_request(), timeout=10)
+        assert refused.value.code() == grpc.StatusCode.UNAVAILABLE
+        status = rpc_status.from_call(refused.value)
+        info = error_details_pb2.ErrorInfo()
+        if status is not None and status.details[0].Unpack(info):
+            return info.reason
+    raise AssertionError("no server answered")
+
+
 @pytest.mark.parametrize("processes", ["1", "2"])
 def test_sigterm_refuses_new_calls_at_once_and_finishes_admitted_ones(
     tmp_path: Path, processes: str
@@ -165,15 +182,7 @@ def test_sigterm_refuses_new_calls_at_once_and_finishes_admitted_ones(
         assert not_serving_within(grpc_port, 3)
 
         # The held request keeps the server draining: new work is refused meanwhile.
-        with grpc.insecure_channel(f"127.0.0.1:{grpc_port}") as channel:
-            stub = pb_grpc.TaskNodeServiceStub(authorized(channel))
-            with pytest.raises(grpc.RpcError) as refused:
-                stub.GetTaskNodeDetail(seed_request(), timeout=10)
-        assert refused.value.code() == grpc.StatusCode.UNAVAILABLE
-        info = error_details_pb2.ErrorInfo()
-        status_detail = rpc_status.from_call(refused.value)
-        assert status_detail is not None and status_detail.details[0].Unpack(info)
-        assert info.reason == "SHUTTING_DOWN"
+        assert refusal_reason(grpc_port) == "SHUTTING_DOWN"
         with pytest.raises(OSError):
             socket.create_connection(("127.0.0.1", http_port), timeout=5).close()
         assert process.poll() is None, "the admitted HTTP request is still running"
