@@ -3,11 +3,16 @@
 from __future__ import annotations
 
 import logging
+import os
+import sys
+import threading
+import time
 from collections.abc import Callable
 from concurrent import futures
 from dataclasses import dataclass
 from functools import partial
 from typing import Any
+from typing import NoReturn
 
 import grpc
 from bksops.tasknode.v1 import task_node_pb2
@@ -29,6 +34,8 @@ from server.db.apps import AppStore
 from server.db.connection import ensure_schema
 from server.db.connection import open_database
 from server.db.store import Store
+from server.draining import CountingExecutor
+from server.draining import Gate
 from server.handlers.task_node import TaskNodeServicer
 from server.interceptors import AuthInterceptor
 from server.interceptors import ServiceInterceptor
@@ -65,7 +72,8 @@ class Server:
     store: Store
     cache: DetailCache | None
     access: AccessLog
-    workers: futures.ThreadPoolExecutor
+    workers: CountingExecutor
+    gate: Gate
     #: The service's handlers by method path, interceptors applied: what in-process
     #: callers (the shim in this process, server.gateway.local) call.
     handlers: dict[str, grpc.RpcMethodHandler]
@@ -75,15 +83,56 @@ class Server:
         self.health.set("", health_pb2.HealthCheckResponse.SERVING)
         self.health.set(SERVICE_NAME, health_pb2.HealthCheckResponse.SERVING)
 
-    def stop(self, grace: float | None) -> None:
-        """Report NOT_SERVING, refuse new calls, let in-flight ones finish within grace."""
+    def drain(self, grace: float, *alongside: Callable[[], None]) -> bool:
+        """At once: health says NOT_SERVING and calls taken in from now on are refused
+        UNAVAILABLE (server.draining). Meanwhile each of alongside (the shim's own stop)
+        runs on a thread of its own. Wait, at most grace seconds, until alongside has
+        returned and every call taken in before has finished; True if all did."""
+        deadline = time.monotonic() + grace
         self.health.enter_graceful_shutdown()
-        self.grpc_server.stop(grace).wait()
+        self.gate.close()
+        threads = [threading.Thread(target=stop, name="drain") for stop in alongside]
+        for thread in threads:
+            thread.start()
+        for thread in threads:  # first: the shim's requests use our worker threads
+            thread.join(max(0.0, deadline - time.monotonic()))
+        drained = self.workers.wait_idle(deadline) and not any(t.is_alive() for t in threads)
+        log.info(
+            "drained %s; %d calls refused meanwhile",
+            "every call" if drained else "what finished within the grace",
+            self.gate.refused,
+        )
+        return drained
+
+    def stop(self, grace: float | None) -> None:
+        """Drain (see drain) for up to grace (None: none), then stop grpc-core, cutting
+        what still runs, and release the store."""
+        deadline = time.monotonic() + (grace or 0)
+        self.drain(grace or 0)
+        self.grpc_server.stop(max(0.0, deadline - time.monotonic()) if grace else None).wait()
         # A call cut off at the end of grace still runs in its thread (threads cannot be
         # killed); the database must outlive it, or it would use a closed connection.
         self.workers.shutdown(wait=True, cancel_futures=True)
         self.access.stop()
         self.store.close()
+
+    def drain_and_exit(self, grace: float, *alongside: Callable[[], None]) -> NoReturn:
+        """What a serving process does on SIGTERM: drain (see drain), then end the process.
+
+        grpc-core is not stopped: its shutdown would answer CANCELLED to calls still
+        arriving (callers that have not yet seen a refusal). The process ends instead,
+        the kernel closes the connections, and those callers see UNAVAILABLE. A call
+        cut off at the end of the grace ends with the process.
+        """
+        drained = self.drain(grace, *alongside)
+        self.access.stop()
+        if drained:
+            self.store.close()
+        log.info("stopped")
+        logging.shutdown()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(0)
 
 
 class WithheldBytes(logging.Filter):
@@ -134,14 +183,16 @@ def create_server(config: Config, reuse_port: bool = False) -> Server:
         HashSlots(config.auth_hash_slots, config.auth_hash_wait_seconds),
         FailureBudget(config.auth_failures_per_minute),
     )
-    workers = futures.ThreadPoolExecutor(max_workers=config.grpc_workers, thread_name_prefix="grpc")
+    workers = CountingExecutor(max_workers=config.grpc_workers, thread_name_prefix="grpc")
+    gate = Gate()
     interceptors: list[grpc.ServerInterceptor] = [
         ServiceInterceptor(store, access),
         AuthInterceptor(authenticator),
     ]
     server = grpc.server(
         workers,
-        interceptors=interceptors,
+        # The gate decides on gRPC calls only; the shim's requests are admitted by HTTP.
+        interceptors=[gate, *interceptors],
         maximum_concurrent_rpcs=config.max_concurrent_rpcs,
         options=[
             ("grpc.max_receive_message_length", config.max_receive_message_bytes),
@@ -175,7 +226,7 @@ def create_server(config: Config, reuse_port: bool = False) -> Server:
     if port == 0:
         raise CannotListen(f"cannot listen on {config.grpc_addr}: is the address in use?")
     handlers = in_process_handlers(servicer, interceptors)
-    return Server(server, port, health_servicer, store, cache, access, workers, handlers)
+    return Server(server, port, health_servicer, store, cache, access, workers, gate, handlers)
 
 
 def method_path(method: MethodDescriptor) -> str:

@@ -223,7 +223,9 @@ class Authenticator:
                     Credentials.from_header(header), caller_of(peer)
                 )
             except errors.Unauthenticated as exc:
-                outcome = exc
+                # Cached as a fresh copy: the raised one holds its traceback, whose
+                # frames hold the call (context, request), for as long as it is cached.
+                outcome = type(exc)(exc.message, exc.metadata)
             with self._lock:
                 _remember(self._cache, key, (now + self.cache_seconds, outcome), self.MAX_CACHED)
         else:

@@ -146,38 +146,49 @@ def _serve(config: Config, demo: bool) -> int:
         load_demo_if_empty(config)
     count = worker_count(config)
     # The shim runs beside gRPC in each serving process, calling it in-process.
-    http: HttpServer | None = None
     http_url = ""
     if count > 1:
         ensure_schema(open_database(config.database_url))  # refuse a bad schema here, once
         workers = Workers(config, count, http=True)
         workers.start()
-        port, stop_grpc, wait = workers.port, workers.stop, workers.watch
+        port = workers.port
         if workers.http:
             http_url = _url(config, workers.http_port)
+
+        def stop(signum: int, frame: FrameType | None) -> None:
+            log.info(
+                "got %s: draining for up to %.0fs",
+                signal.Signals(signum).name,
+                config.shutdown_grace_seconds,
+            )
+            workers.stop(config.shutdown_grace_seconds)
+
+        wait = workers.watch
     else:
         server = create_server(config)
         server.start()
         port = server.port
+        http: HttpServer | None = None
         if config.http_addr:
             http = serve_shim(config, server)
             http_url = http.url
 
-        def stop_grpc(grace: float) -> None:
-            if http is not None:  # first: it calls gRPC's handlers
-                http.stop()
-            server.stop(grace)
+        # The handler only notes the signal: the main thread drains, outside the handler.
+        received: list[signal.Signals] = []
+        stopping = threading.Event()
+
+        def stop(signum: int, frame: FrameType | None) -> None:
+            received.append(signal.Signals(signum))
+            stopping.set()
 
         def wait() -> None:
-            server.grpc_server.wait_for_termination()
-
-    def stop(signum: int, frame: FrameType | None) -> None:
-        log.info(
-            "got %s: draining for up to %.0fs",
-            signal.Signals(signum).name,
-            config.shutdown_grace_seconds,
-        )
-        stop_grpc(config.shutdown_grace_seconds)
+            stopping.wait()
+            log.info(
+                "got %s: draining for up to %.0fs",
+                received[0].name,
+                config.shutdown_grace_seconds,
+            )
+            server.drain_and_exit(config.shutdown_grace_seconds, *([http.stop] if http else []))
 
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)

@@ -19,6 +19,7 @@ The HTTP status follows from ``code`` (grpc-gateway's mapping, in the shim).
      |    +-- ComponentNotFound                        3599999
      |    +-- RouteNotFound                            3540400  (HTTP 404)
      +-- StoreUnavailable           UNAVAILABLE        3555000
+     +-- ShuttingDown               UNAVAILABLE        3555000
      +-- DeadlineExceeded           DEADLINE_EXCEEDED  3599999
      +-- Internal                   INTERNAL           3599999
      +-- Unauthenticated            UNAUTHENTICATED    1306000  (gateway 1640001)
@@ -174,6 +175,14 @@ class StoreUnavailable(ServiceError):
 
     code = grpc.StatusCode.UNAVAILABLE
     reason = "STORE_UNAVAILABLE"
+    legacy_code = 3555000
+
+
+class ShuttingDown(ServiceError):
+    """The server is draining after SIGTERM and takes no new calls; another server will."""
+
+    code = grpc.StatusCode.UNAVAILABLE
+    reason = "SHUTTING_DOWN"
     legacy_code = 3555000
 
 

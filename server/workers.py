@@ -8,7 +8,7 @@ over them; each is pinned to its own core, which measured ~1.9x faster than
 letting the scheduler move the server's threads between cores
 (../shared/reference/perf-baseline.md). The parent only starts, watches and
 stops the workers: a worker that dies is started again; SIGTERM is passed on, and
-each worker drains its calls in flight.
+each worker drains its calls in flight (server.app.Server.drain_and_exit).
 
 With ``http``, each worker also serves the shim on the shared HTTP port, calling
 its own gRPC handlers in-process (server.gateway.local).
@@ -23,10 +23,10 @@ import multiprocessing
 import os
 import signal
 import socket
+import threading
 import time
 from multiprocessing.process import BaseProcess
 from multiprocessing.queues import Queue
-from types import FrameType
 from typing import Any
 
 from server.app import CannotListen
@@ -164,16 +164,9 @@ def _run_worker(
         ready.put(f"worker {index}: {exc}")
         raise SystemExit(2) from exc
 
-    def stop(signum: int, frame: FrameType | None) -> None:
-        log.info(
-            "got %s: draining for up to %.0fs",
-            signal.Signals(signum).name,
-            config.shutdown_grace_seconds,
-        )
-        if shim is not None:  # first: it calls gRPC's handlers
-            shim.stop()
-        server.stop(config.shutdown_grace_seconds)
-
-    signal.signal(signal.SIGTERM, stop)
+    stopping = threading.Event()
+    signal.signal(signal.SIGTERM, lambda signum, frame: stopping.set())
     ready.put("ready")
-    server.grpc_server.wait_for_termination()
+    stopping.wait()
+    log.info("got SIGTERM: draining for up to %.0fs", config.shutdown_grace_seconds)
+    server.drain_and_exit(config.shutdown_grace_seconds, *([shim.stop] if shim else []))

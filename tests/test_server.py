@@ -149,6 +149,29 @@ def test_graceful_stop_lets_in_flight_calls_finish(
         assert not stopper.is_alive()
 
 
+def test_stop_refuses_new_calls_at_once_and_lets_admitted_ones_finish(
+    demo_config: Config, slow: threading.Event
+) -> None:
+    running = create_server(demo_config)
+    running.start()
+    with grpc.insecure_channel(f"127.0.0.1:{running.port}") as channel:
+        stub = pb_grpc.TaskNodeServiceStub(authorized(channel))
+        admitted = stub.GetTaskNodeDetail.future(seed_request(), timeout=10)
+        time.sleep(0.3)
+        stopper = threading.Thread(target=running.stop, args=(10,))
+        stopper.start()
+        time.sleep(0.3)
+        assert health_of(channel) == health_pb2.HealthCheckResponse.NOT_SERVING
+        with pytest.raises(grpc.RpcError) as refused:
+            stub.GetTaskNodeDetail(seed_request(), timeout=5)
+        assert refused.value.code() == grpc.StatusCode.UNAVAILABLE
+        assert stopper.is_alive(), "stop waits for the admitted call"
+        slow.set()
+        assert admitted.result().id == seed_request().node_id
+        stopper.join(5)
+        assert not stopper.is_alive()
+
+
 @contextmanager
 def stopping_during_a_call(
     config: Config, grace: float | None

@@ -1,7 +1,7 @@
 """Running the shim: uvicorn (httptools, uvloop) on a thread of its own.
 
 On its own thread so that the main thread keeps the signal handlers and the gRPC
-server, and one SIGTERM stops both in order: HTTP first (it calls gRPC), then gRPC.
+server; on SIGTERM both drain at once (server.app.Server.drain).
 The socket is bound here, before the thread starts, so a bad or busy address fails
 in the caller, and port 0 gives a known port. With a certificate it serves HTTPS; the
 caller has checked the files (server.tls), since uvicorn reads them on its own thread.
@@ -9,6 +9,8 @@ caller has checked the files (server.tls), since uvicorn reads them on its own t
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import math
 import socket
 import threading
@@ -48,12 +50,23 @@ class _Uvicorn(uvicorn.Server):
     def __init__(self, config: uvicorn.Config) -> None:
         super().__init__(config)
         self.ready = threading.Event()
+        self.loop: asyncio.AbstractEventLoop | None = None
 
     async def startup(self, sockets: list[socket.socket] | None = None) -> None:
+        self.loop = asyncio.get_running_loop()
         try:
             await super().startup(sockets)
         finally:
             self.ready.set()
+
+    def refuse_new(self) -> None:
+        """On the loop: stop accepting connections, close idle ones, and let busy ones
+        close after their response; what uvicorn's shutdown does first, but at once
+        rather than at its next 0.1 s tick."""
+        for server in getattr(self, "servers", ()):
+            server.close()
+        for connection in list(self.server_state.connections):
+            connection.shutdown()
 
 
 class HttpServer:
@@ -101,7 +114,13 @@ class HttpServer:
             raise RuntimeError(f"the HTTP server on {self.url} did not start")
 
     def stop(self) -> None:
-        """Stop taking connections, let requests in flight finish (up to grace), close."""
+        """Stop taking connections at once, let requests in flight finish (up to grace),
+        close."""
+        loop = self._server.loop
+        if loop is not None:
+            # A closed loop (RuntimeError) means uvicorn has stopped already.
+            with contextlib.suppress(RuntimeError):
+                loop.call_soon_threadsafe(self._server.refuse_new)
         self._server.should_exit = True
         if self._thread.is_alive():
             self._thread.join()
