@@ -22,8 +22,10 @@ of CPU that stalls every call in flight.
 A secret that must be hashed (one not checked before against that stored hash) first
 takes a token of its caller's failure budget and then one of a few hash slots
 (server.throttle); without either it is refused at once, CREDENTIAL_CHECKS_THROTTLED,
-and the refusal is not cached. An unknown app goes the same way and hashes a decoy,
-so neither its answer nor its timing tells it from a wrong secret. Both tables are
+and the refusal is not cached. Checks of one secret at once share one hash: a client's
+first calls on several connections wait for the first one's answer instead of each
+taking a slot (and being refused for want of one). An unknown app goes the same way and
+hashes a decoy, so neither its answer nor its timing tells it from a wrong secret. Both tables are
 bounded and forget the least recently used entry first, so a flood of random
 credentials cannot push out the identities callers keep using.
 """
@@ -40,6 +42,7 @@ import time
 from collections import OrderedDict
 from collections.abc import Iterable
 from collections.abc import Mapping
+from concurrent.futures import Future
 from contextvars import ContextVar
 from dataclasses import dataclass
 from functools import partial
@@ -198,6 +201,8 @@ class Authenticator:
         )
         #: Whether a secret (by fingerprint) matched a stored hash; see the module docstring.
         self._checked: OrderedDict[tuple[bytes, str], bool] = OrderedDict()
+        #: The secrets being hashed now, each for one call; others with it wait for it.
+        self._hashing: dict[tuple[bytes, str], Future[bool]] = {}
         self._lock = threading.Lock()
 
     def authenticate(self, metadata: Iterable[tuple[str, str | bytes]], peer: str) -> Principal:
@@ -264,8 +269,38 @@ class Authenticator:
         key = (_fingerprint(secret), stored)
         with self._lock:
             known = _recall(self._checked, key)
+            pending = self._hashing.get(key) if known is None else None
+            leader = known is None and pending is None
+            if leader:
+                pending = self._hashing[key] = Future()
         if known is not None:
             return known
+        assert pending is not None
+        if not leader:
+            # The same secret is being hashed for another call (a client's first burst of
+            # calls on several connections): its answer is this one's, at no cost.
+            if pending.exception() is not None:
+                raise errors.CredentialChecksThrottled(
+                    "the server is checking as many credentials as it can at once; retry shortly",
+                    {"appCode": app_code[:64]},
+                )
+            return bool(pending.result())
+        try:
+            known = self._hash(secret, stored, caller, app_code)
+        except BaseException as exc:
+            pending.set_exception(exc)
+            raise
+        else:
+            pending.set_result(known)
+        finally:
+            with self._lock:
+                del self._hashing[key]
+        with self._lock:
+            _remember(self._checked, key, known, self.MAX_CACHED)
+        return known
+
+    def _hash(self, secret: str, stored: str, caller: str, app_code: str) -> bool:
+        """verify_secret within caller's failure budget and a hash slot."""
         retry_in = math.ceil(self.budget.take(caller))
         if retry_in:
             raise errors.CredentialChecksThrottled(
@@ -282,8 +317,6 @@ class Authenticator:
             ) from None
         if known:
             self.budget.give_back(caller)
-        with self._lock:
-            _remember(self._checked, key, known, self.MAX_CACHED)
         return known
 
     def _user(self, credentials: Credentials, may_assert_user: bool) -> tuple[str, int | None]:

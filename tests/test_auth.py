@@ -324,6 +324,36 @@ def test_a_flood_of_wrong_secrets_hashes_within_the_slots_and_spares_known_calle
     assert statistics.median(took) < 0.1, took  # ~25 ms here; ~250 ms with every thread hashing
 
 
+def test_a_burst_of_first_calls_with_one_secret_costs_one_hash(
+    demo_config: Config, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A client opening many connections at once to a fresh server: every call is
+    answered, none is throttled for want of a hash slot, and the secret is hashed once."""
+    hashing = HashesAtOnce()
+    monkeypatch.setattr(secrets, "verify_secret", hashing)
+    callers = 16
+    start = threading.Barrier(callers)
+    outcomes: list[grpc.StatusCode] = []
+
+    def first_call(address: str, user: int) -> None:
+        with grpc.insecure_channel(address) as own:  # a connection each
+            grpc.channel_ready_future(own).result(timeout=10)
+            start.wait(timeout=10)
+            outcomes.append(call(own, creds(bk_username=f"u{user}"), seed_request())[0])
+
+    with serving(demo_config, auth_hash_slots=1) as (running, _):
+        address = f"127.0.0.1:{running.port}"
+        threads = [
+            threading.Thread(target=first_call, args=(address, user)) for user in range(callers)
+        ]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(timeout=30)
+    assert outcomes == [grpc.StatusCode.OK] * callers
+    assert hashing.total == 1
+
+
 def test_a_caller_past_its_failure_budget_is_refused_without_hashing(
     demo_config: Config, monkeypatch: pytest.MonkeyPatch
 ) -> None:
