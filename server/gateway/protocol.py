@@ -19,6 +19,8 @@ connection is closed; nothing after it is read.
 from __future__ import annotations
 
 import asyncio
+import logging
+import time
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -34,6 +36,11 @@ from server.gateway.app import unreadable
 #: A request ends only right after a blank line (its head's, or its chunked body's) or
 #: after its Content-Length body.
 BLANK_LINE = b"\r\n\r\n"
+#: Seconds between two warnings that the connection cap is reached.
+WARN_EVERY = 10.0
+_warned = -WARN_EVERY
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -79,6 +86,7 @@ class Connection(HttpToolsProtocol):
         super().connection_made(transport)
         if len(self.connections) > self.limits.connections:
             transport.close()  # at once: no buffer, no timer
+            _warn_of_cap(self.limits.connections)
             return
         self._start_timer()  # for its first byte
 
@@ -171,6 +179,8 @@ class Connection(HttpToolsProtocol):
         """The request (or the first byte of the connection) did not come in time: 408 if
         any of it came, else just close."""
         self._timer = None
+        if self.transport.is_closing():
+            return
         if self._head or not self._reading_head:
             limit = self.limits.request_seconds
             self._refuse(408, f"the request did not arrive within {limit:g} seconds")
@@ -214,6 +224,15 @@ def connection_class(limits: Limits) -> type[Connection]:
 
     Limited.limits = limits
     return Limited
+
+
+def _warn_of_cap(cap: int) -> None:
+    """Log that connections are being refused, at most once every WARN_EVERY seconds."""
+    global _warned
+    now = time.monotonic()
+    if now - _warned >= WARN_EVERY:
+        _warned = now
+        log.warning("%d HTTP connections are open: closing new ones at once", cap)
 
 
 def _content_length(headers: list[tuple[bytes, bytes]]) -> int | None:
