@@ -184,13 +184,13 @@ def test_a_huge_header_is_refused_long_before_it_is_all_sent(shim: HttpServer) -
 
 # Time --------------------------------------------------------------------------------------
 
+POST = b"POST /api/c/compapi/v2/sops/get_task_node_detail/ HTTP/1.1\r\nhost: x\r\n"
+
 STALLED = {
     "a request line": b"GET /api/c/compapi",
     "a head": get()[:-2],
-    "a content-length body": b"POST /api/c/compapi/v2/sops/get_task_node_detail/ HTTP/1.1\r\n"
-    b"host: x\r\ncontent-length: 100\r\n\r\n{}",
-    "a chunked body": b"POST /api/c/compapi/v2/sops/get_task_node_detail/ HTTP/1.1\r\n"
-    b"host: x\r\ntransfer-encoding: chunked\r\n\r\n2\r\n{}\r\n",
+    "a content-length body": POST + b"content-length: 100\r\n\r\n{}",
+    "a chunked body": POST + b"transfer-encoding: chunked\r\n\r\n2\r\n{}\r\n",
 }
 
 
@@ -272,6 +272,23 @@ def test_pipelined_requests_are_answered_before_the_garbage_after_them(
     assert all(json.loads(body)["result"] for _, _, body in answered)
     assert refusal(answer[answer.rindex(b"HTTP/1.1 ") :]) == (status, message)
     assert refused[0] == status
+
+
+FIRST = {
+    "a GET": get(),
+    "a POST with a Content-Length body": POST + b"content-length: 4\r\n\r\n{}\r\n",
+    "a POST with a chunked body": POST
+    + b"transfer-encoding: chunked\r\n\r\n4\r\n{}\r\n\r\n0\r\n\r\n",
+}
+
+
+@pytest.mark.parametrize("case", FIRST)
+def test_a_pipelined_head_is_counted_from_its_first_byte(shim: HttpServer, case: str) -> None:
+    last = get(SEED_QUERY, "connection: close")
+    with connect(shim) as sock:
+        sock.sendall(FIRST[case] + padded_get(LINE_LIMIT, HEAD_LIMIT) + last)
+        answer = read_to_end(sock)
+    assert [status for status, _, _ in responses(answer)] == [200, 200, 200]
 
 
 # Connections -------------------------------------------------------------------------------
