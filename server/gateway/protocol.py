@@ -108,15 +108,19 @@ class Connection(HttpToolsProtocol):
                     return
             elif self._body_left is not None:
                 self._body_left -= end - start
+            piece = data if start == 0 and end == len(data) else memoryview(data)[start:end]
             try:
-                self.parser.feed_data(memoryview(data)[start:end])
+                self.parser.feed_data(piece)
             except httptools.HttpParserUpgrade:
                 self._unsupported_upgrade_warning()
                 return
             except httptools.HttpParserError:
                 self._refuse(400, NOT_HTTP)
                 return
-            self._tail = (self._tail + data[max(start, end - 3) : end])[-3:]
+            if end - start >= 3:
+                self._tail = data[end - 3 : end]
+            else:
+                self._tail = (self._tail + data[start:end])[-3:]
             start = end
 
     def _piece_end(self, data: bytes, start: int) -> int:
@@ -136,7 +140,7 @@ class Connection(HttpToolsProtocol):
         crossed."""
         if self._line is not None:
             at = start
-            if self._line == 0:  # llhttp skips line breaks before a request line
+            if self._line == 0 and data[start] in b"\r\n":  # llhttp skips these
                 at = end - len(data[start:end].lstrip(b"\r\n"))
             breaks = [i for i in (data.find(b"\r", at, end), data.find(b"\n", at, end)) if i >= 0]
             self._line += (min(breaks) if breaks else end) - at
