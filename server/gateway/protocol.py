@@ -22,12 +22,15 @@ import asyncio
 import logging
 import time
 from dataclasses import dataclass
+from typing import Any
 from typing import ClassVar
 
 import httptools
+import uvicorn
 from uvicorn.protocols.http.httptools_impl import STATUS_LINE
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 from uvicorn.protocols.http.httptools_impl import RequestResponseCycle
+from uvicorn.server import ServerState
 
 from server.config import Config
 from server.gateway.app import NOT_HTTP
@@ -47,13 +50,14 @@ log = logging.getLogger(__name__)
 class Limits:
     """What one HTTP connection may send, and how many may be open (per process)."""
 
-    request_line: int = 8 * 1024
-    head: int = 32 * 1024
-    request_seconds: float = 20.0
-    connections: int = 1000
+    request_line: int
+    head: int
+    request_seconds: float
+    connections: int
 
     @classmethod
     def of(cls, config: Config) -> Limits:
+        """config's limits (Config() has the defaults)."""
         return cls(
             config.max_request_line_bytes,
             config.max_header_bytes,
@@ -65,10 +69,16 @@ class Limits:
 class Connection(HttpToolsProtocol):
     """One HTTP/1.1 connection of the shim (uvicorn makes one per accepted socket)."""
 
-    limits: ClassVar[Limits] = Limits()
+    limits: ClassVar[Limits] = Limits.of(Config())
 
-    def __init__(self, *args: object, **kwargs: object) -> None:
-        super().__init__(*args, **kwargs)  # type: ignore[arg-type]
+    def __init__(
+        self,
+        config: uvicorn.Config,
+        server_state: ServerState,
+        app_state: dict[str, Any],
+        _loop: asyncio.AbstractEventLoop | None = None,
+    ) -> None:
+        super().__init__(config, server_state, app_state, _loop)
         #: Reading a request's head (else its body); bytes of that head so far, and of
         #: its request line (None once that has ended).
         self._reading_head = True

@@ -66,7 +66,7 @@ class HttpServer:
         config = uvicorn.Config(
             app,
             loop="uvloop",
-            http=connection_class(limits or Limits()),
+            http=connection_class(limits or Limits.of(Config())),
             ws="none",
             lifespan="on",
             log_config=None,
