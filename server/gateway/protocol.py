@@ -209,6 +209,9 @@ class Connection(HttpToolsProtocol):
         self._stop_timer()
         self.flow.pause_reading()
         self._refusal = b"" if status is None else _response(status, message, self)
+        if status is not None:
+            client = f"{self.client[0]}:{self.client[1]}" if self.client else "-"
+            log.info("refused HTTP from %s with %d: %s", client, status, message)
         cycle: RequestResponseCycle | None = self.cycle
         in_flight = bool(self.pipeline) or (cycle is not None and not cycle.response_complete)
         if cycle is not None and cycle.more_body and not cycle.response_complete:
