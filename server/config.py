@@ -60,6 +60,16 @@ class Config:
     gateway_prefix: str = ""
     #: Largest HTTP request body the shim reads; beyond it the answer is 413.
     max_body_bytes: int = 64 * 1024
+    #: Longest HTTP request line the shim reads (method, target, version); beyond it 414.
+    max_request_line_bytes: int = 8 * 1024
+    #: Largest HTTP request head (request line and headers) the shim reads; beyond it 431.
+    max_header_bytes: int = 32 * 1024
+    #: Seconds an HTTP request has to arrive whole, from its first byte (a new connection's
+    #: first request: from the connection); beyond it 408, or nothing if nothing came,
+    #: and the connection is closed.
+    http_request_timeout_seconds: float = 20.0
+    #: HTTP connections open at once per process; beyond it a new one is closed at once.
+    max_http_connections: int = 1000
     #: Where the shim run on its own (python -m server gateway) finds gRPC, as host:port;
     #: empty means grpc_addr.
     grpc_target: str = ""

@@ -60,6 +60,8 @@ Send = Callable[[dict[str, Any]], Awaitable[None]]
 Headers = tuple[tuple[bytes, bytes], ...]
 
 INTERNAL = "internal error; the server log has the details"
+#: What bytes that are not an HTTP request get.
+NOT_HTTP = "the request is not valid HTTP/1.1"
 
 
 @dataclass(frozen=True)
@@ -185,12 +187,13 @@ class App:
                 return
 
 
-def unreadable() -> Response:
-    """The answer to bytes that are not an HTTP request (uvicorn's parser gave up on them):
-    refused like a too large body, with its own HTTP status, in the legacy envelope."""
+def unreadable(status: int = 400, message: str = NOT_HTTP) -> Response:
+    """The answer to bytes the server will not read as a request (not HTTP, too large,
+    too slow): refused like a too large body, with its own HTTP status, in the legacy
+    envelope."""
     request = Request.unread()
-    status = statuses.status_of(errors.InvalidArgument("the request is not valid HTTP/1.1"))
-    return _json(400, legacy.failure(status, request), request)
+    failure = statuses.status_of(errors.InvalidArgument(message))
+    return _json(status, legacy.failure(failure, request), request)
 
 
 def _failure(kind: Kind, status: status_pb2.Status, request: Request, extra: Headers) -> Response:

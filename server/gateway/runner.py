@@ -11,37 +11,29 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import math
+import resource
 import socket
 import threading
 
 import uvicorn
-from uvicorn.protocols.http.httptools_impl import STATUS_LINE
-from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from server.app import CannotListen
 from server.config import Config
 from server.gateway.app import App
-from server.gateway.app import unreadable
 from server.gateway.client import Caller
+from server.gateway.protocol import Limits
+from server.gateway.protocol import connection_class
 from server.tls import KeyPair
 from server.tls import server_key_pair
 
+log = logging.getLogger(__name__)
+
 #: Seconds start() waits for uvicorn to come up.
 START_TIMEOUT = 10.0
-
-
-class _Protocol(HttpToolsProtocol):
-    """uvicorn's httptools protocol, answering what it cannot parse in the JSON envelope
-    rather than in plain text (a control character in a header, a broken request line)."""
-
-    def send_400_response(self, msg: str) -> None:
-        response = unreadable()
-        head = [STATUS_LINE[response.status]]
-        for name, value in (*self.server_state.default_headers, *response.headers):
-            head += [name, b": ", value, b"\r\n"]
-        self.transport.write(b"".join([*head, b"connection: close\r\n\r\n", response.body]))
-        self.transport.close()
+#: Open files a process needs besides its HTTP connections: gRPC's, the database's, logs.
+OTHER_FILES = 256
 
 
 class _Uvicorn(uvicorn.Server):
@@ -79,6 +71,7 @@ class HttpServer:
         grace: float = 10.0,
         tls: KeyPair | None = None,
         reuse_port: bool = False,
+        limits: Limits | None = None,
     ) -> None:
         self.scheme = "http" if tls is None else "https"
         self.socket = bind(addr, reuse_port)
@@ -86,7 +79,7 @@ class HttpServer:
         config = uvicorn.Config(
             app,
             loop="uvloop",
-            http=_Protocol,
+            http=connection_class(limits or Limits.of(Config())),
             ws="none",
             lifespan="on",
             log_config=None,
@@ -130,15 +123,37 @@ class HttpServer:
 def start_shim(config: Config, target: str | Caller, reuse_port: bool = False) -> HttpServer:
     """The shim on config.http_addr, with config's certificate if any, calling the service
     at target (a gRPC address, or a Caller), started."""
+    raise_open_files_limit(config.max_http_connections + OTHER_FILES)
     http = HttpServer(
         App(config, target),
         config.http_addr,
         config.shutdown_grace_seconds,
         server_key_pair(config),
         reuse_port,
+        Limits.of(config),
     )
     http.start()
     return http
+
+
+def raise_open_files_limit(needed: int) -> None:
+    """Raise this process's soft limit of open files to its hard limit, so that a flood
+    of HTTP connections meets the shim's cap, not the limit (which would leave gRPC
+    unable to accept); warn if even the hard limit is below needed."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard != resource.RLIM_INFINITY and soft != hard:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+            soft = hard
+        except (ValueError, OSError) as exc:
+            log.warning("cannot raise the open files limit from %d to %d: %s", soft, hard, exc)
+    if soft != resource.RLIM_INFINITY and soft < needed:
+        log.warning(
+            "the open files limit (%d) is below the HTTP connection cap plus %d: a flood of"
+            " connections may leave gRPC unable to accept",
+            soft,
+            OTHER_FILES,
+        )
 
 
 def url(scheme: str, host: str, port: int) -> str:

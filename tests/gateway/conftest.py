@@ -18,6 +18,7 @@ from server.config import Config
 from server.gateway.app import App
 from server.gateway.client import Caller
 from server.gateway.local import LocalBackend
+from server.gateway.protocol import Limits
 from server.gateway.runner import HttpServer
 
 #: The seed document's credentials: the demo database's app and token.
@@ -31,7 +32,7 @@ HEX32 = re.compile(r"[0-9a-f]{32}")
 def running_shim(config: Config, target: str | Caller) -> Iterator[HttpServer]:
     """The shim on a free port of 127.0.0.1, calling gRPC at target (or through a Caller);
     stopped on exit."""
-    http = HttpServer(App(config, target), "127.0.0.1:0", grace=1)
+    http = HttpServer(App(config, target), "127.0.0.1:0", grace=1, limits=Limits.of(config))
     http.start()
     try:
         yield http
@@ -73,12 +74,19 @@ def http(shim: str) -> Iterator[httpx.Client]:
 @pytest.fixture
 def sqlite_shim(sqlite_config: Config) -> Iterator[str]:
     """The shim in front of a demo server on SQLite alone, for tests that are about HTTP only."""
-    load_demo_if_empty(sqlite_config)
-    server = create_server(sqlite_config)
+    with demo_shim(sqlite_config) as http:
+        yield http.url
+
+
+@contextmanager
+def demo_shim(config: Config) -> Iterator[HttpServer]:
+    """The shim with config's limits in front of a demo server on config's database."""
+    load_demo_if_empty(config)
+    server = create_server(config)
     server.start()
     try:
-        with running_shim(sqlite_config, f"127.0.0.1:{server.port}") as http:
-            yield http.url
+        with running_shim(config, f"127.0.0.1:{server.port}") as http:
+            yield http
     finally:
         server.stop(None)
 
