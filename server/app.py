@@ -41,6 +41,9 @@ log = logging.getLogger(__name__)
 #: enough to bound the memory they hold (a few KiB each).
 PENDING_CALLS_LIMIT = 20_000
 
+#: Threads serving health and reflection, apart from the service's.
+CONTROL_THREADS = 4
+
 SERVICE_NAME = task_node_pb2.DESCRIPTOR.services_by_name["TaskNodeService"].full_name
 
 
@@ -83,15 +86,19 @@ def create_server(config: Config, reuse_port: bool = False) -> Server:
     """Open the store (creating its schema if needed) and build the server on config.grpc_addr,
     over TLS when config has a certificate (TLSError if its files will not do)."""
     credentials = server_credentials(config)
-    db = open_database(config.database_url)
+    db = open_database(config.database_url, config.store_timeout_seconds)
     ensure_schema(db)
-    store = Store(db)
+    store = Store(db, config.store_timeout_seconds)
     access = AccessLog()
     apps = AppStore(db, store)
     authenticator = Authenticator(apps, StoredTokenVerifier(apps), config.auth_cache_seconds)
     workers = futures.ThreadPoolExecutor(max_workers=config.grpc_workers, thread_name_prefix="grpc")
+    # Health and reflection run here, never waiting behind calls stuck on the store.
+    own_threads = futures.ThreadPoolExecutor(
+        max_workers=CONTROL_THREADS, thread_name_prefix="grpc-control"
+    )
     interceptors: list[grpc.ServerInterceptor] = [
-        ServiceInterceptor(store, access),
+        ServiceInterceptor(store, access, own_threads),
         AuthInterceptor(authenticator),
     ]
     server = grpc.server(
@@ -113,8 +120,7 @@ def create_server(config: Config, reuse_port: bool = False) -> Server:
     servicer = TaskNodeServicer(store, Masker(config.secret_keywords), cache)
     task_node_pb2_grpc.add_TaskNodeServiceServicer_to_server(servicer, server)
     health_servicer = health.HealthServicer(
-        experimental_non_blocking=True,
-        experimental_thread_pool=futures.ThreadPoolExecutor(max_workers=1),
+        experimental_non_blocking=True, experimental_thread_pool=own_threads
     )
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection(
