@@ -25,6 +25,7 @@ so a call blocked reading from a silent database gets an error at once
 
 from __future__ import annotations
 
+import contextlib
 import heapq
 import logging
 import os
@@ -34,7 +35,6 @@ import time
 from typing import Any
 
 import peewee
-import psycopg2
 import pymysql
 from playhouse import pool
 from playhouse.pool import MaxConnectionsExceeded
@@ -200,8 +200,39 @@ class _Connect:
             self.db._adopt(conn)
 
 
+class WatchedConnection(extensions.connection):
+    """A psycopg2 connection with a handle of its own on its socket.
+
+    The handle (a duplicate of libpq's descriptor) is what interrupt shuts: libpq may
+    close its own descriptor at any moment from the thread it serves, and the number
+    may then name another socket, while the handle names this one until it is closed
+    with the connection.
+    """
+
+    handle: socket.socket | None = None
+
+    def __del__(self) -> None:
+        # A connection dropped without close() (a test's, an abandoned one) takes its
+        # handle with it.
+        if self.handle is not None:
+            self.handle.close()
+
+
 class PooledPostgresqlDatabase(BoundedPool, pool.PooledPostgresqlDatabase):
     """A PostgreSQL pool whose checkout trusts psycopg2's own view of the connection."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, connection_factory=WatchedConnection, **kwargs)
+
+    def _open(self) -> Any:
+        conn = super()._open()
+        conn.handle = socket.socket(fileno=os.dup(conn.fileno()))
+        return conn
+
+    def _close_raw(self, conn: Any) -> None:
+        super()._close_raw(conn)
+        if conn.handle is not None:
+            conn.handle.close()
 
     def _is_closed(self, conn: Any) -> bool:
         # psycopg2 marks a connection closed, or its status unknown, once it saw it fail.
@@ -210,11 +241,8 @@ class PooledPostgresqlDatabase(BoundedPool, pool.PooledPostgresqlDatabase):
         )
 
     def interrupt(self, conn: Any) -> None:
-        try:
-            fd = conn.fileno()
-        except psycopg2.InterfaceError:  # closed already: nothing to do
-            return
-        _shut(socket.socket(fileno=os.dup(fd)), close=True)
+        if conn.handle is not None:
+            _shut(conn.handle)
 
 
 class PooledMySQLDatabase(BoundedPool, pool.PooledMySQLDatabase):
@@ -263,9 +291,9 @@ class PooledMySQLDatabase(BoundedPool, pool.PooledMySQLDatabase):
         return conn
 
     def interrupt(self, conn: Any) -> None:
-        sock = conn._sock
+        sock = conn._sock  # pymysql's socket object, closed (not reused) once pymysql drops it
         if sock is not None:
-            _shut(sock, close=False)
+            _shut(sock)
 
     def _is_closed(self, conn: Any) -> bool:
         # pymysql drops its socket as soon as a read or write on it fails.
@@ -282,12 +310,7 @@ class PooledMySQLDatabase(BoundedPool, pool.PooledMySQLDatabase):
         return True
 
 
-def _shut(sock: socket.socket, close: bool) -> None:
+def _shut(sock: socket.socket) -> None:
     """Shut sock down both ways: a read blocked on it returns, a later one fails."""
-    try:
+    with contextlib.suppress(OSError):  # closed or not connected any more: as good as shut
         sock.shutdown(socket.SHUT_RDWR)
-    except OSError:  # not connected any more: already as good as shut
-        pass
-    finally:
-        if close:
-            sock.close()
