@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import socket
 import threading
 import time
 from collections.abc import Callable
@@ -29,6 +30,8 @@ from grpc_reflection.v1alpha import reflection_pb2_grpc
 
 from server.app import create_server
 from server.config import Config
+from server.db.connection import open_database
+from server.db.pool import BoundedPool
 from server.db.store import Store
 from tests.conftest import ALL_APP
 from tests.conftest import SEED_NODE
@@ -213,3 +216,36 @@ def within(seconds: float, scenario: Callable[[], dict[str, float]]) -> dict[str
     if not result:
         pytest.fail(f"the scenario did not end within {seconds:g} s: the server hangs")
     return result[0]
+
+
+def test_server_connections_carry_their_bounds_and_the_url_wins(database_url: str) -> None:
+    """Keepalives, tcp_user_timeout and a statement timeout on every connection, beside
+    the URL's own options (the test schema's search_path); URL parameters win."""
+    postgresql = database_url.startswith("postgresql")
+    if postgresql:
+        overridden = database_url.replace(
+            "options=", "keepalives_idle=30&options=-cstatement_timeout%3D7s%20"
+        )
+    else:
+        overridden = f"{database_url}?max_statement_time=7&read_timeout=9"
+    for url, idle, statement in (
+        (database_url, 10, 3.0),
+        (overridden, 30 if postgresql else 10, 7.0),
+    ):
+        db = open_database(url, timeout=3.0)
+        assert isinstance(db, BoundedPool)
+        with db.connection_context():
+            conn = db.connection()
+            if postgresql:
+                assert db.execute_sql("SHOW search_path").fetchone()[0].startswith("t_")
+                shown = db.execute_sql("SHOW statement_timeout").fetchone()[0]
+                assert shown == f"{statement:g}s"
+                dsn = conn.get_dsn_parameters()
+                assert (dsn["keepalives_idle"], dsn["tcp_user_timeout"]) == (str(idle), "25000")
+            else:
+                shown = db.execute_sql("SELECT @@SESSION.max_statement_time").fetchone()[0]
+                assert float(shown) == statement
+                keepidle = conn._sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE)
+                assert keepidle == idle
+                assert conn._read_timeout == (3.0 if url == database_url else 9.0)
+        db.close_all()
