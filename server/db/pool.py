@@ -54,6 +54,12 @@ KEEPALIVE_COUNT = 3
 TCP_USER_TIMEOUT_SECONDS = KEEPALIVE_IDLE_SECONDS + KEEPALIVE_INTERVAL_SECONDS * KEEPALIVE_COUNT
 
 
+#: Connects a pool lets run on after their callers stopped waiting (a database that
+#: does not answer holds each for its connect timeout); beyond them a caller waits for
+#: one to end, so a partition costs a bounded number of threads.
+LEFT_BEHIND_LIMIT = 32
+
+
 class OutOfTime(MaxConnectionsExceeded):
     """No connection could be had by the time the caller gave."""
 
@@ -64,6 +70,7 @@ class BoundedPool(pool.PooledDatabase):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self._opening = 0  # connects under way for a caller still waiting on them
+        self._left_behind = 0  # connects under way that nobody waits for any more
 
     def connect(self, reuse_if_open: bool = False) -> bool:
         """peewee's connect: waiting at most the pool's timeout for a free connection, and
@@ -100,7 +107,10 @@ class BoundedPool(pool.PooledDatabase):
                 conn = self._take_idle()
                 if conn is not None:
                     return conn
-                if len(self._in_use) + self._opening < self._max_connections:
+                if (
+                    self._room(len(self._in_use) + self._opening)
+                    and self._left_behind < LEFT_BEHIND_LIMIT
+                ):
                     self._opening += 1
                     break
                 left = until - time.monotonic()
@@ -120,6 +130,10 @@ class BoundedPool(pool.PooledDatabase):
                     self._in_use[self.conn_key(conn)] = PoolConnection(now, conn, now)
         return conn
 
+    def _room(self, held: int) -> bool:
+        """Whether the pool may hold one connection more than held (0: no limit)."""
+        return not self._max_connections or held < self._max_connections
+
     def _take_idle(self) -> Any:
         """An idle connection, now in use, or None; the pool's lock is held."""
         while self._connections:
@@ -133,13 +147,22 @@ class BoundedPool(pool.PooledDatabase):
             return conn
         return None
 
-    def _adopt(self, conn: Any) -> None:
-        """Pool a connection opened for a caller that stopped waiting, if there is room."""
+    def _left(self) -> None:
+        """A caller stopped waiting for its connect, which runs on."""
         with self._pool_available:
-            if len(self._connections) + len(self._in_use) + self._opening < self._max_connections:
+            self._left_behind += 1
+
+    def _back(self, conn: Any) -> None:
+        """A connect left behind ended: pool its connection if it opened one and there is
+        room, else close it."""
+        with self._pool_available:
+            self._left_behind -= 1
+            self._pool_available.notify()
+            if conn is None:
+                return
+            if self._room(len(self._connections) + len(self._in_use) + self._opening):
                 self._heap_counter += 1
                 heapq.heappush(self._connections, (time.time(), self._heap_counter, conn))
-                self._pool_available.notify()
                 return
         self._close_raw(conn)
 
@@ -175,6 +198,8 @@ class _Connect:
         if not self.done.wait(max(0.0, until - time.monotonic())):
             with self.lock:
                 self.abandoned = not self.done.is_set()
+                if self.abandoned:
+                    self.db._left()
             if self.abandoned:
                 raise OutOfTime("the database did not accept a connection in time")
         if self.error is not None:
@@ -182,22 +207,19 @@ class _Connect:
         return self.conn
 
     def _run(self) -> None:
+        conn = None
         try:
             conn = self.db._open()
         except BaseException as exc:  # handed to the waiting caller, or logged
-            with self.lock:
-                self.error = exc
-                self.done.set()
-                abandoned = self.abandoned
-            if abandoned:
-                log.info("a connect nobody waits for any more failed: %s", exc)
-            return
+            self.error = exc
         with self.lock:
             self.conn = conn
             self.done.set()
             abandoned = self.abandoned
         if abandoned:
-            self.db._adopt(conn)
+            if self.error is not None:
+                log.info("a connect nobody waited for any more failed: %s", self.error)
+            self.db._back(conn)
 
 
 class WatchedConnection(extensions.connection):
