@@ -9,6 +9,7 @@ after it heals, as after a database failover or a lost conntrack entry.
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import socket
 import threading
@@ -18,9 +19,11 @@ from collections.abc import Iterator
 from concurrent import futures
 from contextlib import AbstractContextManager
 from contextlib import contextmanager
+from dataclasses import dataclass
 from urllib.parse import urlsplit
 
 import grpc
+import httpx
 import pytest
 from bksops.tasknode.v1 import task_node_pb2_grpc as pb_grpc
 from grpc_health.v1 import health_pb2
@@ -33,11 +36,14 @@ from server.config import Config
 from server.db.connection import open_database
 from server.db.pool import BoundedPool
 from server.db.store import Store
+from server.gateway.local import LocalBackend
 from tests.conftest import ALL_APP
 from tests.conftest import SEED_NODE
+from tests.conftest import SEED_PARENT
 from tests.conftest import STORES
 from tests.conftest import authorized
 from tests.conftest import seed_request
+from tests.gateway.conftest import running_shim
 from tests.tcp_proxy import TcpProxy
 from tests.test_pool import Proxied
 from tests.test_pool import through
@@ -66,8 +72,30 @@ GUARD = 40.0
 FAILED = {grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.UNAVAILABLE}
 
 
+@dataclass
+class Partitioned:
+    """A started server whose database connections pass through proxied.proxy."""
+
+    proxied: Proxied
+    #: A channel to it, with no credentials (health, reflection).
+    channel: grpc.Channel
+    #: The base URL of the HTTP shim in front of it, calling it in-process.
+    http: str
+
+    def http_get(self) -> tuple[int, float]:
+        """The HTTP status of the seed request on the canonical route, and its seconds."""
+        started = time.monotonic()
+        status = httpx.get(
+            f"{self.http}/v1/businesses/2/tasks/10/nodes/{SEED_NODE}",
+            params={"subprocessStack": SEED_PARENT, "componentCode": "job_fast_execute_script"},
+            headers={"X-Bkapi-Authorization": json.dumps(ALL_APP)},
+            timeout=GUARD,
+        ).status_code
+        return status, time.monotonic() - started
+
+
 @pytest.fixture
-def partitioned(demo_config: Config) -> Iterator[tuple[Proxied, grpc.Channel]]:
+def partitioned(demo_config: Config) -> Iterator[Partitioned]:
     upstream = urlsplit(demo_config.database_url)
     assert upstream.hostname and upstream.port
     with TcpProxy(upstream.hostname, upstream.port) as proxy:
@@ -79,28 +107,31 @@ def partitioned(demo_config: Config) -> Iterator[tuple[Proxied, grpc.Channel]]:
         )
         server = create_server(config)
         server.start()
+        backend = LocalBackend(server.handlers, server.workers)
         try:
-            with grpc.insecure_channel(f"127.0.0.1:{server.port}") as channel:
+            with (
+                grpc.insecure_channel(f"127.0.0.1:{server.port}") as channel,
+                running_shim(config, backend) as shim,
+            ):
                 stub = pb_grpc.TaskNodeServiceStub(authorized(channel, ALL_APP))
-                yield Proxied(server, proxy, stub), channel
+                yield Partitioned(Proxied(server, proxy, stub), channel, shim.url)
         finally:
             proxy.cut()  # frees any thread still stuck on a connection, so stop() can end
             server.stop(None)
 
 
 def test_a_partition_ends_calls_by_their_deadline_and_heals_within_seconds(
-    partitioned: tuple[Proxied, grpc.Channel], monkeypatch: pytest.MonkeyPatch
+    partitioned: Partitioned, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    proxied, channel = partitioned
+    store = partitioned.proxied.server.store
     sessions = Sessions()
-    monkeypatch.setattr(proxied.server.store, "session", sessions.around(proxied.server.store))
-    report = within(GUARD, lambda: partition_and_heal(proxied, channel, sessions))
+    monkeypatch.setattr(store, "session", sessions.around(store))
+    report = within(GUARD, lambda: partition_and_heal(partitioned, sessions))
     assert report["recovery"] < RECOVERY, report
 
 
-def partition_and_heal(
-    proxied: Proxied, channel: grpc.Channel, sessions: Sessions
-) -> dict[str, float]:
+def partition_and_heal(partitioned: Partitioned, sessions: Sessions) -> dict[str, float]:
+    proxied, channel = partitioned.proxied, partitioned.channel
     for _ in range(3):
         proxied.call_ok()  # the pool now holds connections that the partition will strand
     health = health_pb2_grpc.HealthStub(channel)
@@ -112,6 +143,7 @@ def partition_and_heal(
     blackholed = time.monotonic()
     with futures.ThreadPoolExecutor(24) as pool:
         no_deadline = pool.submit(timed_failure, proxied.stub, None)
+        over_http = pool.submit(partitioned.http_get)
         # Twice as many calls as the server has threads, all stuck at once.
         waves = [pool.submit(timed_failure, proxied.stub, DEADLINE) for _ in range(16)]
         # Health and reflection answer while every serving thread waits on the store.
@@ -128,6 +160,10 @@ def partition_and_heal(
         code, took = no_deadline.result()
         assert code == grpc.StatusCode.UNAVAILABLE, code
         assert took < STORE_TIMEOUT + CLIENT_SLACK, took
+        # The shim's call gives up at the store's timeout, after waiting for a serving
+        # thread behind the first wave (so up to DEADLINE longer).
+        status, took = over_http.result()
+        assert status == 503 and took < DEADLINE + STORE_TIMEOUT + CLIENT_SLACK, (status, took)
 
     # The server itself let go of the store in time, every call: none is still waiting
     # on a dead connection, and each waited no longer than its deadline allowed.
@@ -152,6 +188,7 @@ def partition_and_heal(
     with futures.ThreadPoolExecutor(8) as pool:
         for answered in [pool.submit(proxied.call_ok) for _ in range(24)]:
             answered.result()
+    assert partitioned.http_get()[0] == 200
     return {"recovery": recovery}
 
 
