@@ -181,7 +181,7 @@ class _Watchdog:
 
     def start(self) -> None:
         with self._lock:
-            if self._thread is None:
+            if self._thread is None or not self._thread.is_alive():
                 self._thread = threading.Thread(target=self._run, name="store-watchdog")
                 self._thread.daemon = True
                 self._thread.start()
