@@ -29,6 +29,7 @@ from server.db.connection import ensure_schema
 from server.db.connection import open_database
 from server.db.store import Store
 from server.handlers.task_node import TaskNodeServicer
+from server.interceptors import SERVICE_PREFIX
 from server.interceptors import AuthInterceptor
 from server.interceptors import ServiceInterceptor
 from server.nodes import Masker
@@ -98,7 +99,8 @@ def create_server(config: Config, reuse_port: bool = False) -> Server:
         max_workers=CONTROL_THREADS, thread_name_prefix="grpc-control"
     )
     interceptors: list[grpc.ServerInterceptor] = [
-        ServiceInterceptor(store, access, own_threads),
+        OnOwnThreads(own_threads),
+        ServiceInterceptor(store, access),
         AuthInterceptor(authenticator),
     ]
     server = grpc.server(
@@ -174,3 +176,39 @@ class _CallDetails(grpc.HandlerCallDetails):
     def __init__(self, method: str) -> None:
         self.method = method
         self.invocation_metadata = ()
+
+
+class OnOwnThreads(grpc.ServerInterceptor):
+    """Runs every method but TaskNodeService's (health, reflection) on threads of its own,
+    grpcio's experimental_thread_pool, so that they answer while every serving thread
+    waits on the store. A method that chose its threads already (health's Watch) keeps
+    them; each moved handler is built once."""
+
+    def __init__(self, threads: futures.ThreadPoolExecutor) -> None:
+        self.threads = threads
+        self._moved: dict[str, tuple[grpc.RpcMethodHandler, grpc.RpcMethodHandler]] = {}
+
+    def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], grpc.RpcMethodHandler | None],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler | None:
+        handler = continuation(handler_call_details)
+        method: str = handler_call_details.method
+        if handler is None or method.startswith(SERVICE_PREFIX):
+            return handler
+        known = self._moved.get(method)
+        if known is None or known[0] is not handler:
+            known = (handler, self._move(handler))
+            self._moved[method] = known
+        return known[1]
+
+    def _move(self, handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
+        for kind in ("unary_unary", "unary_stream", "stream_unary", "stream_stream"):
+            behaviour = getattr(handler, kind)
+            if behaviour is None or hasattr(behaviour, "experimental_thread_pool"):
+                continue
+            moved = partial(behaviour)
+            moved.experimental_thread_pool = self.threads  # type: ignore[attr-defined]
+            return handler._replace(**{kind: moved})  # type: ignore[attr-defined]
+        return handler

@@ -6,9 +6,7 @@ ServiceInterceptor owns, in one place: the deadline check, one store session
 reaching callers as UNKNOWN, and the access log line (with the app and user).
 
 AuthInterceptor checks the caller's credentials and makes the Principal current.
-Health and reflection pass through both, open to all, and ServiceInterceptor moves
-them onto threads of their own, so that they answer while every serving thread
-waits on the store.
+Health and reflection pass through both, open to all.
 """
 
 from __future__ import annotations
@@ -16,8 +14,6 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable
-from concurrent import futures
-from functools import partial
 from typing import Any
 
 import grpc
@@ -91,11 +87,7 @@ class _ServiceCallInterceptor(grpc.ServerInterceptor):
     ) -> grpc.RpcMethodHandler | None:
         handler = continuation(handler_call_details)
         method: str = handler_call_details.method
-        if handler is None:
-            return None
-        if not method.startswith(SERVICE_PREFIX):
-            return self._other(handler, method)
-        if handler.unary_unary is None:
+        if handler is None or handler.unary_unary is None or not method.startswith(SERVICE_PREFIX):
             return handler
         known = self._wrapped.get(method)
         if known is not None and known[0] is handler:
@@ -111,39 +103,14 @@ class _ServiceCallInterceptor(grpc.ServerInterceptor):
     def _wrap(self, inner: Behaviour, method: str) -> Behaviour:
         raise NotImplementedError
 
-    def _other(self, handler: grpc.RpcMethodHandler, method: str) -> grpc.RpcMethodHandler:
-        """The handler of a method of another service (health, reflection)."""
-        return handler
-
 
 class ServiceInterceptor(_ServiceCallInterceptor):
-    """Wraps each unary TaskNodeService handler; see the module docstring.
+    """Wraps each unary TaskNodeService handler; see the module docstring."""
 
-    With own_threads, the other services' methods run on those threads instead of
-    the server's: a handful of threads no stuck call can hold.
-    """
-
-    def __init__(
-        self,
-        store: Store,
-        access: AccessLog,
-        own_threads: futures.ThreadPoolExecutor | None = None,
-    ) -> None:
+    def __init__(self, store: Store, access: AccessLog) -> None:
         super().__init__()
         self.store = store
         self.access = access
-        self.own_threads = own_threads
-        self._moved: dict[str, tuple[grpc.RpcMethodHandler, grpc.RpcMethodHandler]] = {}
-
-    def _other(self, handler: grpc.RpcMethodHandler, method: str) -> grpc.RpcMethodHandler:
-        if self.own_threads is None:
-            return handler
-        known = self._moved.get(method)
-        if known is not None and known[0] is handler:
-            return known[1]
-        moved = _on_threads(handler, self.own_threads)
-        self._moved[method] = (handler, moved)
-        return moved
 
     def _wrap(self, inner: Behaviour, method: str) -> Behaviour:
         def call(request: Any, context: grpc.ServicerContext) -> Any:
@@ -184,21 +151,6 @@ class ServiceInterceptor(_ServiceCallInterceptor):
         except Exception as exc:
             errlog.exception("unexpected error serving a call")
             raise errors.Internal("internal error; the server log has the details") from exc
-
-
-def _on_threads(
-    handler: grpc.RpcMethodHandler, threads: futures.ThreadPoolExecutor
-) -> grpc.RpcMethodHandler:
-    """handler, its behaviour run on threads (grpcio's experimental_thread_pool), unless
-    it chose threads of its own already (health's Watch)."""
-    for kind in ("unary_unary", "unary_stream", "stream_unary", "stream_stream"):
-        behaviour = getattr(handler, kind)
-        if behaviour is None or hasattr(behaviour, "experimental_thread_pool"):
-            continue
-        moved = partial(behaviour)
-        moved.experimental_thread_pool = threads  # type: ignore[attr-defined]
-        return handler._replace(**{kind: moved})  # type: ignore[attr-defined]
-    return handler
 
 
 class AuthInterceptor(_ServiceCallInterceptor):
