@@ -30,11 +30,11 @@ from grpc_health.v1 import health_pb2
 from grpc_health.v1 import health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2
 from grpc_reflection.v1alpha import reflection_pb2_grpc
+from playhouse.pool import PooledDatabase
 
 from server.app import create_server
 from server.config import Config
 from server.db.connection import open_database
-from server.db.pool import BoundedPool
 from server.db.store import Store
 from server.gateway.local import LocalBackend
 from tests.conftest import ALL_APP
@@ -270,7 +270,7 @@ def test_server_connections_carry_their_bounds_and_the_url_wins(database_url: st
         (overridden, 30 if postgresql else 10, 7.0),
     ):
         db = open_database(url, timeout=3.0)
-        assert isinstance(db, BoundedPool)
+        assert isinstance(db, PooledDatabase)
         with db.connection_context():
             conn = db.connection()
             if postgresql:
