@@ -58,7 +58,7 @@ PARTITION_SECONDS = 5.0
 DEADLINE = 1.0
 #: How late past its deadline (or the store timeout) the server may end a call on a busy
 #: machine; the client, which ends a call at its deadline by itself, gets longer.
-SLACK = 0.5
+SLACK = 1.0
 CLIENT_SLACK = 2.0
 #: The store timeout of the server under test; a call with no deadline ends by it.
 STORE_TIMEOUT = 3.0
