@@ -37,6 +37,7 @@ from server.db.store import Store
 from server.draining import CountingExecutor
 from server.draining import Gate
 from server.handlers.task_node import TaskNodeServicer
+from server.interceptors import SERVICE_PREFIX
 from server.interceptors import AuthInterceptor
 from server.interceptors import ServiceInterceptor
 from server.nodes import Masker
@@ -50,6 +51,9 @@ log = logging.getLogger(__name__)
 #: cancelling at random up to 3,000). Far above any load we refuse cleanly, and low
 #: enough to bound the memory they hold (a few KiB each).
 PENDING_CALLS_LIMIT = 20_000
+
+#: Threads serving health and reflection, apart from the service's.
+CONTROL_THREADS = 4
 
 SERVICE_NAME = task_node_pb2.DESCRIPTOR.services_by_name["TaskNodeService"].full_name
 #: The logger grpcio's core bindings write to, before any of our code sees a call.
@@ -171,9 +175,9 @@ def create_server(config: Config, reuse_port: bool = False) -> Server:
     over TLS when config has a certificate (TLSError if its files will not do)."""
     withhold_received_bytes()
     credentials = server_credentials(config)
-    db = open_database(config.database_url)
+    db = open_database(config.database_url, config.store_timeout_seconds)
     ensure_schema(db)
-    store = Store(db)
+    store = Store(db, config.store_timeout_seconds)
     access = AccessLog()
     apps = AppStore(db, store)
     authenticator = Authenticator(
@@ -185,7 +189,12 @@ def create_server(config: Config, reuse_port: bool = False) -> Server:
     )
     workers = CountingExecutor(max_workers=config.grpc_workers, thread_name_prefix="grpc")
     gate = Gate()
+    # Health and reflection run here, never waiting behind calls stuck on the store.
+    own_threads = futures.ThreadPoolExecutor(
+        max_workers=CONTROL_THREADS, thread_name_prefix="grpc-control"
+    )
     interceptors: list[grpc.ServerInterceptor] = [
+        OnOwnThreads(own_threads),
         ServiceInterceptor(store, access),
         AuthInterceptor(authenticator),
     ]
@@ -209,8 +218,7 @@ def create_server(config: Config, reuse_port: bool = False) -> Server:
     servicer = TaskNodeServicer(store, Masker(config.secret_keywords), cache)
     task_node_pb2_grpc.add_TaskNodeServiceServicer_to_server(servicer, server)
     health_servicer = health.HealthServicer(
-        experimental_non_blocking=True,
-        experimental_thread_pool=futures.ThreadPoolExecutor(max_workers=1),
+        experimental_non_blocking=True, experimental_thread_pool=own_threads
     )
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection(
@@ -266,3 +274,39 @@ class _CallDetails(grpc.HandlerCallDetails):
     def __init__(self, method: str) -> None:
         self.method = method
         self.invocation_metadata = ()
+
+
+class OnOwnThreads(grpc.ServerInterceptor):
+    """Runs every method but TaskNodeService's (health, reflection) on threads of its own,
+    grpcio's experimental_thread_pool, so that they answer while every serving thread
+    waits on the store. A method that chose its threads already (health's Watch) keeps
+    them; each moved handler is built once."""
+
+    def __init__(self, threads: futures.ThreadPoolExecutor) -> None:
+        self.threads = threads
+        self._moved: dict[str, tuple[grpc.RpcMethodHandler, grpc.RpcMethodHandler]] = {}
+
+    def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], grpc.RpcMethodHandler | None],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler | None:
+        handler = continuation(handler_call_details)
+        method: str = handler_call_details.method
+        if handler is None or method.startswith(SERVICE_PREFIX):
+            return handler
+        known = self._moved.get(method)
+        if known is None or known[0] is not handler:
+            known = (handler, self._move(handler))
+            self._moved[method] = known
+        return known[1]
+
+    def _move(self, handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
+        for kind in ("unary_unary", "unary_stream", "stream_unary", "stream_stream"):
+            behaviour = getattr(handler, kind)
+            if behaviour is None or hasattr(behaviour, "experimental_thread_pool"):
+                continue
+            moved = partial(behaviour)
+            moved.experimental_thread_pool = self.threads  # type: ignore[attr-defined]
+            return handler._replace(**{kind: moved})  # type: ignore[attr-defined]
+        return handler

@@ -26,6 +26,10 @@ class Config:
     pin_processes: bool = True
     #: Threads serving gRPC calls in each process.
     grpc_workers: int = 8
+    #: Seconds a call may wait on the database in all when its deadline is later or
+    #: unset: for a pooled connection, a new connection, and its statements. Also each
+    #: statement's limit on the database server (statement_timeout, max_statement_time).
+    store_timeout_seconds: float = 5.0
     #: Calls admitted at once; beyond it a call gets RESOURCE_EXHAUSTED at once.
     max_concurrent_rpcs: int = 256
     #: Largest request accepted and largest reply sent, in bytes.

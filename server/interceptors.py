@@ -174,7 +174,7 @@ class ServiceInterceptor(_ServiceCallInterceptor):
         try:
             if parse is not None and isinstance(request, bytes):
                 request = _parsed(request, parse)
-            with self.store.session():
+            with self.store.session(remaining):
                 return inner(request, context)
         except errors.ServiceError:
             raise

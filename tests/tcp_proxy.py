@@ -1,11 +1,15 @@
-"""A TCP relay between the server and a database that a test can cut and restore.
+"""A TCP relay between the server and a database that a test can cut, blackhole and restore.
 
-It stands in for a database restart without touching the shared database
-servers: ``cut()`` resets every relayed connection (both ends, at once) and
-makes the relay reset every new one as soon as it is accepted; ``restore()``
-relays again. Each relayed connection is owned by one thread, which alone
-reads, writes and closes its two sockets, so nothing is closed under a thread
-still using it.
+It stands in for a database restart or a network partition without touching the
+shared database servers: ``cut()`` resets every relayed connection (both ends, at
+once) and makes the relay reset every new one as soon as it is accepted;
+``restore()`` relays again. ``blackhole()`` passes no byte either way while
+keeping every connection open, and accepts new ones that never hear back; after
+``heal()`` new connections relay normally, but the ones that were open during
+the blackhole stay silent for good, as when a failover or a lost conntrack entry
+leaves the client with connections nobody answers. Each relayed connection is
+owned by one thread, which alone reads, writes and closes its two sockets, so
+nothing is closed under a thread still using it.
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ import select
 import socket
 import struct
 import threading
+import time
 from types import TracebackType
 
 #: How often idle threads look at the cut/stop flags, in seconds.
@@ -37,6 +42,9 @@ class TcpProxy:
         self._generation = 0  # bumped by cut(); a relay of an older generation ends
         self._accepting = True
         self._stopping = False
+        self._epoch = 0  # bumped by blackhole(); a relay of an older epoch passes nothing
+        self._dark = False
+        self._silent: list[socket.socket] = []  # accepted during a blackhole, never relayed
         self._relays: list[threading.Thread] = []
         #: Connections relayed so far (refused ones are not counted).
         self.accepted = 0
@@ -65,6 +73,9 @@ class TcpProxy:
             self._accepting = False
             self._generation += 1
             relays = list(self._relays)
+            silent, self._silent = self._silent, []
+        for end in silent:
+            _abort(end)
         for relay in relays:
             relay.join(IO_TIMEOUT)
         assert self.live == 0, "a relayed connection outlived the cut"
@@ -73,6 +84,18 @@ class TcpProxy:
         """Relay new connections again."""
         with self._lock:
             self._accepting = True
+
+    def blackhole(self) -> None:
+        """Pass no byte on any open connection, now or later; accept new ones but never
+        answer them (until heal())."""
+        with self._lock:
+            self._dark = True
+            self._epoch += 1
+
+    def heal(self) -> None:
+        """Relay new connections again; those open during the blackhole stay silent."""
+        with self._lock:
+            self._dark = False
 
     def stop(self) -> None:
         """Cut everything, stop listening and join every thread."""
@@ -88,7 +111,10 @@ class TcpProxy:
             except TimeoutError:
                 continue
             with self._lock:
-                accepting, generation = self._accepting, self._generation
+                accepting, generation, epoch = self._accepting, self._generation, self._epoch
+                if accepting and self._dark:
+                    self._silent.append(client)
+                    continue
             if not accepting:
                 _abort(client)
                 continue
@@ -98,7 +124,9 @@ class TcpProxy:
                 _abort(client)
                 continue
             relay = threading.Thread(
-                target=self._relay, args=(client, upstream, generation), name="proxy-relay"
+                target=self._relay,
+                args=(client, upstream, generation, epoch),
+                name="proxy-relay",
             )
             with self._lock:
                 self._relays = [r for r in self._relays if r.is_alive()]
@@ -108,12 +136,17 @@ class TcpProxy:
                 self.peak = max(self.peak, self.live)
             relay.start()
 
-    def _relay(self, client: socket.socket, upstream: socket.socket, generation: int) -> None:
+    def _relay(
+        self, client: socket.socket, upstream: socket.socket, generation: int, epoch: int
+    ) -> None:
         ends = [client, upstream]
         for end in ends:
             end.settimeout(IO_TIMEOUT)
         try:
             while self._generation == generation:
+                if self._epoch != epoch:  # blackholed: held open, silent until cut
+                    time.sleep(POLL)
+                    continue
                 readable, _, _ = select.select(ends, [], [], POLL)
                 for end in readable:
                     data = end.recv(65536)

@@ -159,8 +159,8 @@ def test_each_call_holds_one_connection_and_gives_it_back(
     session = store.session
 
     @contextmanager
-    def counted() -> Iterator[None]:
-        with calls, session():
+    def counted(deadline: float | None = None) -> Iterator[None]:
+        with calls, session(deadline):
             yield
 
     monkeypatch.setattr(store, "session", counted)

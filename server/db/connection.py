@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import math
 import os
 from pathlib import Path
 from typing import Any
@@ -18,6 +19,13 @@ from playhouse.pool import PooledSqliteDatabase
 from server.db.migrations import migrate
 from server.db.models import MODELS
 from server.db.models import database
+from server.db.pool import KEEPALIVE_COUNT
+from server.db.pool import KEEPALIVE_IDLE_SECONDS
+from server.db.pool import KEEPALIVE_INTERVAL_SECONDS
+from server.db.pool import TCP_USER_TIMEOUT_SECONDS
+from server.db.pool import BoundedPool
+from server.db.pool import PooledMySQLDatabase
+from server.db.pool import PooledPostgresqlDatabase
 
 log = logging.getLogger(__name__)
 
@@ -38,14 +46,23 @@ class DatabaseURLError(ValueError):
     """The database URL cannot be used; the message says why."""
 
 
-def open_database(url: str) -> Database:
-    """A peewee database for url, bound to the models, not yet connected."""
+def open_database(url: str, timeout: float | None = None) -> Database:
+    """A peewee database for url, bound to the models, not yet connected.
+
+    Connections to a database server always give up a connect after
+    CONNECT_TIMEOUT_SECONDS and a peer silent for TCP_USER_TIMEOUT_SECONDS (TCP
+    keepalive, unacknowledged sends). With a timeout (the serving store's), a connect
+    gives up after it (2 s at least: libpq's floor), and so does a statement, on the
+    server (statement_timeout, max_statement_time) and in pymysql's reads and writes;
+    without one (loads, migrations), statements may run as long as they need.
+    Parameters the URL gives win.
+    """
     parts = urlsplit(url)
     scheme = parts.scheme.lower()
     if scheme == "sqlite":
         db: Database = _sqlite(url, parts.path)
     elif scheme in ("postgres", "postgresql", "mysql", "mariadb"):
-        db = _server(scheme, parts)
+        db = _server(scheme, parts, timeout)
     else:
         raise DatabaseURLError(
             f"database URL {url!r}: scheme must be sqlite, postgresql or mysql, not {scheme!r}"
@@ -84,7 +101,7 @@ def _sqlite(url: str, raw_path: str) -> Database:
     )
 
 
-class SqliteFilePool(PooledSqliteDatabase):
+class SqliteFilePool(BoundedPool, PooledSqliteDatabase):
     """A SQLite pool that does not reuse a connection whose file is gone or replaced.
 
     An open connection keeps reading a deleted or swapped file's old inode; checking
@@ -96,11 +113,13 @@ class SqliteFilePool(PooledSqliteDatabase):
         super().__init__(*args, **kwargs)
         self._files: dict[int, tuple[int, int]] = {}
 
-    def _connect(self) -> Any:
-        conn = super()._connect()
-        if id(conn) not in self._files:
-            self._files[id(conn)] = self._file_identity()
+    def _open(self) -> Any:
+        conn = super()._open()
+        self._files[id(conn)] = self._file_identity()
         return conn
+
+    def interrupt(self, conn: Any) -> None:
+        conn.interrupt()
 
     def _is_closed(self, conn: Any) -> bool:
         if super()._is_closed(conn):
@@ -119,10 +138,7 @@ class SqliteFilePool(PooledSqliteDatabase):
         return found.st_dev, found.st_ino
 
 
-def _server(scheme: str, parts: SplitResult) -> Database:
-    from server.db.pool import PooledMySQLDatabase
-    from server.db.pool import PooledPostgresqlDatabase
-
+def _server(scheme: str, parts: SplitResult, timeout: float | None) -> Database:
     options: dict[str, object] = dict(parse_qsl(parts.query))
     kwargs: dict[str, object] = {
         "host": parts.hostname or "127.0.0.1",
@@ -141,14 +157,36 @@ def _server(scheme: str, parts: SplitResult) -> Database:
     name = unquote(parts.path.lstrip("/"))
     # s to wait for the server to accept a new connection: an unreachable database is
     # then a call's UNAVAILABLE within the deadline, not a thread stuck for minutes.
-    kwargs.setdefault("connect_timeout", CONNECT_TIMEOUT_SECONDS)
+    connect = CONNECT_TIMEOUT_SECONDS if timeout is None else max(2, math.ceil(timeout))
+    kwargs.setdefault("connect_timeout", connect)
     if scheme in ("postgres", "postgresql"):
+        kwargs.setdefault("keepalives", 1)
+        kwargs.setdefault("keepalives_idle", KEEPALIVE_IDLE_SECONDS)
+        kwargs.setdefault("keepalives_interval", KEEPALIVE_INTERVAL_SECONDS)
+        kwargs.setdefault("keepalives_count", KEEPALIVE_COUNT)
+        kwargs.setdefault("tcp_user_timeout", TCP_USER_TIMEOUT_SECONDS * 1000)
+        given = str(kwargs.get("options", ""))
+        if timeout is not None and "statement_timeout" not in given:
+            ours = f"-c statement_timeout={math.ceil(timeout * 1000)}"
+            kwargs["options"] = f"{given} {ours}".strip()
         return PooledPostgresqlDatabase(name, field_types={"JSONTEXT": "TEXT"}, **kwargs)
+    statement = kwargs.pop("max_statement_time", timeout)
+    if timeout is not None:
+        kwargs.setdefault("read_timeout", timeout)
+        kwargs.setdefault("write_timeout", timeout)
+    for seconds in ("connect_timeout", "read_timeout", "write_timeout"):  # pymysql wants numbers
+        if isinstance(kwargs.get(seconds), str):
+            kwargs[seconds] = float(str(kwargs[seconds]))
     kwargs.setdefault("charset", "utf8mb4")
     # A call reads one snapshot (Store.read); only REPEATABLE READ gives one, and a
     # server configured for READ COMMITTED (as Django suggests) would not.
     kwargs.setdefault("init_command", "SET SESSION TRANSACTION ISOLATION LEVEL REPEATABLE READ")
-    return PooledMySQLDatabase(name, field_types={"JSONTEXT": "LONGTEXT"}, **kwargs)
+    return PooledMySQLDatabase(
+        name,
+        field_types={"JSONTEXT": "LONGTEXT"},
+        statement_timeout=float(str(statement)) if statement else None,
+        **kwargs,
+    )
 
 
 def ensure_schema(db: Database) -> bool:

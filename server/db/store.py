@@ -3,12 +3,21 @@
 Every method returns plain rows (named tuples of column values, JSON still as
 text) and raises domain errors from server.errors, so nothing above this module
 imports peewee. Database failures surface as StoreUnavailable.
+
+A call waits on the database until its deadline or the store's timeout, whichever
+comes first, and no longer: for a pooled connection, for a new one, and for every
+statement. Past that time a thread blocked reading from a database that went
+silent (a partition, a failover) is freed by the watchdog, which shuts that
+connection's socket; the call then fails DEADLINE_EXCEEDED (its deadline passed) or
+STORE_UNAVAILABLE (the store's timeout did), and its connection is thrown away
+with the pool's idle ones, which the same outage most likely stranded.
 """
 
 from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections.abc import Callable
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -27,12 +36,15 @@ from playhouse.pool import PooledDatabase
 
 from server import errors
 from server import values
+from server.config import Config
 from server.db.models import Attempt
 from server.db.models import CatalogStamp
 from server.db.models import ComponentSchema
 from server.db.models import Node
 from server.db.models import Project
 from server.db.models import Task
+from server.db.pool import BoundedPool
+from server.db.pool import OutOfTime
 from server.db.prepared import Prepared
 from server.db.prepared import Slot
 
@@ -117,39 +129,145 @@ _NODE_COLUMNS = (
 )
 
 
-class _CallState(threading.local):
-    """Where the current thread's call stands with its connection (Store.session)."""
+#: How often the watchdog looks for calls past their time, in seconds: the most a
+#: thread blocked on a silent database outstays its call's time.
+WATCH_INTERVAL = 0.05
 
-    #: The call's read snapshot has begun (and needs its ROLLBACK).
-    snapshot = False
-    #: A statement of the call has succeeded, so its connection is known alive.
-    proven = False
+
+class _Call:
+    """Where one thread's call stands with the store (Store.session); the watchdog
+    reads it from its own thread."""
+
+    __slots__ = ("by_deadline", "conn", "expiry", "interrupt", "killed", "proven", "snapshot")
+
+    def __init__(self, interrupt: Callable[[Any], None]) -> None:
+        #: Shuts conn down from another thread (BoundedPool.interrupt).
+        self.interrupt = interrupt
+        #: The connection the watchdog may shut; None while the call holds none.
+        self.conn: Any = None
+        #: time.monotonic() by which the call is done with the store, and whether that
+        #: is the call's deadline (rather than the store's timeout).
+        self.expiry = 0.0
+        self.by_deadline = False
+        #: The watchdog shut conn down: the call's time ran out while it held it.
+        self.killed = False
+        #: The call's read snapshot has begun (and needs its ROLLBACK).
+        self.snapshot = False
+        #: A statement of the call has succeeded, so its connection is known alive.
+        self.proven = False
+
+
+class _ThisCall(threading.local):
+    """Each thread's own _Call."""
+
+    def __init__(self, interrupt: Callable[[Any], None]) -> None:
+        self.call = _Call(interrupt)
+
+
+class _Watchdog:
+    """One thread per process that shuts the connection of every call past its time.
+
+    A call is watched only while it holds a connection; watching and releasing one
+    costs a lock each, and the thread wakes every WATCH_INTERVAL whatever the load,
+    so a call pays no thread, timer or wake-up of its own. The lock makes a release
+    final: once a call has let go of its connection (to the pool, where another call
+    may take it), the watchdog can no longer shut it.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._calls: set[_Call] = set()
+        self._thread: threading.Thread | None = None
+
+    def start(self) -> None:
+        with self._lock:
+            if self._thread is None or not self._thread.is_alive():
+                self._thread = threading.Thread(target=self._run, name="store-watchdog")
+                self._thread.daemon = True
+                self._thread.start()
+
+    def watch(self, call: _Call, conn: Any) -> None:
+        with self._lock:
+            call.conn = conn
+            self._calls.add(call)
+
+    def release(self, call: _Call) -> bool:
+        """Stop watching call; True if its connection was shut meanwhile."""
+        with self._lock:
+            self._calls.discard(call)
+            call.conn = None
+            return call.killed
+
+    def _run(self) -> None:
+        while True:
+            time.sleep(WATCH_INTERVAL)
+            now = time.monotonic()
+            with self._lock:
+                for call in self._calls:
+                    if call.expiry <= now and not call.killed:
+                        call.killed = True
+                        try:
+                            call.interrupt(call.conn)
+                        except Exception:  # the watchdog must outlive any one connection
+                            log.exception("shutting a connection down failed")
+
+
+_watchdog = _Watchdog()
 
 
 class Store:
-    """Reads node records from one database."""
+    """Reads node records from one database; a call waits at most timeout seconds on it."""
 
-    def __init__(self, db: Database) -> None:
+    def __init__(self, db: Database, timeout: float = Config.store_timeout_seconds) -> None:
         self.db = db
-        self._call = _CallState()
+        self.timeout = timeout
+        self._this = _ThisCall(getattr(db, "interrupt", _cannot_interrupt))
         self._prepare()
+        _watchdog.start()
 
     @contextmanager
-    def session(self) -> Iterator[None]:
-        """One connection for a call, given back afterwards; see _read for its snapshot."""
+    def session(self, deadline: float | None = None) -> Iterator[None]:
+        """One connection for a call, given back afterwards; see _read for its snapshot.
+
+        deadline: the seconds the call has left, if it has a deadline. The call waits
+        on the store until then or for the store's timeout, whichever is sooner.
+        """
+        call = self._this.call
+        budget = self.timeout if deadline is None else min(deadline, self.timeout)
+        call.by_deadline = budget < self.timeout
+        call.expiry = time.monotonic() + budget
+        call.snapshot = call.proven = call.killed = False
         with unavailable_on_db_error():
-            self._connect()
-        self._call.snapshot = self._call.proven = False
+            self._connect(call)
         try:
             yield
         finally:
-            self._end()
+            self._end(call)
 
-    def _connect(self) -> None:
+    def _connect(self, call: _Call) -> None:
         try:
-            self.db.connect(reuse_if_open=True)
+            if isinstance(self.db, BoundedPool):
+                self.db.connect_by(call.expiry, reuse_if_open=True)
+            else:
+                self.db.connect(reuse_if_open=True)
+        except OutOfTime as exc:
+            raise self._late(call) from exc
         except MaxConnectionsExceeded as exc:
             raise peewee.OperationalError(str(exc)) from exc
+        _watchdog.watch(call, self.db.connection())
+
+    def _late(self, call: _Call) -> errors.ServiceError:
+        """The error of a call whose time on the store ran out."""
+        if call.by_deadline:
+            late: errors.ServiceError = errors.DeadlineExceeded(
+                "the call's deadline passed while it waited on the node store"
+            )
+        else:
+            late = errors.StoreUnavailable(
+                f"the node store did not answer within {self.timeout:g} s; retry later"
+            )
+        log.warning("%s", late.message)
+        return late
 
     def _read(self, query: Prepared, snapshot: bool, **values: object) -> list[tuple[Any, ...]]:
         return self.read(partial(query.rows, **values), snapshot)
@@ -170,7 +288,7 @@ class Store:
         (likely dropped too), and work runs once more on a new connection; a second
         failure is the caller's answer. work must therefore only read.
         """
-        call = self._call
+        call = self._this.call
         with unavailable_on_db_error():
             for retries_left in (0,) if call.proven else (1, 0):
                 try:
@@ -181,29 +299,36 @@ class Store:
                     call.proven = True
                     return result
                 except (peewee.OperationalError, peewee.InterfaceError) as exc:
+                    if call.killed or time.monotonic() >= call.expiry:
+                        raise self._late(call) from exc
                     if call.proven or not retries_left:
                         raise
                     log.info("a pooled connection was dead (%s); retrying on a new one", exc)
                     self._discard_connection()
                     call.snapshot = False
-                    self._connect()
+                    self._connect(call)
         raise AssertionError("unreachable: the last try returns or raises")
 
-    def _end(self) -> None:
-        """End the snapshot if one began, and give the connection back (or close it)."""
-        if self._call.snapshot:
-            self._call.snapshot = False
+    def _end(self, call: _Call) -> None:
+        """End the snapshot if one began, and give the connection back; or close it,
+        if it failed or the watchdog shut it."""
+        clean = True
+        if call.snapshot:
+            call.snapshot = False
             try:
                 self.db.execute_sql("ROLLBACK")  # it read only: nothing to commit
             except (peewee.DatabaseError, peewee.InterfaceError) as exc:
                 # The connection died during the call, whose answer is already decided.
                 log.info("ending a read snapshot failed (%s); dropping its connection", exc)
-                self._discard_connection()
-                return
-        self.db.close()
+                clean = False
+        if _watchdog.release(call) or not clean:
+            self._discard_connection()
+        else:
+            self.db.close()
 
     def _discard_connection(self) -> None:
         """Close this thread's connection for good, and a pool's idle connections."""
+        _watchdog.release(self._this.call)
         if isinstance(self.db, PooledDatabase):
             self.db.manual_close()
             self.db.close_idle()
@@ -467,6 +592,10 @@ def _snapshot_statement(db: Database) -> str:
     if isinstance(db, MySQLDatabase):
         return "START TRANSACTION READ ONLY"
     return "BEGIN"
+
+
+def _cannot_interrupt(conn: Any) -> None:
+    """A database with no way to interrupt a connection: its own timeouts bound it."""
 
 
 @contextmanager
