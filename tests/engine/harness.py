@@ -1,0 +1,111 @@
+"""The real bk-sops engine for tests: its virtualenv, and a run of real pipelines into a database.
+
+The virtualenv is built on first use under .build/, then reused.
+
+bamboo-pipeline pulls Django, Celery and more, and declares Python 3.11 only, so it gets a
+virtualenv of its own and the service's .venv never imports it. The directory is named after a
+hash of tests/engine/requirements.txt, so editing the pins builds a fresh one and an unchanged
+file costs one stat. A lock file keeps concurrent test processes from building it twice.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+HERE = Path(__file__).resolve().parent
+REQUIREMENTS = HERE / "requirements.txt"
+RUNNER = HERE / "run_pipelines.py"
+ROOT = HERE.parents[1]
+VENVS = ROOT / ".build" / "engine-venv"
+
+#: The interpreter the engine venv is made from; bamboo-pipeline 4.0.6 requires >=3.11,<3.12.
+ENGINE_PYTHON = os.environ.get("TASKNODE_ENGINE_PYTHON", "python3.11")
+
+
+class EngineVenvError(RuntimeError):
+    """The engine's virtualenv could not be built; the message has the command and its output."""
+
+
+def venv_dir() -> Path:
+    """Where the venv for the current requirements file lives."""
+    digest = hashlib.sha256(REQUIREMENTS.read_bytes()).hexdigest()[:16]
+    return VENVS / digest
+
+
+def engine_python() -> Path:
+    """The engine venv's interpreter, building the venv first when it is missing or partial."""
+    venv = venv_dir()
+    python = venv / "bin" / "python"
+    marker = venv / ".installed"
+    if marker.exists():
+        return python
+    VENVS.mkdir(parents=True, exist_ok=True)
+    with (VENVS / ".lock").open("w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if marker.exists():
+            return python
+        _build(venv)
+        marker.touch()
+    for stale in VENVS.iterdir():
+        if stale.is_dir() and stale != venv:
+            shutil.rmtree(stale, ignore_errors=True)
+    return python
+
+
+def _build(venv: Path) -> None:
+    base = shutil.which(ENGINE_PYTHON)
+    if base is None:
+        raise EngineVenvError(
+            f"{ENGINE_PYTHON} not found on PATH: the engine needs Python 3.11"
+            " (set TASKNODE_ENGINE_PYTHON to its path)"
+        )
+    shutil.rmtree(venv, ignore_errors=True)
+    _run([base, "-m", "venv", str(venv)])
+    pip = [str(venv / "bin" / "python"), "-m", "pip", "--disable-pip-version-check", "-q"]
+    _run([*pip, "install", "-r", str(REQUIREMENTS)])
+
+
+def _run(command: list[str]) -> None:
+    done = subprocess.run(command, capture_output=True, text=True, timeout=900, check=False)
+    if done.returncode != 0:
+        raise EngineVenvError(
+            f"{' '.join(command)} exited {done.returncode}:\n{done.stdout}\n{done.stderr}"
+        )
+
+
+def run_pipelines(database_url: str, directory: Path) -> dict[str, Any]:
+    """Runs tests/engine/run_pipelines.py in the engine venv against database_url (an empty
+    database of the kinds tests/conftest.py makes) and returns its manifest.
+
+    The engine's own chatter goes to directory/engine.log, named in the error if the run fails.
+    """
+    python = engine_python()
+    manifest = directory / "manifest.json"
+    log = directory / "engine.log"
+    with log.open("w") as out:
+        done = subprocess.run(
+            [str(python), str(RUNNER), database_url, str(manifest)],
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            timeout=300,
+            check=False,
+            cwd=directory,
+        )
+    if done.returncode != 0:
+        tail = log.read_text(errors="replace")[-4000:]
+        raise EngineVenvError(f"run_pipelines.py exited {done.returncode} (log {log}):\n{tail}")
+    result: dict[str, Any] = json.loads(manifest.read_text())
+    return result
+
+
+if __name__ == "__main__":
+    print(engine_python())
+    sys.exit(0)

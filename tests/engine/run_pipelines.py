@@ -1,0 +1,686 @@
+"""Runs real pipelines with the real bamboo-engine into a database, as bk-sops would leave it.
+
+This file runs only inside the engine's own virtualenv (tests/engine/requirements.txt, built by
+tests/engine/venv.py); the service never imports it. Given a database URL of the kinds the
+suite's `database_url` fixture makes, it configures Django in code, migrates the engine's apps,
+creates bk-sops's own `core_project` and `taskflow3_taskflowinstance` tables with plain DDL,
+runs the pipelines below synchronously (Celery in eager mode: no broker, no worker), links each
+to a task of one project, and writes a JSON manifest of what ran and what each node must show.
+
+    python run_pipelines.py DATABASE_URL MANIFEST_PATH
+
+The engine prints to stdout while it works, so the manifest goes to a file.
+"""
+
+from __future__ import annotations
+
+import datetime
+import decimal
+import json
+import sys
+import uuid
+from pathlib import Path
+from typing import Any
+from urllib.parse import parse_qs
+from urllib.parse import unquote
+from urllib.parse import urlsplit
+
+#: The business and project every task belongs to, as a CMDB-synced bk-sops project.
+BUSINESS_ID = 2
+PROJECT_NAME = "engine-harness"
+
+#: A value JSON cannot carry, so the engine pickles the node's outputs.
+WHEN = datetime.datetime(2024, 5, 17, 8, 30, 15, tzinfo=datetime.UTC)
+
+
+def nid() -> str:
+    """A node or pipeline id as bk-sops makes them: "node" + 28 hex digits (32 characters)."""
+    return "node" + uuid.uuid4().hex[:28]
+
+
+def django_database(url: str) -> dict[str, Any]:
+    """Django's DATABASES entry for a sqlite:///, postgresql:// or mysql:// URL."""
+    parts = urlsplit(url)
+    if parts.scheme == "sqlite":
+        # As the service reads it: sqlite:///var/x.db is relative, sqlite:////tmp/x.db absolute.
+        return {"ENGINE": "django.db.backends.sqlite3", "NAME": unquote(parts.path[1:])}
+    common = {
+        "NAME": parts.path.lstrip("/"),
+        "USER": unquote(parts.username or ""),
+        "PASSWORD": unquote(parts.password or ""),
+        "HOST": parts.hostname or "127.0.0.1",
+        "PORT": str(parts.port or ""),
+    }
+    if parts.scheme in ("postgresql", "postgres"):
+        options = {}
+        for value in parse_qs(parts.query).get("options", []):
+            options["options"] = value
+        return {"ENGINE": "django.db.backends.postgresql", "OPTIONS": options, **common}
+    if parts.scheme in ("mysql", "mariadb"):
+        import pymysql
+
+        pymysql.install_as_MySQLdb()
+        return {"ENGINE": "django.db.backends.mysql", "OPTIONS": {"charset": "utf8mb4"}, **common}
+    raise ValueError(f"unsupported database URL scheme {parts.scheme!r}")
+
+
+def configure(url: str) -> None:
+    """Django and Celery settings in code: the engine's apps, eager tasks, bk-sops's zone."""
+    from celery import Celery
+    from django.conf import settings
+
+    app = Celery("engine-harness", broker="memory://")
+    app.conf.update(
+        task_always_eager=True,
+        task_eager_propagates=True,
+        task_serializer="json",
+        accept_content=["json"],
+        result_backend=None,
+    )
+    app.set_current()
+    app.set_default()
+
+    settings.configure(
+        DEBUG=False,
+        SECRET_KEY="engine-harness",
+        USE_TZ=True,
+        TIME_ZONE="Asia/Shanghai",
+        DATABASES={"default": django_database(url)},
+        DEFAULT_AUTO_FIELD="django.db.models.AutoField",
+        INSTALLED_APPS=[
+            "django.contrib.auth",
+            "django.contrib.contenttypes",
+            "django_celery_beat",
+            "pipeline",
+            "pipeline.log",
+            "pipeline.engine",
+            "pipeline.component_framework",
+            "pipeline.variable_framework",
+            "pipeline.django_signal_valve",
+            "pipeline.eri",
+        ],
+        LOGGING_CONFIG=None,
+    )
+    import django
+
+    django.setup()
+    app.autodiscover_tasks(["pipeline.eri.celery"], related_name="tasks", force=True)
+    import pipeline.eri.celery.tasks  # noqa: F401  (registers execute/schedule on the app)
+
+
+def migrate() -> None:
+    from django.core.management import call_command
+
+    call_command("migrate", verbosity=0, interactive=False)
+
+
+def create_bksops_tables() -> None:
+    """bk-sops's two tables, columns as its models (gcloud/core, gcloud/taskflow3) define them."""
+    from django.db import connection
+
+    vendor = connection.vendor
+    auto = {
+        "sqlite": "integer NOT NULL PRIMARY KEY AUTOINCREMENT",
+        "postgresql": "serial NOT NULL PRIMARY KEY",
+        "mysql": "integer NOT NULL PRIMARY KEY AUTO_INCREMENT",
+    }[vendor]
+    boolean = "bool" if vendor == "mysql" else "boolean"
+    moment = (
+        "datetime(6)"
+        if vendor == "mysql"
+        else ("timestamp with time zone" if vendor == "postgresql" else "datetime")
+    )
+    text = "longtext" if vendor == "mysql" else "text"
+    statements = [
+        f"""CREATE TABLE core_project (
+            id {auto},
+            name varchar(192) NOT NULL,
+            time_zone varchar(100) NOT NULL,
+            creator varchar(256) NOT NULL,
+            "desc" varchar(512) NOT NULL,
+            create_at {moment} NOT NULL,
+            from_cmdb {boolean} NOT NULL,
+            bk_biz_id integer NOT NULL,
+            is_disable {boolean} NOT NULL,
+            tenant_id varchar(64) NOT NULL,
+            UNIQUE (bk_biz_id, name))""",
+        "CREATE INDEX core_project_tenant_id ON core_project (tenant_id)",
+        f"""CREATE TABLE taskflow3_taskflowinstance (
+            id {auto},
+            project_id integer NULL REFERENCES core_project (id),
+            pipeline_instance_id integer NULL REFERENCES pipeline_pipelineinstance (id),
+            category varchar(255) NOT NULL,
+            template_id varchar(255) NOT NULL,
+            template_source varchar(32) NOT NULL,
+            create_method varchar(30) NOT NULL,
+            create_info varchar(255) NOT NULL,
+            flow_type varchar(255) NOT NULL,
+            current_flow varchar(255) NOT NULL,
+            is_deleted {boolean} NOT NULL,
+            engine_ver integer NOT NULL,
+            recorded_executor_proxy varchar(255) NULL,
+            is_child_taskflow {boolean} NOT NULL,
+            extra_info {text} NULL)""",
+        "CREATE INDEX taskflow3_taskflowinstance_project_id"
+        " ON taskflow3_taskflowinstance (project_id)",
+        "CREATE INDEX taskflow3_taskflowinstance_pipeline_instance_id"
+        " ON taskflow3_taskflowinstance (pipeline_instance_id)",
+    ]
+    with connection.cursor() as cursor:
+        for statement in statements:
+            if vendor == "mysql":
+                statement = statement.replace('"desc"', "`desc`")
+            cursor.execute(statement)
+
+
+def define_components() -> None:
+    """The plugins the pipelines use; defining a Component class registers it."""
+    from pipeline.component_framework.component import Component
+    from pipeline.core.flow.activity import Service
+    from pipeline.core.flow.io import StringItemSchema
+
+    class EchoService(Service):
+        """Succeeds, echoing its inputs as outputs (plus a fixed `greeting`)."""
+
+        def execute(self, data: Any, parent_data: Any) -> bool:
+            for key, value in data.inputs.items():
+                if not key.startswith("_"):
+                    data.set_outputs(key, value)
+            data.set_outputs("greeting", "你好, 世界")
+            return True
+
+        def outputs_format(self) -> list[Any]:
+            return [
+                self.OutputItem(
+                    name="Greeting",
+                    key="greeting",
+                    type="string",
+                    schema=StringItemSchema(description=""),
+                )
+            ]
+
+    class GateService(Service):
+        """Fails unless its input `ok` is true: failing, retried and skipped nodes."""
+
+        def execute(self, data: Any, parent_data: Any) -> bool:
+            if data.get_one_of_inputs("ok"):
+                data.set_outputs("passed", True)
+                return True
+            data.set_outputs("ex_data", "gate closed: ok is false")
+            return False
+
+        def outputs_format(self) -> list[Any]:
+            return []
+
+    class ValuesService(Service):
+        """Outputs values JSON cannot hold (the engine pickles them) or holds oddly."""
+
+        def execute(self, data: Any, parent_data: Any) -> bool:
+            kind = data.get_one_of_inputs("kind")
+            if kind == "pickled":
+                data.set_outputs("when", WHEN)
+                data.set_outputs("day", WHEN.date())
+                data.set_outputs("amount", decimal.Decimal("12.50"))
+                data.set_outputs("ident", uuid.UUID("12345678-1234-5678-1234-567812345678"))
+            else:
+                data.set_outputs("nan", float("nan"))
+                data.set_outputs("inf", float("inf"))
+                data.set_outputs("huge", 2**70)
+                data.set_outputs("text", "emoji \U0001f600 and 中文")
+                data.set_outputs("big", "x" * 200_000)
+            return True
+
+        def outputs_format(self) -> list[Any]:
+            return []
+
+    class WaitService(Service):
+        """Stays RUNNING until a callback arrives: a running node."""
+
+        __need_schedule__ = True
+
+        def execute(self, data: Any, parent_data: Any) -> bool:
+            return True
+
+        def schedule(self, data: Any, parent_data: Any, callback_data: Any = None) -> bool:
+            self.finish_schedule()
+            return True
+
+        def outputs_format(self) -> list[Any]:
+            return []
+
+    for code, service in (
+        ("harness_echo", EchoService),
+        ("harness_gate", GateService),
+        ("harness_values", ValuesService),
+        ("harness_wait", WaitService),
+    ):
+        type(
+            f"{service.__name__}Component",
+            (Component,),
+            {
+                "__module__": __name__,
+                "name": code,
+                "code": code,
+                "bound_service": service,
+            },
+        )
+
+
+class Pipelines:
+    """Builds, runs and records the pipelines; `manifest` is what the tests read."""
+
+    def __init__(self) -> None:
+        from pipeline.eri.runtime import BambooDjangoRuntime
+
+        self.runtime = BambooDjangoRuntime()
+        self.manifest: dict[str, Any] = {"business_id": BUSINESS_ID, "pipelines": {}}
+
+    # -- building blocks -------------------------------------------------------------------
+
+    def record(self, pipeline: str, label: str, node: Any, kind: str, **expect: Any) -> str:
+        """Notes a node of a pipeline and what its engine rows must show."""
+        self.manifest["pipelines"][pipeline]["nodes"][label] = {
+            "id": node.id,
+            "kind": kind,
+            "expect": expect,
+        }
+        return str(node.id)
+
+    def start(
+        self, name: str, tree: dict[str, Any], constants: dict[str, Any] | None = None
+    ) -> str:
+        """Stores the tree as a snapshot of a started pipeline instance, links a task, runs it."""
+        from bamboo_engine import api
+        from django.utils import timezone
+        from pipeline.models import PipelineInstance
+        from pipeline.models import Snapshot
+
+        snapshot_tree = dict(tree, constants=constants or {})
+        snapshot = Snapshot.objects.create_snapshot(snapshot_tree)
+        instance = PipelineInstance.objects.create(
+            instance_id=tree["id"],
+            name=name,
+            creator="admin",
+            executor="admin",
+            execution_snapshot=snapshot,
+            is_started=True,
+            start_time=timezone.now(),
+        )
+        instance.calculate_tree_info(save=True)
+        task_id = self.add_task(instance.id)
+        self.manifest["pipelines"][name].update(
+            pipeline_id=tree["id"], task_id=task_id, instance_pk=instance.id
+        )
+        self.check(api.run_pipeline(runtime=self.runtime, pipeline=tree, cycle_tolerate=True), name)
+        return str(tree["id"])
+
+    def finish(self, name: str) -> None:
+        """Marks the instance finished when its root state is, as bk-sops's signal handler does."""
+        from pipeline.eri.models import State
+        from pipeline.models import PipelineInstance
+
+        pipeline_id = self.manifest["pipelines"][name]["pipeline_id"]
+        finished = State.objects.filter(node_id=pipeline_id, name="FINISHED").exists()
+        if finished:
+            PipelineInstance.objects.set_finished(pipeline_id)
+        self.manifest["pipelines"][name]["finished"] = finished
+
+    def add_task(self, instance_pk: int) -> int:
+        from django.db import connection
+
+        with connection.cursor() as cursor:
+            cursor.execute(
+                "INSERT INTO taskflow3_taskflowinstance (project_id, pipeline_instance_id,"
+                " category,"
+                " template_id, template_source, create_method, create_info, flow_type,"
+                " current_flow, is_deleted, engine_ver, recorded_executor_proxy,"
+                " is_child_taskflow, extra_info)"
+                " VALUES (%s, %s, 'Default', '1', 'project', 'app', '', 'common', 'execute_task',"
+                " %s, 2, NULL, %s, NULL)",
+                [self.manifest["project_id"], instance_pk, False, False],
+            )
+            cursor.execute(
+                "SELECT max(id) FROM taskflow3_taskflowinstance WHERE pipeline_instance_id = %s",
+                [instance_pk],
+            )
+            return int(cursor.fetchone()[0])
+
+    def add_project(self) -> None:
+        from django.db import connection
+        from django.utils import timezone
+
+        with connection.cursor() as cursor:
+            cursor.execute(
+                'INSERT INTO core_project (name, time_zone, creator, "desc", create_at, from_cmdb,'
+                " bk_biz_id, is_disable, tenant_id) VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s)"
+                if connection.vendor != "mysql"
+                else "INSERT INTO core_project (name, time_zone, creator, `desc`, create_at,"
+                " from_cmdb, bk_biz_id, is_disable, tenant_id)"
+                " VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s)",
+                [
+                    PROJECT_NAME,
+                    "Asia/Shanghai",
+                    "admin",
+                    "",
+                    timezone.now(),
+                    True,
+                    BUSINESS_ID,
+                    False,
+                    "default",
+                ],
+            )
+            cursor.execute("SELECT id FROM core_project WHERE name = %s", [PROJECT_NAME])
+            self.manifest["project_id"] = int(cursor.fetchone()[0])
+
+    def new(self, name: str) -> None:
+        self.manifest["pipelines"][name] = {"nodes": {}}
+
+    # -- the pipelines ---------------------------------------------------------------------
+
+    def services(self) -> None:
+        """Service activities in a row: succeeds, error ignored, retried with new inputs, skipped,
+        pickled values, unusual JSON values."""
+        from bamboo_engine import api
+        from bamboo_engine.builder import EmptyEndEvent
+        from bamboo_engine.builder import EmptyStartEvent
+        from bamboo_engine.builder import ServiceActivity
+        from bamboo_engine.builder import Var
+        from bamboo_engine.builder import build_tree
+
+        name = "services"
+        self.new(name)
+        start = EmptyStartEvent(id=nid())
+        ok = ServiceActivity(id=nid(), component_code="harness_echo", name="echo")
+        ok.component.inputs.word = Var(type=Var.PLAIN, value="hello")
+        ok.component.inputs.unicode = Var(type=Var.PLAIN, value="中文 \U0001f600")
+        ignored = ServiceActivity(
+            id=nid(), component_code="harness_gate", name="ignored", error_ignorable=True
+        )
+        ignored.component.inputs.ok = Var(type=Var.PLAIN, value=False)
+        retried = ServiceActivity(id=nid(), component_code="harness_gate", name="retried")
+        retried.component.inputs.ok = Var(type=Var.PLAIN, value=False)
+        skipped = ServiceActivity(id=nid(), component_code="harness_gate", name="skipped")
+        skipped.component.inputs.ok = Var(type=Var.PLAIN, value=False)
+        pickled = ServiceActivity(id=nid(), component_code="harness_values", name="pickled")
+        pickled.component.inputs.kind = Var(type=Var.PLAIN, value="pickled")
+        odd = ServiceActivity(id=nid(), component_code="harness_values", name="odd")
+        odd.component.inputs.kind = Var(type=Var.PLAIN, value="odd")
+        end = EmptyEndEvent(id=nid())
+        start.extend(ok).extend(ignored).extend(retried).extend(skipped).extend(pickled).extend(
+            odd
+        ).extend(end)
+        tree = build_tree(start, id=uuid.uuid4().hex)
+
+        self.record(name, "start", start, "start_event", state="FINISHED", data=False)
+        self.record(name, "ok", ok, "succeeded", state="FINISHED", outputs={"word": "hello"})
+        self.record(
+            name,
+            "ignored",
+            ignored,
+            "error_ignored",
+            state="FINISHED",
+            error_ignored=True,
+            ex_data="gate closed: ok is false",
+        )
+        self.record(
+            name,
+            "retried",
+            retried,
+            "retried_with_new_inputs",
+            state="FINISHED",
+            retry=1,
+            histories=1,
+            inputs={"ok": True},
+        )
+        self.record(
+            name,
+            "skipped",
+            skipped,
+            "skipped",
+            state="FINISHED",
+            skip=True,
+            histories=1,
+            ex_data="gate closed: ok is false",
+        )
+        self.record(
+            name,
+            "pickled",
+            pickled,
+            "pickled_outputs",
+            state="FINISHED",
+            outputs_serializer="pickle",
+        )
+        self.record(
+            name,
+            "odd",
+            odd,
+            "non_finite_huge_unicode_outputs",
+            state="FINISHED",
+            outputs_serializer="json",
+        )
+        self.record(name, "end", end, "end_event", state="FINISHED", data=False)
+
+        self.start(name, tree)
+        self.check(api.retry_node(self.runtime, retried.id, data={"ok": True}), "retry")
+        self.check(api.skip_node(self.runtime, skipped.id), "skip")
+        self.finish(name)
+
+    def loop(self) -> None:
+        """A node re-run three times through an exclusive gateway's back edge."""
+        from bamboo_engine.builder import Data
+        from bamboo_engine.builder import EmptyEndEvent
+        from bamboo_engine.builder import EmptyStartEvent
+        from bamboo_engine.builder import ExclusiveGateway
+        from bamboo_engine.builder import NodeOutput
+        from bamboo_engine.builder import ServiceActivity
+        from bamboo_engine.builder import Var
+        from bamboo_engine.builder import build_tree
+
+        name = "loop"
+        self.new(name)
+        start = EmptyStartEvent(id=nid())
+        body = ServiceActivity(id=nid(), component_code="harness_echo", name="body")
+        body.component.inputs.word = Var(type=Var.PLAIN, value="again")
+        decide = ExclusiveGateway(
+            id=nid(), conditions={0: "${count} < 3", 1: "${count} >= 3"}, name="decide"
+        )
+        end = EmptyEndEvent(id=nid())
+        start.extend(body).extend(decide).connect(body, end)
+        data = Data()
+        data.inputs["${count}"] = NodeOutput(type=Var.PLAIN, source_act=body.id, source_key="_loop")
+        tree = build_tree(start, id=uuid.uuid4().hex, data=data)
+
+        self.record(name, "start", start, "start_event", state="FINISHED", data=False)
+        self.record(name, "body", body, "looped_activity", state="FINISHED", loop=3, histories=2)
+        self.record(
+            name,
+            "decide",
+            decide,
+            "exclusive_gateway_back_edge",
+            state="FINISHED",
+            loop=3,
+            histories=2,
+            data=False,
+        )
+        self.record(name, "end", end, "end_event", state="FINISHED", data=False)
+        self.start(name, tree)
+        self.finish(name)
+
+    def nested(self) -> None:
+        """Sub-processes two levels deep beside a branch that is never taken."""
+        from bamboo_engine.builder import ConvergeGateway
+        from bamboo_engine.builder import EmptyEndEvent
+        from bamboo_engine.builder import EmptyStartEvent
+        from bamboo_engine.builder import ExclusiveGateway
+        from bamboo_engine.builder import ParallelGateway
+        from bamboo_engine.builder import ServiceActivity
+        from bamboo_engine.builder import SubProcess
+        from bamboo_engine.builder import Var
+        from bamboo_engine.builder import build_tree
+
+        name = "nested"
+        self.new(name)
+        deep_start = EmptyStartEvent(id=nid())
+        deep_act = ServiceActivity(id=nid(), component_code="harness_echo", name="deep")
+        deep_act.component.inputs.word = Var(type=Var.PLAIN, value="level 2")
+        deep_end = EmptyEndEvent(id=nid())
+        deep_start.extend(deep_act).extend(deep_end)
+        inner = SubProcess(id=nid(), start=deep_start, name="inner")
+
+        outer_start = EmptyStartEvent(id=nid())
+        outer_act = ServiceActivity(id=nid(), component_code="harness_echo", name="shallow")
+        outer_act.component.inputs.word = Var(type=Var.PLAIN, value="level 1")
+        outer_end = EmptyEndEvent(id=nid())
+        outer_start.extend(outer_act).extend(inner).extend(outer_end)
+        outer = SubProcess(id=nid(), start=outer_start, name="outer")
+
+        start = EmptyStartEvent(id=nid())
+        fork = ParallelGateway(id=nid(), name="fork")
+        side = ServiceActivity(id=nid(), component_code="harness_echo", name="side")
+        side.component.inputs.word = Var(type=Var.PLAIN, value="beside")
+        choose = ExclusiveGateway(id=nid(), conditions={0: "1 == 1", 1: "1 == 0"}, name="choose")
+        taken = ServiceActivity(id=nid(), component_code="harness_echo", name="taken")
+        taken.component.inputs.word = Var(type=Var.PLAIN, value="taken")
+        not_run = ServiceActivity(id=nid(), component_code="harness_echo", name="not run")
+        not_run.component.inputs.word = Var(type=Var.PLAIN, value="never")
+        choose_merge = ConvergeGateway(id=nid(), name="choose merge")
+        join = ConvergeGateway(id=nid(), name="join")
+        end = EmptyEndEvent(id=nid())
+        start.extend(fork).connect(outer, side)
+        outer.extend(join)
+        side.extend(choose).connect(taken, not_run)
+        taken.extend(choose_merge)
+        not_run.extend(choose_merge)
+        choose_merge.extend(join)
+        join.extend(end)
+        tree = build_tree(start, id=uuid.uuid4().hex)
+
+        self.record(name, "fork", fork, "parallel_gateway", state="FINISHED", data=False)
+        self.record(
+            name,
+            "outer",
+            outer,
+            "subprocess_level_1",
+            state="FINISHED",
+            parent=tree["id"],
+            children=4,
+        )
+        self.record(
+            name,
+            "shallow",
+            outer_act,
+            "activity_in_subprocess",
+            state="FINISHED",
+            parent=outer.id,
+            outputs={"word": "level 1"},
+        )
+        self.record(
+            name,
+            "inner",
+            inner,
+            "subprocess_level_2",
+            state="FINISHED",
+            parent=outer.id,
+            children=3,
+        )
+        self.record(
+            name,
+            "deep",
+            deep_act,
+            "activity_in_subprocess_level_2",
+            state="FINISHED",
+            parent=inner.id,
+            outputs={"word": "level 2"},
+        )
+        self.record(name, "choose", choose, "exclusive_gateway", state="FINISHED", data=False)
+        self.record(name, "taken", taken, "succeeded", state="FINISHED")
+        self.record(name, "not_run", not_run, "not_run", state=None)
+        self.record(name, "join", join, "converge_gateway", state="FINISHED", data=False)
+        self.start(name, tree)
+        self.finish(name)
+
+    def stuck(self) -> None:
+        """A node still RUNNING (waits for a callback), its successor not run, and a sub-process
+        whose child failed."""
+        from bamboo_engine.builder import ConvergeGateway
+        from bamboo_engine.builder import EmptyEndEvent
+        from bamboo_engine.builder import EmptyStartEvent
+        from bamboo_engine.builder import ParallelGateway
+        from bamboo_engine.builder import ServiceActivity
+        from bamboo_engine.builder import SubProcess
+        from bamboo_engine.builder import Var
+        from bamboo_engine.builder import build_tree
+
+        name = "stuck"
+        self.new(name)
+        sub_start = EmptyStartEvent(id=nid())
+        failing = ServiceActivity(id=nid(), component_code="harness_gate", name="fails")
+        failing.component.inputs.ok = Var(type=Var.PLAIN, value=False)
+        sub_end = EmptyEndEvent(id=nid())
+        sub_start.extend(failing).extend(sub_end)
+        sub = SubProcess(id=nid(), start=sub_start, name="with failed child")
+
+        start = EmptyStartEvent(id=nid())
+        fork = ParallelGateway(id=nid())
+        wait = ServiceActivity(id=nid(), component_code="harness_wait", name="waits")
+        after = ServiceActivity(id=nid(), component_code="harness_echo", name="after")
+        after.component.inputs.word = Var(type=Var.PLAIN, value="later")
+        join = ConvergeGateway(id=nid())
+        end = EmptyEndEvent(id=nid())
+        start.extend(fork).connect(wait, sub)
+        wait.extend(after).extend(join)
+        sub.extend(join)
+        join.extend(end)
+        tree = build_tree(start, id=uuid.uuid4().hex)
+
+        self.record(name, "wait", wait, "running", state="RUNNING")
+        self.record(name, "after", after, "not_run_after_running", state=None)
+        self.record(
+            name,
+            "sub",
+            sub,
+            "subprocess_with_failed_child",
+            state="RUNNING",
+            parent=tree["id"],
+            children=2,
+        )
+        self.record(
+            name,
+            "fails",
+            failing,
+            "failed",
+            state="FAILED",
+            parent=sub.id,
+            ex_data="gate closed: ok is false",
+        )
+        self.record(name, "end", end, "end_not_run", state=None)
+        self.start(name, tree)
+        self.finish(name)
+
+    @staticmethod
+    def check(result: Any, what: str) -> None:
+        if not result.result:
+            raise RuntimeError(f"{what}: {result.message}\n{result.exc_trace}")
+
+
+def main(argv: list[str]) -> int:
+    if len(argv) != 3:
+        print(__doc__, file=sys.stderr)
+        return 2
+    url, out = argv[1], Path(argv[2])
+    configure(url)
+    migrate()
+    create_bksops_tables()
+    define_components()
+    pipelines = Pipelines()
+    pipelines.add_project()
+    pipelines.services()
+    pipelines.loop()
+    pipelines.nested()
+    pipelines.stuck()
+    out.write_text(json.dumps(pipelines.manifest, indent=2, sort_keys=True))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv))
