@@ -1,0 +1,249 @@
+"""The harness's own truth: what the real engine wrote is what its manifest says it ran.
+
+These read the engine's database with the service's own drivers (peewee over sqlite3, psycopg2
+and pymysql), on each store, so the bk-sops store built on them starts from checked facts.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import pickletools
+import zlib
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+from peewee import Database
+from peewee import MySQLDatabase
+
+from server.db.connection import open_database
+from tests.engine.conftest import EngineDatabase
+
+
+@pytest.fixture
+def db(engine_database: EngineDatabase) -> Iterator[Database]:
+    database = open_database(engine_database.url)
+    with database.connection_context():
+        yield database
+
+
+def rows(db: Database, sql: str, *params: Any) -> list[tuple[Any, ...]]:
+    """sql with ? placeholders and "quoted" names, run in the database's own dialect.
+
+    `loop` (a column of eri_state and eri_executionhistory) is a reserved word in MariaDB.
+    """
+    if isinstance(db, MySQLDatabase):
+        sql = sql.replace('"', "`")
+    return list(db.execute_sql(sql.replace("?", db.param), params).fetchall())
+
+
+def nodes(engine_database: EngineDatabase) -> Iterator[tuple[str, str, dict[str, Any]]]:
+    """(pipeline id, label, node) for every node the manifest lists."""
+    for pipeline in engine_database.manifest["pipelines"].values():
+        for label, node in pipeline["nodes"].items():
+            yield pipeline["pipeline_id"], label, node
+
+
+def test_states_are_what_the_engine_was_made_to_do(
+    engine_database: EngineDatabase, db: Database
+) -> None:
+    checked = 0
+    for pipeline_id, label, node in nodes(engine_database):
+        expect = node["expect"]
+        found = rows(
+            db,
+            'SELECT name, "loop", retry, skip, error_ignored, parent_id, root_id, version,'
+            " started_time FROM eri_state WHERE node_id = ?",
+            node["id"],
+        )
+        if expect["state"] is None:
+            assert found == [], f"{label} ({node['kind']}) should not have run"
+            continue
+        assert len(found) == 1, label
+        name, loop, retry, skip, error_ignored, parent_id, root_id, version, started = found[0]
+        assert name == expect["state"], label
+        assert (loop, retry) == (expect.get("loop", 1), expect.get("retry", 0)), label
+        assert bool(skip) is expect.get("skip", False), label
+        assert bool(error_ignored) is expect.get("error_ignored", False), label
+        assert parent_id == expect.get("parent", pipeline_id), label
+        assert root_id == pipeline_id, label
+        assert version.startswith("v") and len(version) == 33, label
+        assert started is not None, label
+        checked += 1
+    assert checked >= 20
+
+
+def test_subprocess_children_are_the_states_it_parents(
+    engine_database: EngineDatabase, db: Database
+) -> None:
+    subprocesses = [n for _, _, n in nodes(engine_database) if "children" in n["expect"]]
+    assert len(subprocesses) == 3
+    for node in subprocesses:
+        children = rows(db, "SELECT node_id FROM eri_state WHERE parent_id = ?", node["id"])
+        assert len(children) == node["expect"]["children"], node["kind"]
+
+
+def test_finished_pipelines_have_finished_root_states(
+    engine_database: EngineDatabase, db: Database
+) -> None:
+    for name, pipeline in engine_database.manifest["pipelines"].items():
+        (state,) = rows(db, "SELECT name FROM eri_state WHERE node_id = ?", pipeline["pipeline_id"])
+        ((finished,),) = rows(
+            db,
+            "SELECT is_finished FROM pipeline_pipelineinstance WHERE instance_id = ?",
+            pipeline["pipeline_id"],
+        )
+        assert state[0] == ("FINISHED" if pipeline["finished"] else "RUNNING"), name
+        assert bool(finished) is pipeline["finished"], name
+    assert not engine_database.manifest["pipelines"]["stuck"]["finished"]
+
+
+def pickle_globals(encoded: str) -> set[str]:
+    """The classes a base64 pickle names, read from its opcodes without unpickling it."""
+    pushed: list[str | None] = []  # what each opcode put on the stack, when it was a string
+    memo: dict[int, str | None] = {}
+    names = set()
+    for opcode, argument, _ in pickletools.genops(base64.b64decode(encoded)):
+        if opcode.name == "MEMOIZE":
+            memo[len(memo)] = pushed[-1]
+        elif opcode.name in ("BINGET", "LONG_BINGET", "GET"):
+            pushed.append(memo[int(argument)])  # type: ignore[arg-type]
+        elif opcode.name == "STACK_GLOBAL":
+            names.add(f"{pushed[-2]}.{pushed[-1]}")
+            pushed.append(None)
+        elif opcode.name == "GLOBAL":
+            names.add(str(argument).replace(" ", "."))
+            pushed.append(None)
+        else:
+            pushed.append(argument if isinstance(argument, str) else None)
+    return names
+
+
+def test_execution_data_as_the_engine_serialised_it(
+    engine_database: EngineDatabase, db: Database
+) -> None:
+    for _, label, node in nodes(engine_database):
+        expect = node["expect"]
+        found = rows(
+            db,
+            "SELECT inputs_serializer, outputs_serializer, inputs, outputs"
+            " FROM eri_executiondata WHERE node_id = ?",
+            node["id"],
+        )
+        if expect["state"] is None or expect.get("data", True) is False:
+            assert found == [], f"{label} ({node['kind']}) has no execution data"
+            continue
+        ((inputs_serializer, outputs_serializer, inputs, outputs),) = found
+        assert inputs_serializer == "json", label
+        assert outputs_serializer == expect.get("outputs_serializer", "json"), label
+        if outputs_serializer == "pickle":
+            assert pickle_globals(outputs) == {
+                "pipeline.utils.collections.FancyDict",
+                "datetime.datetime",
+                "datetime.date",
+                "datetime.timezone",
+                "datetime.timedelta",  # timezone.utc pickles as timezone(timedelta(0))
+                "decimal.Decimal",
+                "uuid.UUID",
+            }
+            continue
+        inputs, outputs = json.loads(inputs), json.loads(outputs)
+        assert expect.get("inputs", {}).items() <= inputs.items(), label
+        assert expect.get("outputs", {}).items() <= outputs.items(), label
+        if "ex_data" in expect:
+            assert outputs["ex_data"] == expect["ex_data"], label
+            assert outputs["_result"] is False, label
+        elif "_result" in outputs:
+            assert "ex_data" not in outputs, label
+
+
+def test_unusual_values_stay_json(engine_database: EngineDatabase, db: Database) -> None:
+    odd = engine_database.manifest["pipelines"]["services"]["nodes"]["odd"]["id"]
+    ((text,),) = rows(db, "SELECT outputs FROM eri_executiondata WHERE node_id = ?", odd)
+    outputs = json.loads(text)
+    assert outputs["nan"] != outputs["nan"]
+    assert outputs["inf"] == float("inf")
+    assert outputs["huge"] == 2**70
+    assert outputs["text"] == "emoji \U0001f600 and 中文"
+    assert len(outputs["big"]) == 200_000
+    assert "\\ud83d\\ude00" in text  # Python's json escapes it as a surrogate pair
+
+
+def test_histories_of_retried_skipped_and_looped_nodes(
+    engine_database: EngineDatabase, db: Database
+) -> None:
+    for _, label, node in nodes(engine_database):
+        found = rows(
+            db,
+            'SELECT "loop", retry, skip, inputs, outputs, started_time, archived_time'
+            " FROM eri_executionhistory WHERE node_id = ? ORDER BY id",
+            node["id"],
+        )
+        assert len(found) == node["expect"].get("histories", 0), label
+    services = engine_database.manifest["pipelines"]["services"]["nodes"]
+    ((loop, retry, skip, inputs, outputs, started, archived),) = rows(
+        db,
+        'SELECT "loop", retry, skip, inputs, outputs, started_time, archived_time'
+        " FROM eri_executionhistory WHERE node_id = ?",
+        services["retried"]["id"],
+    )
+    assert (loop, retry, bool(skip)) == (1, 0, False)
+    assert json.loads(inputs)["ok"] is False  # the failed attempt, before the new inputs
+    assert json.loads(outputs)["ex_data"] == "gate closed: ok is false"
+    assert started is not None and archived is not None
+    ((skip_flag,),) = rows(
+        db, "SELECT skip FROM eri_executionhistory WHERE node_id = ?", services["skipped"]["id"]
+    )
+    assert not skip_flag  # the row is the failed attempt, written before the skip
+    loop_nodes = engine_database.manifest["pipelines"]["loop"]["nodes"]
+    for label in ("body", "decide"):
+        loops = rows(
+            db,
+            'SELECT "loop" FROM eri_executionhistory WHERE node_id = ? ORDER BY id',
+            loop_nodes[label]["id"],
+        )
+        assert [row[0] for row in loops] == [1, 2], label
+
+
+def tree_node_ids(tree: dict[str, Any], into: dict[str, str]) -> dict[str, str]:
+    """node id -> id of the pipeline holding it, through nested sub-process pipelines."""
+    pipeline_id = tree["id"]
+    into[tree["start_event"]["id"]] = pipeline_id
+    into[tree["end_event"]["id"]] = pipeline_id
+    for gateway_id in tree["gateways"]:
+        into[gateway_id] = pipeline_id
+    for activity_id, activity in tree["activities"].items():
+        into[activity_id] = pipeline_id
+        if activity["type"] == "SubProcess":
+            tree_node_ids(activity["pipeline"], into)
+    return into
+
+
+def test_tasks_link_projects_to_compressed_tree_snapshots(
+    engine_database: EngineDatabase, db: Database
+) -> None:
+    manifest = engine_database.manifest
+    for name, pipeline in manifest["pipelines"].items():
+        ((bk_biz_id, from_cmdb, engine_ver, deleted, snapshot, tree_info),) = rows(
+            db,
+            "SELECT p.bk_biz_id, p.from_cmdb, t.engine_ver, t.is_deleted, s.data, i.data"
+            " FROM taskflow3_taskflowinstance t"
+            " JOIN core_project p ON p.id = t.project_id"
+            " JOIN pipeline_pipelineinstance pi ON pi.id = t.pipeline_instance_id"
+            " JOIN pipeline_snapshot s ON s.id = pi.execution_snapshot_id"
+            " JOIN pipeline_treeinfo i ON i.id = pi.tree_info_id"
+            " WHERE t.id = ? AND pi.instance_id = ?",
+            pipeline["task_id"],
+            pipeline["pipeline_id"],
+        )
+        assert (bk_biz_id, bool(from_cmdb)) == (manifest["business_id"], True), name
+        assert (engine_ver, bool(deleted)) == (2, False), name
+        tree = json.loads(zlib.decompress(bytes(snapshot)))
+        assert tree["id"] == pipeline["pipeline_id"]
+        held = tree_node_ids(tree, {})
+        for label, node in pipeline["nodes"].items():
+            expected_parent = node["expect"].get("parent", pipeline["pipeline_id"])
+            assert held.get(node["id"]) == expected_parent, label
+        node_id_set = json.loads(zlib.decompress(bytes(tree_info)))["node_id_set"]
+        assert set(node_id_set) == set(held), name
