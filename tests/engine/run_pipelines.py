@@ -14,6 +14,7 @@ The engine prints to stdout while it works, so the manifest goes to a file.
 
 from __future__ import annotations
 
+import copy
 import datetime
 import decimal
 import json
@@ -266,6 +267,67 @@ def define_components() -> None:
         )
 
 
+def web_tree(tree: dict[str, Any]) -> dict[str, Any]:
+    """The engine tree in the form bk-sops keeps in its execution snapshot (the web tree).
+
+    bk-sops stores the web tree and converts it for the engine when a task starts
+    (pipeline_web.parser.format.format_web_data_to_pipeline, not on PyPI). This goes the other
+    way for the parts that conversion changes: the pipeline's `data` becomes `constants` (an
+    input fed by a node's output is a `component_outputs` constant naming its source) and
+    `outputs`; a service's `component.inputs` becomes `component.data` of `{hook, value}`, with
+    the plugin `version`; sub-process pipelines likewise. Ids, flows, names and gateways stay.
+    """
+    web = copy.deepcopy(tree)
+    data = web.pop("data", {}) or {}
+    constants = {}
+    for index, (key, var) in enumerate(data.get("inputs", {}).items()):
+        constant = {
+            "key": key,
+            "name": key[2:-1],
+            "index": index,
+            "desc": "",
+            "value": var.get("value"),
+            "validation": "",
+            "is_meta": False,
+            "version": "legacy",
+            "plugin_code": "",
+        }
+        if "source_act" in var:
+            constant.update(
+                source_type="component_outputs",
+                source_info={var["source_act"]: [var["source_key"]]},
+                custom_type="",
+                source_tag="",
+                show_type="hide",
+                value="",
+            )
+        else:
+            constant.update(
+                source_type="custom",
+                source_info={},
+                custom_type="input",
+                source_tag="input.input",
+                show_type="show",
+            )
+        constants[key] = constant
+    web["constants"] = constants
+    web["outputs"] = list(data.get("outputs", []))
+    for activity in web["activities"].values():
+        if activity["type"] == "SubProcess":
+            activity["pipeline"] = web_tree(activity["pipeline"])
+            activity.pop("params", None)
+            activity["constants"] = {}
+            continue
+        component = activity["component"]
+        inputs = component.pop("inputs", {}) or {}
+        component.pop("global_outputs", None)
+        component["data"] = {
+            key: {"hook": False, "value": var.get("value")} for key, var in inputs.items()
+        }
+        component["version"] = "legacy"
+    return web
+
+
 class Pipelines:
     """Builds, runs and records the pipelines; `manifest` is what the tests read."""
 
@@ -286,17 +348,15 @@ class Pipelines:
         }
         return str(node.id)
 
-    def start(
-        self, name: str, tree: dict[str, Any], constants: dict[str, Any] | None = None
-    ) -> str:
-        """Stores the tree as a snapshot of a started pipeline instance, links a task, runs it."""
+    def start(self, name: str, tree: dict[str, Any]) -> str:
+        """Stores the tree, in bk-sops's web form, as the execution snapshot of a started
+        pipeline instance, links a task to it, and runs it."""
         from bamboo_engine import api
         from django.utils import timezone
         from pipeline.models import PipelineInstance
         from pipeline.models import Snapshot
 
-        snapshot_tree = dict(tree, constants=constants or {})
-        snapshot = Snapshot.objects.create_snapshot(snapshot_tree)
+        snapshot = Snapshot.objects.create_snapshot(web_tree(tree))
         instance = PipelineInstance.objects.create(
             instance_id=tree["id"],
             name=name,
@@ -381,8 +441,10 @@ class Pipelines:
         """Service activities in a row: succeeds, error ignored, retried with new inputs, skipped,
         pickled values, unusual JSON values."""
         from bamboo_engine import api
+        from bamboo_engine.builder import Data
         from bamboo_engine.builder import EmptyEndEvent
         from bamboo_engine.builder import EmptyStartEvent
+        from bamboo_engine.builder import NodeOutput
         from bamboo_engine.builder import ServiceActivity
         from bamboo_engine.builder import Var
         from bamboo_engine.builder import build_tree
@@ -403,13 +465,21 @@ class Pipelines:
         skipped.component.inputs.ok = Var(type=Var.PLAIN, value=False)
         pickled = ServiceActivity(id=nid(), component_code="harness_values", name="pickled")
         pickled.component.inputs.kind = Var(type=Var.PLAIN, value="pickled")
+        # An input referring to another node's pickled output renders to a datetime.
+        stamped = ServiceActivity(id=nid(), component_code="harness_echo", name="stamped")
+        stamped.component.inputs.at = Var(type=Var.SPLICE, value="${when}")
         odd = ServiceActivity(id=nid(), component_code="harness_values", name="odd")
         odd.component.inputs.kind = Var(type=Var.PLAIN, value="odd")
         end = EmptyEndEvent(id=nid())
-        start.extend(ok).extend(ignored).extend(retried).extend(skipped).extend(pickled).extend(
-            odd
-        ).extend(end)
-        tree = build_tree(start, id=uuid.uuid4().hex)
+        chain = [ok, ignored, retried, skipped, pickled, stamped, odd, end]
+        node = start
+        for following in chain:
+            node = node.extend(following)
+        data = Data()
+        data.inputs["${when}"] = NodeOutput(
+            type=Var.PLAIN, source_act=pickled.id, source_key="when"
+        )
+        tree = build_tree(start, id=uuid.uuid4().hex, data=data)
 
         self.record(name, "start", start, "start_event", state="FINISHED", data=False)
         self.record(name, "ok", ok, "succeeded", state="FINISHED", outputs={"word": "hello"})
@@ -452,6 +522,15 @@ class Pipelines:
         )
         self.record(
             name,
+            "stamped",
+            stamped,
+            "pickled_inputs",
+            state="FINISHED",
+            inputs_serializer="pickle",
+            outputs_serializer="pickle",
+        )
+        self.record(
+            name,
             "odd",
             odd,
             "non_finite_huge_unicode_outputs",
@@ -461,6 +540,7 @@ class Pipelines:
         self.record(name, "end", end, "end_event", state="FINISHED", data=False)
 
         self.start(name, tree)
+        # New inputs must be JSON: eri_data keeps no pickles.
         self.check(api.retry_node(self.runtime, retried.id, data={"ok": True}), "retry")
         self.check(api.skip_node(self.runtime, skipped.id), "skip")
         self.finish(name)

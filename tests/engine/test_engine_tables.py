@@ -99,6 +99,16 @@ def test_finished_pipelines_have_finished_root_states(
     assert not engine_database.manifest["pipelines"]["stuck"]["finished"]
 
 
+#: What a pickled FancyDict holding an aware UTC datetime names (timezone.utc pickles as
+#: timezone(timedelta(0))).
+PICKLED_DATETIME = {
+    "pipeline.utils.collections.FancyDict",
+    "datetime.datetime",
+    "datetime.timezone",
+    "datetime.timedelta",
+}
+
+
 def pickle_globals(encoded: str) -> set[str]:
     """The classes a base64 pickle names, read from its opcodes without unpickling it."""
     pushed: list[str | None] = []  # what each opcode put on the stack, when it was a string
@@ -135,18 +145,13 @@ def test_execution_data_as_the_engine_serialised_it(
             assert found == [], f"{label} ({node['kind']}) has no execution data"
             continue
         ((inputs_serializer, outputs_serializer, inputs, outputs),) = found
-        assert inputs_serializer == "json", label
+        assert inputs_serializer == expect.get("inputs_serializer", "json"), label
         assert outputs_serializer == expect.get("outputs_serializer", "json"), label
+        if inputs_serializer == "pickle":
+            assert pickle_globals(inputs) == PICKLED_DATETIME, label
+            inputs = "{}"
         if outputs_serializer == "pickle":
-            assert pickle_globals(outputs) == {
-                "pipeline.utils.collections.FancyDict",
-                "datetime.datetime",
-                "datetime.date",
-                "datetime.timezone",
-                "datetime.timedelta",  # timezone.utc pickles as timezone(timedelta(0))
-                "decimal.Decimal",
-                "uuid.UUID",
-            }
+            assert pickle_globals(outputs) >= PICKLED_DATETIME, label
             continue
         inputs, outputs = json.loads(inputs), json.loads(outputs)
         assert expect.get("inputs", {}).items() <= inputs.items(), label
@@ -156,6 +161,18 @@ def test_execution_data_as_the_engine_serialised_it(
             assert outputs["_result"] is False, label
         elif "_result" in outputs:
             assert "ex_data" not in outputs, label
+
+
+def test_datetime_decimal_and_uuid_outputs_are_pickled(
+    engine_database: EngineDatabase, db: Database
+) -> None:
+    pickled = engine_database.manifest["pipelines"]["services"]["nodes"]["pickled"]["id"]
+    ((outputs,),) = rows(db, "SELECT outputs FROM eri_executiondata WHERE node_id = ?", pickled)
+    assert pickle_globals(outputs) == PICKLED_DATETIME | {
+        "datetime.date",
+        "decimal.Decimal",
+        "uuid.UUID",
+    }
 
 
 def test_unusual_values_stay_json(engine_database: EngineDatabase, db: Database) -> None:
@@ -247,3 +264,44 @@ def test_tasks_link_projects_to_compressed_tree_snapshots(
             assert held.get(node["id"]) == expected_parent, label
         node_id_set = json.loads(zlib.decompress(bytes(tree_info)))["node_id_set"]
         assert set(node_id_set) == set(held), name
+        assert tree["start_event"]["name"] is None  # events have no name in the tree
+
+
+def test_snapshot_is_the_web_tree(engine_database: EngineDatabase, db: Database) -> None:
+    """constants (not data), component.data of {hook, value} and a plugin version."""
+    pipeline = engine_database.manifest["pipelines"]["loop"]
+    ((snapshot,),) = rows(
+        db,
+        "SELECT s.data FROM pipeline_pipelineinstance pi"
+        " JOIN pipeline_snapshot s ON s.id = pi.execution_snapshot_id WHERE pi.instance_id = ?",
+        pipeline["pipeline_id"],
+    )
+    tree = json.loads(zlib.decompress(bytes(snapshot)))
+    body = pipeline["nodes"]["body"]["id"]
+    assert "data" not in tree
+    count = tree["constants"]["${count}"]
+    assert (count["source_type"], count["source_info"]) == ("component_outputs", {body: ["_loop"]})
+    component = tree["activities"][body]["component"]
+    assert component == {
+        "code": "harness_echo",
+        "data": {"word": {"hook": False, "value": "again"}},
+        "version": "legacy",
+    }
+
+
+def test_context_values_of_node_outputs(engine_database: EngineDatabase, db: Database) -> None:
+    """A constant fed by a node's output is a context row: JSON, or pickled like the output."""
+    pipelines = engine_database.manifest["pipelines"]
+    found = rows(
+        db,
+        'SELECT "key", type, serializer, value FROM eri_contextvalue WHERE pipeline_id = ?',
+        pipelines["loop"]["pipeline_id"],
+    )
+    assert found == [("${count}", 1, "json", "3")]
+    ((key, serializer, value),) = rows(
+        db,
+        'SELECT "key", serializer, value FROM eri_contextvalue WHERE pipeline_id = ?',
+        pipelines["services"]["pipeline_id"],
+    )
+    assert (key, serializer) == ("${when}", "pickle")
+    assert pickle_globals(value) == PICKLED_DATETIME - {"pipeline.utils.collections.FancyDict"}
