@@ -314,9 +314,12 @@ def web_tree(tree: dict[str, Any]) -> dict[str, Any]:
     web["outputs"] = list(data.get("outputs", []))
     for activity in web["activities"].values():
         if activity["type"] == "SubProcess":
-            activity["pipeline"] = web_tree(activity["pipeline"])
-            activity.pop("params", None)
-            activity["constants"] = {}
+            # The parent sets a shown constant of the sub-process by its value there.
+            sub = web_tree(activity["pipeline"])
+            for key, param in (activity.pop("params", None) or {}).items():
+                sub["constants"][key]["value"] = param["value"]
+            activity["pipeline"] = sub
+            activity["constants"] = copy.deepcopy(sub["constants"])
             continue
         component = activity["component"]
         inputs = component.pop("inputs", {}) or {}
@@ -589,10 +592,13 @@ class Pipelines:
     def nested(self) -> None:
         """Sub-processes two levels deep beside a branch that is never taken."""
         from bamboo_engine.builder import ConvergeGateway
+        from bamboo_engine.builder import Data
+        from bamboo_engine.builder import DataInput
         from bamboo_engine.builder import EmptyEndEvent
         from bamboo_engine.builder import EmptyStartEvent
         from bamboo_engine.builder import ExclusiveGateway
         from bamboo_engine.builder import ParallelGateway
+        from bamboo_engine.builder import Params
         from bamboo_engine.builder import ServiceActivity
         from bamboo_engine.builder import SubProcess
         from bamboo_engine.builder import Var
@@ -607,12 +613,19 @@ class Pipelines:
         deep_start.extend(deep_act).extend(deep_end)
         inner = SubProcess(id=nid(), start=deep_start, name="inner")
 
+        # The outer sub-process takes ${word} from the root's ${root_word}.
         outer_start = EmptyStartEvent(id=nid())
         outer_act = ServiceActivity(id=nid(), component_code="harness_echo", name="shallow")
-        outer_act.component.inputs.word = Var(type=Var.PLAIN, value="level 1")
+        outer_act.component.inputs.word = Var(type=Var.SPLICE, value="${word}")
         outer_end = EmptyEndEvent(id=nid())
         outer_start.extend(outer_act).extend(inner).extend(outer_end)
-        outer = SubProcess(id=nid(), start=outer_start, name="outer")
+        outer = SubProcess(
+            id=nid(),
+            start=outer_start,
+            name="outer",
+            data=Data(inputs={"${word}": DataInput(type=Var.PLAIN, value="default")}),
+            params=Params({"${word}": Var(type=Var.SPLICE, value="${root_word}")}),
+        )
 
         start = EmptyStartEvent(id=nid())
         fork = ParallelGateway(id=nid(), name="fork")
@@ -633,7 +646,8 @@ class Pipelines:
         not_run.extend(choose_merge)
         choose_merge.extend(join)
         join.extend(end)
-        tree = build_tree(start, id=uuid.uuid4().hex)
+        data = Data(inputs={"${root_word}": Var(type=Var.PLAIN, value="from the root")})
+        tree = build_tree(start, id=uuid.uuid4().hex, data=data)
 
         self.record(name, "fork", fork, "parallel_gateway", state="FINISHED", data=False)
         self.record(
@@ -644,6 +658,7 @@ class Pipelines:
             state="FINISHED",
             parent=tree["id"],
             children=4,
+            inputs={"${word}": "from the root"},
         )
         self.record(
             name,
@@ -652,7 +667,7 @@ class Pipelines:
             "activity_in_subprocess",
             state="FINISHED",
             parent=outer.id,
-            outputs={"word": "level 1"},
+            outputs={"word": "from the root"},
         )
         self.record(
             name,
@@ -683,9 +698,12 @@ class Pipelines:
         """A node still RUNNING (waits for a callback), its successor not run, and a sub-process
         whose child failed."""
         from bamboo_engine.builder import ConvergeGateway
+        from bamboo_engine.builder import Data
+        from bamboo_engine.builder import DataInput
         from bamboo_engine.builder import EmptyEndEvent
         from bamboo_engine.builder import EmptyStartEvent
         from bamboo_engine.builder import ParallelGateway
+        from bamboo_engine.builder import Params
         from bamboo_engine.builder import ServiceActivity
         from bamboo_engine.builder import SubProcess
         from bamboo_engine.builder import Var
@@ -705,16 +723,32 @@ class Pipelines:
         wait = ServiceActivity(id=nid(), component_code="harness_wait", name="waits")
         after = ServiceActivity(id=nid(), component_code="harness_echo", name="after")
         after.component.inputs.word = Var(type=Var.PLAIN, value="later")
+        later_start = EmptyStartEvent(id=nid())
+        later_act = ServiceActivity(id=nid(), component_code="harness_echo", name="later child")
+        later_act.component.inputs.word = Var(type=Var.SPLICE, value="${word}")
+        later_end = EmptyEndEvent(id=nid())
+        later_start.extend(later_act).extend(later_end)
+        later = SubProcess(
+            id=nid(),
+            start=later_start,
+            name="later",
+            data=Data(inputs={"${word}": DataInput(type=Var.PLAIN, value="sub default")}),
+            params=Params({"${word}": Var(type=Var.PLAIN, value="set by parent")}),
+        )
         join = ConvergeGateway(id=nid())
         end = EmptyEndEvent(id=nid())
         start.extend(fork).connect(wait, sub)
-        wait.extend(after).extend(join)
+        wait.extend(after).extend(later).extend(join)
         sub.extend(join)
         join.extend(end)
         tree = build_tree(start, id=uuid.uuid4().hex)
 
         self.record(name, "wait", wait, "running", state="RUNNING")
         self.record(name, "after", after, "not_run_after_running", state=None)
+        self.record(name, "later", later, "subprocess_not_run", state=None)
+        self.record(
+            name, "later_child", later_act, "not_run_in_subprocess", state=None, parent=later.id
+        )
         self.record(
             name,
             "sub",

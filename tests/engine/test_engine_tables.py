@@ -305,3 +305,26 @@ def test_context_values_of_node_outputs(engine_database: EngineDatabase, db: Dat
     )
     assert (key, serializer) == ("${when}", "pickle")
     assert pickle_globals(value) == PICKLED_DATETIME - {"pipeline.utils.collections.FancyDict"}
+
+
+def test_not_run_nodes_have_definitions_and_raw_inputs(
+    engine_database: EngineDatabase, db: Database
+) -> None:
+    """The engine prepares every node when the pipeline starts: eri_node and eri_data rows exist
+    for nodes that never ran; a sub-process not yet run has context rows of its own defaults."""
+    stuck = engine_database.manifest["pipelines"]["stuck"]["nodes"]
+    later, child = stuck["later"]["id"], stuck["later_child"]["id"]
+    ((detail,),) = rows(db, "SELECT detail FROM eri_node WHERE node_id = ?", child)
+    assert json.loads(detail)["parent_pipeline_id"] == later
+    ((inputs,),) = rows(db, "SELECT inputs FROM eri_data WHERE node_id = ?", child)
+    assert json.loads(inputs) == {"word": {"need_render": True, "value": "${word}"}}
+    context = rows(db, 'SELECT "key", value FROM eri_contextvalue WHERE pipeline_id = ?', later)
+    assert context == [("${word}", '"sub default"')]  # not the parent's "set by parent" yet
+
+
+def test_subprocess_inputs_keep_their_constant_keys(
+    engine_database: EngineDatabase, db: Database
+) -> None:
+    outer = engine_database.manifest["pipelines"]["nested"]["nodes"]["outer"]["id"]
+    ((inputs,),) = rows(db, "SELECT inputs FROM eri_executiondata WHERE node_id = ?", outer)
+    assert json.loads(inputs) == {"${word}": "from the root"}
