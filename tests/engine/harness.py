@@ -17,6 +17,7 @@ import os
 import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -97,7 +98,6 @@ def run_pipelines(database_url: str, directory: Path) -> dict[str, Any]:
             stderr=subprocess.STDOUT,
             timeout=300,
             check=False,
-            cwd=directory,
         )
     if done.returncode != 0:
         tail = log.read_text(errors="replace")[-4000:]
@@ -106,6 +106,17 @@ def run_pipelines(database_url: str, directory: Path) -> dict[str, Any]:
     return result
 
 
+def main(argv: list[str]) -> int:
+    """`python -m tests.engine.harness [DATABASE_URL]`: build the venv and print its python, or
+    run the pipelines into DATABASE_URL (an empty database) and print the manifest."""
+    if len(argv) == 1:
+        print(engine_python())
+        return 0
+    directory = Path(tempfile.mkdtemp(prefix="engine-run-"))
+    print(json.dumps(run_pipelines(argv[1], directory), indent=2, sort_keys=True))
+    print(f"engine log: {directory / 'engine.log'}", file=sys.stderr)
+    return 0
+
+
 if __name__ == "__main__":
-    print(engine_python())
-    sys.exit(0)
+    sys.exit(main(sys.argv))
