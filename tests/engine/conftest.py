@@ -30,11 +30,14 @@ def engine_venv() -> Path:
     return engine_python()
 
 
-@pytest.fixture(scope="module", params=STORES)
+@pytest.fixture(scope="session", params=STORES)
 def engine_database(
     request: pytest.FixtureRequest, engine_venv: Path, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[EngineDatabase]:
-    """An empty database on each store, after the engine ran tests/engine/run_pipelines.py in it."""
+    """A database on each store after the engine ran tests/engine/run_pipelines.py in it.
+
+    One per store for the whole session (a run takes seconds): tests only read it.
+    """
     directory = tmp_path_factory.mktemp(f"engine-{request.param}")
     with fresh_database(request.param, directory) as url:
         yield EngineDatabase(request.param, url, run_pipelines(url, directory))

@@ -482,6 +482,10 @@ class Pipelines:
         data.inputs["${when}"] = NodeOutput(
             type=Var.PLAIN, source_act=pickled.id, source_key="when"
         )
+        # A root constant fed by a plugin's own output key: bk-sops shows that output renamed.
+        data.inputs["${greeting_text}"] = NodeOutput(
+            type=Var.PLAIN, source_act=ok.id, source_key="greeting"
+        )
         tree = build_tree(start, id=uuid.uuid4().hex, data=data)
 
         self.record(name, "start", start, "start_event", state="FINISHED", data=False)
@@ -550,6 +554,7 @@ class Pipelines:
 
     def loop(self) -> None:
         """A node re-run three times through an exclusive gateway's back edge."""
+        from bamboo_engine import api
         from bamboo_engine.builder import Data
         from bamboo_engine.builder import EmptyEndEvent
         from bamboo_engine.builder import EmptyStartEvent
@@ -564,17 +569,40 @@ class Pipelines:
         start = EmptyStartEvent(id=nid())
         body = ServiceActivity(id=nid(), component_code="harness_echo", name="body")
         body.component.inputs.word = Var(type=Var.PLAIN, value="again")
+        # Fails on the first pass; retried with new inputs, which every later pass keeps.
+        flaky = ServiceActivity(id=nid(), component_code="harness_gate", name="flaky")
+        flaky.component.inputs.ok = Var(type=Var.PLAIN, value=False)
         decide = ExclusiveGateway(
             id=nid(), conditions={0: "${count} < 3", 1: "${count} >= 3"}, name="decide"
         )
         end = EmptyEndEvent(id=nid())
-        start.extend(body).extend(decide).connect(body, end)
+        start.extend(body).extend(flaky).extend(decide).connect(body, end)
         data = Data()
         data.inputs["${count}"] = NodeOutput(type=Var.PLAIN, source_act=body.id, source_key="_loop")
         tree = build_tree(start, id=uuid.uuid4().hex, data=data)
 
         self.record(name, "start", start, "start_event", state="FINISHED", data=False)
-        self.record(name, "body", body, "looped_activity", state="FINISHED", loop=3, histories=2)
+        self.record(
+            name,
+            "body",
+            body,
+            "looped_activity",
+            state="FINISHED",
+            loop=3,
+            histories=2,
+            history_passes=[[1, 0], [2, 0]],
+        )
+        self.record(
+            name,
+            "flaky",
+            flaky,
+            "retried_in_a_loop",
+            state="FINISHED",
+            loop=3,
+            histories=3,
+            history_passes=[[1, 0], [1, 1], [2, 0]],
+            inputs={"ok": True},
+        )
         self.record(
             name,
             "decide",
@@ -583,10 +611,12 @@ class Pipelines:
             state="FINISHED",
             loop=3,
             histories=2,
+            history_passes=[[1, 0], [2, 0]],
             data=False,
         )
         self.record(name, "end", end, "end_event", state="FINISHED", data=False)
         self.start(name, tree)
+        self.check(api.retry_node(self.runtime, flaky.id, data={"ok": True}), "retry in loop")
         self.finish(name)
 
     def nested(self) -> None:

@@ -213,14 +213,14 @@ def test_histories_of_retried_skipped_and_looped_nodes(
         db, "SELECT skip FROM eri_executionhistory WHERE node_id = ?", services["skipped"]["id"]
     )
     assert not skip_flag  # the row is the failed attempt, written before the skip
-    loop_nodes = engine_database.manifest["pipelines"]["loop"]["nodes"]
-    for label in ("body", "decide"):
-        loops = rows(
-            db,
-            'SELECT "loop" FROM eri_executionhistory WHERE node_id = ? ORDER BY id',
-            loop_nodes[label]["id"],
-        )
-        assert [row[0] for row in loops] == [1, 2], label
+    for _, label, node in nodes(engine_database):
+        if "history_passes" in node["expect"]:
+            passes = rows(
+                db,
+                'SELECT "loop", retry FROM eri_executionhistory WHERE node_id = ? ORDER BY id',
+                node["id"],
+            )
+            assert [list(row) for row in passes] == node["expect"]["history_passes"], label
 
 
 def tree_node_ids(tree: dict[str, Any], into: dict[str, str]) -> dict[str, str]:
@@ -298,13 +298,15 @@ def test_context_values_of_node_outputs(engine_database: EngineDatabase, db: Dat
         pipelines["loop"]["pipeline_id"],
     )
     assert found == [("${count}", 1, "json", "3")]
-    ((key, serializer, value),) = rows(
+    greeting, when = rows(
         db,
-        'SELECT "key", serializer, value FROM eri_contextvalue WHERE pipeline_id = ?',
+        'SELECT "key", serializer, value FROM eri_contextvalue WHERE pipeline_id = ?'
+        ' ORDER BY "key"',
         pipelines["services"]["pipeline_id"],
     )
-    assert (key, serializer) == ("${when}", "pickle")
-    assert pickle_globals(value) == PICKLED_DATETIME - {"pipeline.utils.collections.FancyDict"}
+    assert greeting == ("${greeting_text}", "json", json.dumps("你好, 世界"))
+    assert when[:2] == ("${when}", "pickle")
+    assert pickle_globals(when[2]) == PICKLED_DATETIME - {"pipeline.utils.collections.FancyDict"}
 
 
 def test_not_run_nodes_have_definitions_and_raw_inputs(
