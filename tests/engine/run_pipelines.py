@@ -26,9 +26,9 @@ from urllib.parse import parse_qs
 from urllib.parse import unquote
 from urllib.parse import urlsplit
 
-#: The business and project every task belongs to, as a CMDB-synced bk-sops project.
+#: The business whose project (synced from CMDB) holds the tasks, and another one's.
 BUSINESS_ID = 2
-PROJECT_NAME = "engine-harness"
+OTHER_BUSINESS_ID = 3
 
 #: A value JSON cannot carry, so the engine pickles the node's outputs.
 WHEN = datetime.datetime(2024, 5, 17, 8, 30, 15, tzinfo=datetime.UTC)
@@ -338,7 +338,12 @@ class Pipelines:
         from pipeline.eri.runtime import BambooDjangoRuntime
 
         self.runtime = BambooDjangoRuntime()
-        self.manifest: dict[str, Any] = {"business_id": BUSINESS_ID, "pipelines": {}}
+        self.manifest: dict[str, Any] = {
+            "business_id": BUSINESS_ID,
+            "other_business_id": OTHER_BUSINESS_ID,
+            "projects": {},
+            "pipelines": {},
+        }
 
     # -- building blocks -------------------------------------------------------------------
 
@@ -351,9 +356,21 @@ class Pipelines:
         }
         return str(node.id)
 
-    def start(self, name: str, tree: dict[str, Any]) -> str:
-        """Stores the tree, in bk-sops's web form, as the execution snapshot of a started
-        pipeline instance, links a task to it, and runs it."""
+    def start(
+        self,
+        name: str,
+        tree: dict[str, Any],
+        *,
+        run: bool = True,
+        business_id: int = BUSINESS_ID,
+        deleted: bool = False,
+        engine_ver: int = 2,
+    ) -> str:
+        """Stores the tree, in bk-sops's web form, as the execution snapshot of a pipeline
+        instance, links a task of business_id's project to it, and runs it unless not run.
+
+        Like bk-sops's start_v2, the tree info (node_id_set) is computed when a task starts.
+        """
         from bamboo_engine import api
         from django.utils import timezone
         from pipeline.models import PipelineInstance
@@ -364,17 +381,28 @@ class Pipelines:
             instance_id=tree["id"],
             name=name,
             creator="admin",
-            executor="admin",
+            executor="admin" if run else "",
             execution_snapshot=snapshot,
-            is_started=True,
-            start_time=timezone.now(),
+            is_started=run,
+            start_time=timezone.now() if run else None,
         )
-        instance.calculate_tree_info(save=True)
-        task_id = self.add_task(instance.id)
+        if run:
+            instance.calculate_tree_info(save=True)
+        project_id = self.manifest["projects"][str(business_id)]
+        task_id = self.add_task(instance.id, project_id, deleted, engine_ver)
         self.manifest["pipelines"][name].update(
-            pipeline_id=tree["id"], task_id=task_id, instance_pk=instance.id
+            pipeline_id=tree["id"],
+            task_id=task_id,
+            instance_pk=instance.id,
+            business_id=business_id,
+            project_id=project_id,
+            deleted=deleted,
+            engine_ver=engine_ver,
+            started=run,
         )
-        self.check(api.run_pipeline(runtime=self.runtime, pipeline=tree, cycle_tolerate=True), name)
+        if run:
+            result = api.run_pipeline(runtime=self.runtime, pipeline=tree, cycle_tolerate=True)
+            self.check(result, name)
         return str(tree["id"])
 
     def finish(self, name: str) -> None:
@@ -388,7 +416,7 @@ class Pipelines:
             PipelineInstance.objects.set_finished(pipeline_id)
         self.manifest["pipelines"][name]["finished"] = finished
 
-    def add_task(self, instance_pk: int) -> int:
+    def add_task(self, instance_pk: int, project_id: int, deleted: bool, engine_ver: int) -> int:
         from django.db import connection
 
         with connection.cursor() as cursor:
@@ -399,8 +427,8 @@ class Pipelines:
                 " current_flow, is_deleted, engine_ver, recorded_executor_proxy,"
                 " is_child_taskflow, extra_info)"
                 " VALUES (%s, %s, 'Default', '1', 'project', 'app', '', 'common', 'execute_task',"
-                " %s, 2, NULL, %s, NULL)",
-                [self.manifest["project_id"], instance_pk, False, False],
+                " %s, %s, NULL, %s, NULL)",
+                [project_id, instance_pk, deleted, engine_ver, False],
             )
             cursor.execute(
                 "SELECT max(id) FROM taskflow3_taskflowinstance WHERE pipeline_instance_id = %s",
@@ -408,7 +436,8 @@ class Pipelines:
             )
             return int(cursor.fetchone()[0])
 
-    def add_project(self) -> None:
+    def add_project(self, name: str, business_id: int) -> None:
+        """A project synced from CMDB business business_id, as bk-sops maps businesses."""
         from django.db import connection
         from django.utils import timezone
 
@@ -421,19 +450,19 @@ class Pipelines:
                 " from_cmdb, bk_biz_id, is_disable, tenant_id)"
                 " VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s)",
                 [
-                    PROJECT_NAME,
+                    name,
                     "Asia/Shanghai",
                     "admin",
                     "",
                     timezone.now(),
                     True,
-                    BUSINESS_ID,
+                    business_id,
                     False,
                     "default",
                 ],
             )
-            cursor.execute("SELECT id FROM core_project WHERE name = %s", [PROJECT_NAME])
-            self.manifest["project_id"] = int(cursor.fetchone()[0])
+            cursor.execute("SELECT id FROM core_project WHERE name = %s", [name])
+            self.manifest["projects"][str(business_id)] = int(cursor.fetchone()[0])
 
     def new(self, name: str) -> None:
         self.manifest["pipelines"][name] = {"nodes": {}}
@@ -801,6 +830,54 @@ class Pipelines:
         self.start(name, tree)
         self.finish(name)
 
+    def called_back(self) -> None:
+        """A node that waits for a callback, then gets it and finishes."""
+        from bamboo_engine import api
+        from bamboo_engine.builder import EmptyEndEvent
+        from bamboo_engine.builder import EmptyStartEvent
+        from bamboo_engine.builder import ServiceActivity
+        from bamboo_engine.builder import build_tree
+        from pipeline.eri.models import State
+
+        name = "called_back"
+        self.new(name)
+        start = EmptyStartEvent(id=nid())
+        wait = ServiceActivity(id=nid(), component_code="harness_wait", name="answered")
+        end = EmptyEndEvent(id=nid())
+        start.extend(wait).extend(end)
+        tree = build_tree(start, id=uuid.uuid4().hex)
+        self.record(name, "wait", wait, "finished_by_callback", state="FINISHED")
+        self.record(name, "end", end, "end_event", state="FINISHED", data=False)
+        self.start(name, tree)
+        version = State.objects.get(node_id=wait.id).version
+        self.check(api.callback(self.runtime, wait.id, version, {"answer": 42}), "callback")
+        self.finish(name)
+
+    def small(self, name: str, *, run: bool, **task: Any) -> None:
+        """start -> one service -> end, for tasks that differ in their task row."""
+        from bamboo_engine.builder import EmptyEndEvent
+        from bamboo_engine.builder import EmptyStartEvent
+        from bamboo_engine.builder import ServiceActivity
+        from bamboo_engine.builder import Var
+        from bamboo_engine.builder import build_tree
+
+        self.new(name)
+        start = EmptyStartEvent(id=nid())
+        act = ServiceActivity(id=nid(), component_code="harness_echo", name=name)
+        act.component.inputs.word = Var(type=Var.PLAIN, value=name)
+        end = EmptyEndEvent(id=nid())
+        start.extend(act).extend(end)
+        tree = build_tree(start, id=uuid.uuid4().hex)
+        state = "FINISHED" if run else None
+        self.record(name, "start", start, "start_event", state=state, data=False)
+        self.record(name, "act", act, "succeeded" if run else "not_run", state=state)
+        self.record(name, "end", end, "end_event", state=state, data=False)
+        self.start(name, tree, run=run, **task)
+        if run:
+            self.finish(name)
+        else:
+            self.manifest["pipelines"][name]["finished"] = False
+
     @staticmethod
     def check(result: Any, what: str) -> None:
         if not result.result:
@@ -817,11 +894,18 @@ def main(argv: list[str]) -> int:
     create_bksops_tables()
     define_components()
     pipelines = Pipelines()
-    pipelines.add_project()
+    pipelines.add_project("engine-harness", BUSINESS_ID)
+    pipelines.add_project("engine-harness-other", OTHER_BUSINESS_ID)
     pipelines.services()
     pipelines.loop()
     pipelines.nested()
     pipelines.stuck()
+    pipelines.called_back()
+    pipelines.small("unstarted", run=False)
+    pipelines.small("deleted", run=True, deleted=True)
+    pipelines.small("other_business", run=True, business_id=OTHER_BUSINESS_ID)
+    # Records of the legacy engine live in engine_* tables; this task has none anywhere.
+    pipelines.small("legacy_engine", run=False, engine_ver=1)
     out.write_text(json.dumps(pipelines.manifest, indent=2, sort_keys=True))
     return 0
 
