@@ -223,6 +223,9 @@ def define_components() -> None:
                 data.set_outputs("day", WHEN.date())
                 data.set_outputs("amount", decimal.Decimal("12.50"))
                 data.set_outputs("ident", uuid.UUID("12345678-1234-5678-1234-567812345678"))
+                if data.get_one_of_inputs("fail"):
+                    data.set_outputs("ex_data", "failed after pickling")
+                    return False
             else:
                 data.set_outputs("nan", float("nan"))
                 data.set_outputs("inf", float("inf"))
@@ -500,10 +503,14 @@ class Pipelines:
         # An input referring to another node's pickled output renders to a datetime.
         stamped = ServiceActivity(id=nid(), component_code="harness_echo", name="stamped")
         stamped.component.inputs.at = Var(type=Var.SPLICE, value="${when}")
+        # Fails with pickled outputs, so its history row is pickled too; then retried.
+        repickled = ServiceActivity(id=nid(), component_code="harness_values", name="repickled")
+        repickled.component.inputs.kind = Var(type=Var.PLAIN, value="pickled")
+        repickled.component.inputs.fail = Var(type=Var.PLAIN, value=True)
         odd = ServiceActivity(id=nid(), component_code="harness_values", name="odd")
         odd.component.inputs.kind = Var(type=Var.PLAIN, value="odd")
         end = EmptyEndEvent(id=nid())
-        chain = [ok, ignored, retried, skipped, pickled, stamped, odd, end]
+        chain = [ok, ignored, retried, skipped, pickled, stamped, repickled, odd, end]
         node = start
         for following in chain:
             node = node.extend(following)
@@ -558,6 +565,17 @@ class Pipelines:
         )
         self.record(
             name,
+            "repickled",
+            repickled,
+            "retried_with_pickled_history",
+            state="FINISHED",
+            retry=1,
+            histories=1,
+            outputs_serializer="pickle",
+            history_serializers=[["json", "pickle"]],
+        )
+        self.record(
+            name,
             "stamped",
             stamped,
             "pickled_inputs",
@@ -579,6 +597,8 @@ class Pipelines:
         # New inputs must be JSON: eri_data keeps no pickles.
         self.check(api.retry_node(self.runtime, retried.id, data={"ok": True}), "retry")
         self.check(api.skip_node(self.runtime, skipped.id), "skip")
+        new_inputs = {"kind": "pickled", "fail": False}
+        self.check(api.retry_node(self.runtime, repickled.id, data=new_inputs), "retry")
         self.finish(name)
 
     def loop(self) -> None:

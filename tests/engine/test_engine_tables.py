@@ -219,6 +219,16 @@ def test_histories_of_retried_skipped_and_looped_nodes(
     )
     assert not skip_flag  # the row is the failed attempt, written before the skip
     for _, label, node in nodes(engine_database):
+        serializers = rows(
+            db,
+            "SELECT inputs_serializer, outputs_serializer FROM eri_executionhistory"
+            " WHERE node_id = ? ORDER BY id",
+            node["id"],
+        )
+        expected = node["expect"].get("history_serializers")
+        assert [list(row) for row in serializers] == (
+            expected or [["json", "json"]] * len(serializers)
+        ), label
         if "history_passes" in node["expect"]:
             passes = rows(
                 db,
