@@ -18,8 +18,18 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
+from urllib.parse import unquote
+from urllib.parse import urlsplit
+
+from peewee import Database
+from peewee import SqliteDatabase
+
+from server.db.connection import open_database
 
 HERE = Path(__file__).resolve().parent
 REQUIREMENTS = HERE / "requirements.txt"
@@ -39,6 +49,23 @@ def venv_dir() -> Path:
     """Where the venv for the current requirements file lives."""
     digest = hashlib.sha256(REQUIREMENTS.read_bytes()).hexdigest()[:16]
     return VENVS / digest
+
+
+def open_reader(database_url: str) -> Database:
+    """A peewee database that reads database_url and never writes to it.
+
+    The service's open_database() sets SQLite's journal_mode to WAL on connecting: a write to
+    the file, which also needs its exclusive lock, so it fails ("database is locked") while the
+    engine writes. SQLite is opened read-only here (mode=ro) with only a busy timeout; the
+    servers are read through the service's own open_database().
+    """
+    parts = urlsplit(database_url)
+    if parts.scheme != "sqlite":
+        return open_database(database_url)
+    path = unquote(parts.path[1:])
+    return SqliteDatabase(
+        f"file:{path}?mode=ro", uri=True, pragmas={"busy_timeout": 10_000}, autoconnect=False
+    )
 
 
 def engine_python() -> Path:
@@ -104,6 +131,40 @@ def run_pipelines(database_url: str, directory: Path) -> dict[str, Any]:
         raise EngineVenvError(f"run_pipelines.py exited {done.returncode} (log {log}):\n{tail}")
     result: dict[str, Any] = json.loads(manifest.read_text())
     return result
+
+
+@contextmanager
+def writing_pipelines(
+    database_url: str, directory: Path, loop_passes: int, only_loop: bool = True
+) -> Iterator[tuple[dict[str, Any], subprocess.Popen[bytes]]]:
+    """Runs a `long_loop` of loop_passes passes (at most 100: the engine fails a node re-entered
+    more often), after the other pipelines unless only_loop, yielding the manifest as soon as the
+    loop is announced and the engine's process while it still writes; on leaving, waits for it
+    to end cleanly."""
+    python = engine_python()
+    manifest = directory / "manifest.json"
+    log = directory / "engine.log"
+    command = [str(python), str(RUNNER), database_url, str(manifest)]
+    with log.open("w") as out:
+        process = subprocess.Popen(
+            [*command, "--loop-passes", str(loop_passes), *(["--only-loop"] if only_loop else [])],
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        )
+    try:
+        deadline = time.monotonic() + 300
+        while not manifest.exists() and process.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.01)
+        if not manifest.exists():
+            raise EngineVenvError(f"run_pipelines.py announced no loop (log {log})")
+        yield json.loads(manifest.read_text()), process
+        if process.wait(timeout=300) != 0:
+            tail = log.read_text(errors="replace")[-4000:]
+            raise EngineVenvError(f"run_pipelines.py exited {process.returncode}:\n{tail}")
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
 
 
 def main(argv: list[str]) -> int:

@@ -1,23 +1,27 @@
 """Runs real pipelines with the real bamboo-engine into a database, as bk-sops would leave it.
 
 This file runs only inside the engine's own virtualenv (tests/engine/requirements.txt, built by
-tests/engine/venv.py); the service never imports it. Given a database URL of the kinds the
+tests/engine/harness.py); the service never imports it. Given a database URL of the kinds the
 suite's `database_url` fixture makes, it configures Django in code, migrates the engine's apps,
 creates bk-sops's own `core_project` and `taskflow3_taskflowinstance` tables with plain DDL,
 runs the pipelines below synchronously (Celery in eager mode: no broker, no worker), links each
 to a task of one project, and writes a JSON manifest of what ran and what each node must show.
 
-    python run_pipelines.py DATABASE_URL MANIFEST_PATH
+    python run_pipelines.py DATABASE_URL MANIFEST_PATH [--loop-passes N [--only-loop]]
 
-The engine prints to stdout while it works, so the manifest goes to a file.
+The engine prints to stdout while it works, so the manifest goes to a file. With --loop-passes,
+a last pipeline `long_loop` loops N times; the manifest is written before it starts (its
+`running` true) and again when it ends, so a reader can watch the engine write.
 """
 
 from __future__ import annotations
 
+import argparse
 import copy
 import datetime
 import decimal
 import json
+import os
 import sys
 import uuid
 from pathlib import Path
@@ -110,8 +114,14 @@ def configure(url: str) -> None:
 
 
 def migrate() -> None:
+    """The engine's tables. A SQLite file is put in WAL mode first, so that readers and the
+    engine do not block each other (in rollback-journal mode a busy reader starves its commits)."""
     from django.core.management import call_command
+    from django.db import connection
 
+    if connection.vendor == "sqlite":
+        with connection.cursor() as cursor:
+            cursor.execute("PRAGMA journal_mode=wal")
     call_command("migrate", verbosity=0, interactive=False)
 
 
@@ -898,6 +908,47 @@ class Pipelines:
         else:
             self.manifest["pipelines"][name]["finished"] = False
 
+    def long_loop(self, passes: int, out: Path) -> None:
+        """A loop of many passes, announced in the manifest before it runs."""
+        from bamboo_engine.builder import Data
+        from bamboo_engine.builder import EmptyEndEvent
+        from bamboo_engine.builder import EmptyStartEvent
+        from bamboo_engine.builder import ExclusiveGateway
+        from bamboo_engine.builder import NodeOutput
+        from bamboo_engine.builder import ServiceActivity
+        from bamboo_engine.builder import Var
+        from bamboo_engine.builder import build_tree
+
+        name = "long_loop"
+        self.new(name)
+        start = EmptyStartEvent(id=nid())
+        body = ServiceActivity(id=nid(), component_code="harness_echo", name="body")
+        body.component.inputs.word = Var(type=Var.PLAIN, value="round")
+        decide = ExclusiveGateway(
+            id=nid(),
+            conditions={0: f"${{count}} < {passes}", 1: f"${{count}} >= {passes}"},
+            name="decide",
+        )
+        end = EmptyEndEvent(id=nid())
+        start.extend(body).extend(decide).connect(body, end)
+        data = Data()
+        data.inputs["${count}"] = NodeOutput(type=Var.PLAIN, source_act=body.id, source_key="_loop")
+        tree = build_tree(start, id=uuid.uuid4().hex, data=data)
+        self.record(name, "body", body, "long_loop_body", state="FINISHED", loop=passes)
+        self.record(name, "decide", decide, "long_loop_gateway", state="FINISHED", loop=passes)
+        self.manifest["pipelines"][name]["running"] = True
+        self.manifest["pipelines"][name]["passes"] = passes
+        self.write(out)
+        self.start(name, tree)
+        self.finish(name)
+        self.manifest["pipelines"][name]["running"] = False
+
+    def write(self, out: Path) -> None:
+        """The manifest, replaced whole (a reader never sees half of it)."""
+        partial = out.with_name(out.name + ".partial")
+        partial.write_text(json.dumps(self.manifest, indent=2, sort_keys=True))
+        os.replace(partial, out)
+
     @staticmethod
     def check(result: Any, what: str) -> None:
         if not result.result:
@@ -905,10 +956,13 @@ class Pipelines:
 
 
 def main(argv: list[str]) -> int:
-    if len(argv) != 3:
-        print(__doc__, file=sys.stderr)
-        return 2
-    url, out = argv[1], Path(argv[2])
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("url")
+    parser.add_argument("manifest", type=Path)
+    parser.add_argument("--loop-passes", type=int, default=0)
+    parser.add_argument("--only-loop", action="store_true", help="skip the other pipelines")
+    arguments = parser.parse_args(argv[1:])
+    url, out = arguments.url, arguments.manifest
     configure(url)
     migrate()
     create_bksops_tables()
@@ -916,17 +970,20 @@ def main(argv: list[str]) -> int:
     pipelines = Pipelines()
     pipelines.add_project("engine-harness", BUSINESS_ID)
     pipelines.add_project("engine-harness-other", OTHER_BUSINESS_ID)
-    pipelines.services()
-    pipelines.loop()
-    pipelines.nested()
-    pipelines.stuck()
-    pipelines.called_back()
-    pipelines.small("unstarted", run=False)
-    pipelines.small("deleted", run=True, deleted=True)
-    pipelines.small("other_business", run=True, business_id=OTHER_BUSINESS_ID)
-    # Records of the legacy engine live in engine_* tables; this task has none anywhere.
-    pipelines.small("legacy_engine", run=False, engine_ver=1)
-    out.write_text(json.dumps(pipelines.manifest, indent=2, sort_keys=True))
+    if not arguments.only_loop:
+        pipelines.services()
+        pipelines.loop()
+        pipelines.nested()
+        pipelines.stuck()
+        pipelines.called_back()
+        pipelines.small("unstarted", run=False)
+        pipelines.small("deleted", run=True, deleted=True)
+        pipelines.small("other_business", run=True, business_id=OTHER_BUSINESS_ID)
+        # Records of the legacy engine live in engine_* tables; this task has none anywhere.
+        pipelines.small("legacy_engine", run=False, engine_ver=1)
+    if arguments.loop_passes:
+        pipelines.long_loop(arguments.loop_passes, out)
+    pipelines.write(out)
     return 0
 
 

@@ -17,13 +17,13 @@ import pytest
 from peewee import Database
 from peewee import MySQLDatabase
 
-from server.db.connection import open_database
 from tests.engine.conftest import EngineDatabase
+from tests.engine.harness import open_reader
 
 
 @pytest.fixture
 def db(engine_database: EngineDatabase) -> Iterator[Database]:
-    database = open_database(engine_database.url)
+    database = open_reader(engine_database.url)
     with database.connection_context():
         yield database
 
