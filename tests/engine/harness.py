@@ -41,8 +41,8 @@ VENVS = ROOT / ".build" / "engine-venv"
 ENGINE_PYTHON = os.environ.get("TASKNODE_ENGINE_PYTHON", "python3.11")
 
 
-class EngineVenvError(RuntimeError):
-    """The engine's virtualenv could not be built; the message has the command and its output."""
+class EngineError(RuntimeError):
+    """The engine's virtualenv could not be built, or a run failed; the message says why."""
 
 
 def venv_dir() -> Path:
@@ -91,7 +91,7 @@ def engine_python() -> Path:
 def _build(venv: Path) -> None:
     base = shutil.which(ENGINE_PYTHON)
     if base is None:
-        raise EngineVenvError(
+        raise EngineError(
             f"{ENGINE_PYTHON} not found on PATH: the engine needs Python 3.11"
             " (set TASKNODE_ENGINE_PYTHON to its path)"
         )
@@ -104,7 +104,7 @@ def _build(venv: Path) -> None:
 def _run(command: list[str]) -> None:
     done = subprocess.run(command, capture_output=True, text=True, timeout=900, check=False)
     if done.returncode != 0:
-        raise EngineVenvError(
+        raise EngineError(
             f"{' '.join(command)} exited {done.returncode}:\n{done.stdout}\n{done.stderr}"
         )
 
@@ -128,7 +128,7 @@ def run_pipelines(database_url: str, directory: Path) -> dict[str, Any]:
         )
     if done.returncode != 0:
         tail = log.read_text(errors="replace")[-4000:]
-        raise EngineVenvError(f"run_pipelines.py exited {done.returncode} (log {log}):\n{tail}")
+        raise EngineError(f"run_pipelines.py exited {done.returncode} (log {log}):\n{tail}")
     result: dict[str, Any] = json.loads(manifest.read_text())
     return result
 
@@ -156,11 +156,11 @@ def writing_pipelines(
         while not manifest.exists() and process.poll() is None and time.monotonic() < deadline:
             time.sleep(0.01)
         if not manifest.exists():
-            raise EngineVenvError(f"run_pipelines.py announced no loop (log {log})")
+            raise EngineError(f"run_pipelines.py announced no loop (log {log})")
         yield json.loads(manifest.read_text()), process
         if process.wait(timeout=300) != 0:
             tail = log.read_text(errors="replace")[-4000:]
-            raise EngineVenvError(f"run_pipelines.py exited {process.returncode}:\n{tail}")
+            raise EngineError(f"run_pipelines.py exited {process.returncode}:\n{tail}")
     finally:
         if process.poll() is None:
             process.kill()

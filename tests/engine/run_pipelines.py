@@ -5,7 +5,7 @@ tests/engine/harness.py); the service never imports it. Given a database URL of 
 suite's `database_url` fixture makes, it configures Django in code, migrates the engine's apps,
 creates bk-sops's own `core_project` and `taskflow3_taskflowinstance` tables with plain DDL,
 runs the pipelines below synchronously (Celery in eager mode: no broker, no worker), links each
-to a task of one project, and writes a JSON manifest of what ran and what each node must show.
+to a task of a project, and writes a JSON manifest of what ran and what each node must show.
 
     python run_pipelines.py DATABASE_URL MANIFEST_PATH [--loop-passes N [--only-loop]]
 
@@ -109,7 +109,6 @@ def configure(url: str) -> None:
     import django
 
     django.setup()
-    app.autodiscover_tasks(["pipeline.eri.celery"], related_name="tasks", force=True)
     import pipeline.eri.celery.tasks  # noqa: F401  (registers execute/schedule on the app)
 
 
@@ -184,8 +183,10 @@ def create_bksops_tables() -> None:
             cursor.execute(statement)
 
 
-def define_components() -> None:
-    """The plugins the pipelines use; defining a Component class registers it."""
+def define_components() -> list[dict[str, Any]]:
+    """The plugins the pipelines use; defining a Component class registers it (and writes its
+    component_framework_componentmodel row). Returns their output schemas as the import format
+    (docs/import-format.md) writes components: what each plugin's outputs_format() declares."""
     from pipeline.component_framework.component import Component
     from pipeline.core.flow.activity import Service
     from pipeline.core.flow.io import StringItemSchema
@@ -262,13 +263,14 @@ def define_components() -> None:
         def outputs_format(self) -> list[Any]:
             return []
 
+    schemas = []
     for code, service in (
         ("harness_echo", EchoService),
         ("harness_gate", GateService),
         ("harness_values", ValuesService),
         ("harness_wait", WaitService),
     ):
-        type(
+        component: Any = type(
             f"{service.__name__}Component",
             (Component,),
             {
@@ -278,6 +280,9 @@ def define_components() -> None:
                 "bound_service": service,
             },
         )
+        outputs = [{"key": item.key, "name": item.name} for item in service().outputs_format()]
+        schemas.append({"code": code, "version": component.version, "outputs": outputs})
+    return schemas
 
 
 def web_tree(tree: dict[str, Any]) -> dict[str, Any]:
@@ -966,8 +971,9 @@ def main(argv: list[str]) -> int:
     configure(url)
     migrate()
     create_bksops_tables()
-    define_components()
+    components = define_components()
     pipelines = Pipelines()
+    pipelines.manifest["components"] = components
     pipelines.add_project("engine-harness", BUSINESS_ID)
     pipelines.add_project("engine-harness-other", OTHER_BUSINESS_ID)
     if not arguments.only_loop:

@@ -351,3 +351,18 @@ def test_subprocess_inputs_keep_their_constant_keys(
     outer = engine_database.manifest["pipelines"]["nested"]["nodes"]["outer"]["id"]
     ((inputs,),) = rows(db, "SELECT inputs FROM eri_executiondata WHERE node_id = ?", outer)
     assert json.loads(inputs) == {"${word}": "from the root"}
+
+
+def test_components_are_registered_with_their_schemas(
+    engine_database: EngineDatabase, db: Database
+) -> None:
+    """The plugins' rows hold code and version only; their output schemas are in the manifest."""
+    registered = rows(db, "SELECT code, version FROM component_framework_componentmodel")
+    schemas = engine_database.manifest["components"]
+    assert {(c["code"], c["version"]) for c in schemas} <= set(registered)
+    echo = next(c for c in schemas if c["code"] == "harness_echo")
+    assert echo == {
+        "code": "harness_echo",
+        "version": "legacy",
+        "outputs": [{"key": "greeting", "name": "Greeting"}],
+    }
