@@ -888,6 +888,45 @@ class Pipelines:
         self.check(api.callback(self.runtime, wait.id, version, {"answer": 42}), "callback")
         self.finish(name)
 
+    def paused(self) -> None:
+        """A node paused before the engine reached it (pause_node_appoint), then reached; then
+        the whole pipeline paused (pause_pipeline)."""
+        from bamboo_engine import api
+        from bamboo_engine.builder import EmptyEndEvent
+        from bamboo_engine.builder import EmptyStartEvent
+        from bamboo_engine.builder import ServiceActivity
+        from bamboo_engine.builder import Var
+        from bamboo_engine.builder import build_tree
+        from pipeline.eri.models import State
+
+        name = "paused"
+        self.new(name)
+        start = EmptyStartEvent(id=nid())
+        wait = ServiceActivity(id=nid(), component_code="harness_wait", name="answered")
+        held = ServiceActivity(id=nid(), component_code="harness_echo", name="held")
+        held.component.inputs.word = Var(type=Var.PLAIN, value="held")
+        end = EmptyEndEvent(id=nid())
+        start.extend(wait).extend(held).extend(end)
+        tree = build_tree(start, id=uuid.uuid4().hex)
+        self.record(name, "wait", wait, "finished_by_callback", state="FINISHED")
+        self.record(
+            name,
+            "held",
+            held,
+            "suspended_before_running",
+            state="SUSPENDED",
+            data=False,
+            started=False,
+        )
+        self.record(name, "end", end, "not_run_after_suspended", state=None)
+        self.start(name, tree)
+        self.check(api.pause_node_appoint(self.runtime, held.id), "pause node")
+        version = State.objects.get(node_id=wait.id).version
+        self.check(api.callback(self.runtime, wait.id, version, {}), "callback")
+        self.check(api.pause_pipeline(self.runtime, tree["id"]), "pause pipeline")
+        self.finish(name)
+        self.manifest["pipelines"][name]["root_state"] = "SUSPENDED"
+
     def small(self, name: str, *, run: bool, **task: Any) -> None:
         """start -> one service -> end, for tasks that differ in their task row."""
         from bamboo_engine.builder import EmptyEndEvent
@@ -982,6 +1021,7 @@ def main(argv: list[str]) -> int:
         pipelines.nested()
         pipelines.stuck()
         pipelines.called_back()
+        pipelines.paused()
         pipelines.small("unstarted", run=False)
         pipelines.small("deleted", run=True, deleted=True)
         pipelines.small("other_business", run=True, business_id=OTHER_BUSINESS_ID)
