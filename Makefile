@@ -11,7 +11,7 @@ PROTOS := $(shell find protos -name '*.proto' | sort)
 # Where googleapis-common-protos keeps google/api/*.proto inside the virtualenv.
 GOOGLEAPIS = $(shell $(PY) -c 'import pathlib, google.api.annotations_pb2 as m; print(pathlib.Path(m.__file__).parents[2])')
 
-.PHONY: help venv gen check lint typecheck proto-lint proto-breaking gen-drift test run gateway migrate load seed-large bench bench-scale clean
+.PHONY: help venv gen check lint typecheck proto-lint proto-breaking gen-drift test run gateway migrate load seed-large bench bench-scale engine-venv engine-run clean
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed -E 's/:.*## /\t/'
@@ -83,6 +83,14 @@ bench: $(VENV)/.installed  ## the service against its stack's ceiling: h2load an
 
 bench-scale: $(VENV)/.installed  ## median GetTaskNodeDetail latency at 10^3 vs 10^6 nodes, SQLite and PostgreSQL
 	$(PY) -m bench.scale $(BENCH_ARGS)
+
+engine-venv: $(VENV)/.installed  ## build the real bk-sops engine's own Python 3.11 virtualenv (.build/engine-venv, ~35 s once)
+	$(PY) -m tests.engine.harness
+
+engine-run: $(VENV)/.installed  ## run real pipelines with the real engine into an empty database (URL=..., default a fresh var/engine.db)
+	mkdir -p var
+	$(if $(URL),,rm -f var/engine.db)
+	$(PY) -m tests.engine.harness '$(or $(URL),sqlite:///var/engine.db)'
 
 clean:  ## remove the virtualenv, caches and the embedded database
 	rm -rf $(VENV) .build var .pytest_cache .mypy_cache .ruff_cache

@@ -39,17 +39,24 @@ MYSQL = os.environ.get("TASKNODE_TEST_MYSQL", "mysql://root@127.0.0.1:3306/test"
 @pytest.fixture(params=STORES)
 def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
     """A URL of an empty database of its own on each store: a file, a schema or a database."""
+    with fresh_database(request.param, tmp_path) as url:
+        yield url
+
+
+@contextmanager
+def fresh_database(store: str, directory: Path) -> Iterator[str]:
+    """An empty database on store (a file in directory, a schema or a database), dropped after."""
     name = f"t_{uuid.uuid4().hex[:16]}"
-    if request.param == "sqlite":
-        yield f"sqlite:///{tmp_path / 'tasknode.db'}"
-    elif request.param == "postgresql":
+    if store == "sqlite":
+        yield f"sqlite:///{directory / 'tasknode.db'}"
+    elif store == "postgresql":
         with _admin_postgresql() as run:
             run(f"CREATE SCHEMA {name}")
             try:
                 yield f"{POSTGRESQL}?options=-csearch_path%3D{name}"
             finally:
                 run(f"DROP SCHEMA {name} CASCADE")
-    elif request.param == "mysql":
+    elif store == "mysql":
         with _admin_mysql() as run:
             run(f"CREATE DATABASE {name} CHARACTER SET utf8mb4 COLLATE utf8mb4_bin")
             try:
@@ -57,7 +64,7 @@ def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str
             finally:
                 run(f"DROP DATABASE {name}")
     else:
-        raise ValueError(f"TASKNODE_TEST_STORES: unknown store {request.param!r}")
+        raise ValueError(f"TASKNODE_TEST_STORES: unknown store {store!r}")
 
 
 @contextmanager
