@@ -39,6 +39,7 @@ from server.draining import Gate
 from server.handlers.task_node import TaskNodeServicer
 from server.interceptors import SERVICE_PREFIX
 from server.interceptors import AuthInterceptor
+from server.interceptors import HandlerRewriter
 from server.interceptors import ServiceInterceptor
 from server.nodes import Masker
 from server.throttle import FailureBudget
@@ -276,32 +277,20 @@ class _CallDetails(grpc.HandlerCallDetails):
         self.invocation_metadata = ()
 
 
-class OnOwnThreads(grpc.ServerInterceptor):
+class OnOwnThreads(HandlerRewriter):
     """Runs every method but TaskNodeService's (health, reflection) on threads of its own,
     grpcio's experimental_thread_pool, so that they answer while every serving thread
     waits on the store. A method that chose its threads already (health's Watch) keeps
     them; each moved handler is built once."""
 
     def __init__(self, threads: futures.ThreadPoolExecutor) -> None:
+        super().__init__()
         self.threads = threads
-        self._moved: dict[str, tuple[grpc.RpcMethodHandler, grpc.RpcMethodHandler]] = {}
 
-    def intercept_service(
-        self,
-        continuation: Callable[[grpc.HandlerCallDetails], grpc.RpcMethodHandler | None],
-        handler_call_details: grpc.HandlerCallDetails,
-    ) -> grpc.RpcMethodHandler | None:
-        handler = continuation(handler_call_details)
-        method: str = handler_call_details.method
-        if handler is None or method.startswith(SERVICE_PREFIX):
-            return handler
-        known = self._moved.get(method)
-        if known is None or known[0] is not handler:
-            known = (handler, self._move(handler))
-            self._moved[method] = known
-        return known[1]
+    def _picks(self, handler: grpc.RpcMethodHandler, method: str) -> bool:
+        return not method.startswith(SERVICE_PREFIX)
 
-    def _move(self, handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
+    def _rewrite(self, handler: grpc.RpcMethodHandler, method: str) -> grpc.RpcMethodHandler:
         for kind in ("unary_unary", "unary_stream", "stream_unary", "stream_stream"):
             behaviour = getattr(handler, kind)
             if behaviour is None or hasattr(behaviour, "experimental_thread_pool"):

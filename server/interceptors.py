@@ -75,17 +75,16 @@ Behaviour = Callable[[Any, grpc.ServicerContext], Any]
 Parse = Callable[[bytes], Any]
 
 
-class _ServiceCallInterceptor(grpc.ServerInterceptor):
-    """Wraps the unary behaviour of our services' handlers with _wrap; health and
-    reflection handlers pass through untouched.
+class HandlerRewriter(grpc.ServerInterceptor):
+    """Replaces the handlers of the calls _picks chooses with what _rewrite builds of them.
 
     grpcio asks for the handler on the thread that takes in every call, before the
-    call is admitted or refused, so a wrapped handler is built once per method and
+    call is admitted or refused, so a rewritten handler is built once per method and
     handler (the ones grpcio registered never change) and reused.
     """
 
     def __init__(self) -> None:
-        self._wrapped: dict[str, tuple[grpc.RpcMethodHandler, grpc.RpcMethodHandler]] = {}
+        self._built: dict[str, tuple[grpc.RpcMethodHandler, grpc.RpcMethodHandler]] = {}
 
     def intercept_service(
         self,
@@ -94,14 +93,31 @@ class _ServiceCallInterceptor(grpc.ServerInterceptor):
     ) -> grpc.RpcMethodHandler | None:
         handler = continuation(handler_call_details)
         method: str = handler_call_details.method
-        if handler is None or handler.unary_unary is None or not method.startswith(SERVICE_PREFIX):
+        if handler is None or not self._picks(handler, method):
             return handler
-        known = self._wrapped.get(method)
-        if known is not None and known[0] is handler:
-            return known[1]
-        wrapped = self._wrapped_handler(handler, handler.unary_unary, method)
-        self._wrapped[method] = (handler, wrapped)
-        return wrapped
+        known = self._built.get(method)
+        if known is None or known[0] is not handler:
+            known = (handler, self._rewrite(handler, method))
+            self._built[method] = known
+        return known[1]
+
+    def _picks(self, handler: grpc.RpcMethodHandler, method: str) -> bool:
+        raise NotImplementedError
+
+    def _rewrite(self, handler: grpc.RpcMethodHandler, method: str) -> grpc.RpcMethodHandler:
+        raise NotImplementedError
+
+
+class _ServiceCallInterceptor(HandlerRewriter):
+    """Wraps the unary behaviour of our services' handlers with _wrap; health and
+    reflection handlers pass through untouched."""
+
+    def _picks(self, handler: grpc.RpcMethodHandler, method: str) -> bool:
+        return handler.unary_unary is not None and method.startswith(SERVICE_PREFIX)
+
+    def _rewrite(self, handler: grpc.RpcMethodHandler, method: str) -> grpc.RpcMethodHandler:
+        assert handler.unary_unary is not None  # _picks chose only unary methods
+        return self._wrapped_handler(handler, handler.unary_unary, method)
 
     def _wrapped_handler(
         self, handler: grpc.RpcMethodHandler, behaviour: Behaviour, method: str
