@@ -37,7 +37,8 @@ def test_the_batch_route_answers_what_grpc_answers(
 
 
 def test_a_malformed_batch_is_a_400(http: httpx.Client) -> None:
-    for body in ({}, {"requests": []}):
+    bodies: list[dict[str, list[object]]] = [{}, {"requests": []}]
+    for body in bodies:
         response = http.post(BATCH_PATH, json=body, headers=AS_DEMO_APP)
         assert response.status_code == 400, response.text
         assert response.json()["details"][0]["metadata"]["fields"] == "requests"
