@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import grpc
 import pytest
 from bksops.tasknode.v1 import task_node_pb2 as pb
@@ -13,6 +15,7 @@ from grpc_status import rpc_status
 
 from server import nodes
 from server.app import Server
+from server.cli import DEMO_APP
 from server.errors import DOMAIN
 from server.query import MAX_BATCH
 from tests import documents
@@ -20,6 +23,7 @@ from tests.conftest import SEED_NODE
 from tests.conftest import seed_request
 
 RUNNING_NODE = "node2b3c4d5e6f708192a3b4c5d6e7f8"
+AUTH = (("x-bkapi-authorization", json.dumps(DEMO_APP)),)
 WATCHED = "nodeetag000000000000000000000001"
 
 #: One of each kind of outcome, for the demo app (granted business 2 only).
@@ -192,3 +196,14 @@ def test_elapsed_seconds_of_what_runs_are_not_in_the_etag() -> None:
     finished = pb.NodeDetail()
     finished.CopyFrom(running)
     assert nodes._etag(finished, False, []) != nodes._etag(later, False, [])
+
+
+def test_bytes_that_are_no_batch_are_invalid_argument(channel: grpc.Channel) -> None:
+    path = "/bksops.tasknode.v1.TaskNodeService/BatchGetTaskNodeDetails"
+    call: grpc.UnaryUnaryMultiCallable[bytes, bytes] = channel.unary_unary(path)
+    # requests[0].node_id not UTF-8: the whole call is malformed, not one item.
+    with pytest.raises(grpc.RpcError) as raised:
+        call(b"\x0a\x04\x1a\x02\xff\xfe", metadata=AUTH, timeout=10)
+    assert raised.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    status = rpc_status.from_call(raised.value)
+    assert status is not None and error_info(status).reason == "MALFORMED_REQUEST"
