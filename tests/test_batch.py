@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import threading
+import time
 
 import grpc
 import pytest
@@ -12,13 +14,21 @@ from google.protobuf.message import Message
 from google.rpc import error_details_pb2
 from google.rpc import status_pb2
 from grpc_status import rpc_status
+from peewee import Database
 
 from server import nodes
+from server import values
 from server.app import Server
 from server.cli import DEMO_APP
+from server.config import Config
+from server.db.connection import ensure_schema
+from server.db.connection import open_database
+from server.db.store import Store
 from server.errors import DOMAIN
+from server.gateway.local import LocalContext
 from server.query import MAX_BATCH
 from tests import documents
+from tests.conftest import ALL_APP
 from tests.conftest import SEED_NODE
 from tests.conftest import seed_request
 
@@ -207,3 +217,68 @@ def test_bytes_that_are_no_batch_are_invalid_argument(channel: grpc.Channel) -> 
     assert raised.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     status = rpc_status.from_call(raised.value)
     assert status is not None and error_info(status).reason == "MALFORMED_REQUEST"
+
+
+def test_each_item_of_a_batch_reads_a_fresh_snapshot(config: Config) -> None:
+    """What keeps a batch's items exact in the reply cache: an item's stamp is read before
+    its snapshot begins (server.cache), so the snapshot of the item before must end."""
+    db = open_database(config.database_url)
+    ensure_schema(db)
+    documents.load(db, watched({"count": 1}))
+    store = Store(db)
+
+    def reimport(outputs: dict[str, object]) -> None:  # on a connection of its own
+        worker = threading.Thread(target=documents.load, args=(db, watched(outputs)))
+        worker.start()
+        worker.join(30)
+
+    with store.session():
+        assert store.find_node(documents.BUSINESS, False, 901, WATCHED).outputs == '{"count":1}'
+        reimport({"count": 2})
+        # Within one snapshot, the import is not seen; after end_snapshot, it is.
+        assert store.find_node(documents.BUSINESS, False, 901, WATCHED).outputs == '{"count":1}'
+        store.end_snapshot()
+        assert store.find_node(documents.BUSINESS, False, 901, WATCHED).outputs == '{"count":2}'
+    store.close()
+
+
+class ReimportBeforeTheSecondItem(LocalContext):
+    """An in-process call's context that, when the servicer checks the deadline before
+    the batch's second item (its third check: the interceptor checks first), reimports
+    WATCHED with count 2, as an import running alongside the batch would."""
+
+    def __init__(self, db: Database) -> None:
+        super().__init__((("x-bkapi-authorization", json.dumps(ALL_APP)),), time.monotonic() + 30)
+        self.db = db
+        self.checks = 0
+
+    def time_remaining(self) -> float:
+        self.checks += 1
+        if self.checks == 3:
+            worker = threading.Thread(target=documents.load, args=(self.db, watched({"count": 2})))
+            worker.start()
+            worker.join(30)
+        return super().time_remaining()
+
+
+def test_an_import_between_items_is_seen_and_not_cached_stale(
+    server: Server, all_stub: pb_grpc.TaskNodeServiceStub
+) -> None:
+    other = documents.task(902, documents.node("nodeother00000000000000000000001"))
+    documents.load(server.store.db, documents.document(other))
+    documents.load(server.store.db, watched({"count": 1}))
+    batch = pb.BatchGetTaskNodeDetailsRequest(
+        requests=[
+            documents.request(902, "nodeother00000000000000000000001"),  # begins a snapshot
+            documents.request(901, WATCHED),
+        ]
+    )
+    call = server.handlers[
+        "/bksops.tasknode.v1.TaskNodeService/BatchGetTaskNodeDetails"
+    ].unary_unary
+    assert call is not None
+    reply = call(batch, ReimportBeforeTheSecondItem(server.store.db))
+    shown = reply.results[1].detail
+    assert [(o.key, values.from_message(o.value)) for o in shown.outputs] == [("count", 2)]
+    again = all_stub.GetTaskNodeDetail(documents.request(901, WATCHED), timeout=10)
+    assert again.etag == shown.etag  # the cache holds what the batch built, and it is current
