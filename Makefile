@@ -37,11 +37,12 @@ gen-drift: $(VENV)/.installed  ## fail when generated/ is not what protos/ gener
 	diff -r -x __pycache__ .build/gen/bksops generated/bksops \
 	  || { echo "generated/ is out of date with protos/: run 'make gen' and commit"; exit 1; }
 
-.build/googleapis/google/api/annotations.proto: $(VENV)/.installed
-	mkdir -p .build/googleapis/google/api
+.build/googleapis/google/rpc/status.proto: $(VENV)/.installed
+	mkdir -p .build/googleapis/google/api .build/googleapis/google/rpc
 	cp $(GOOGLEAPIS)/google/api/annotations.proto $(GOOGLEAPIS)/google/api/http.proto .build/googleapis/google/api/
+	cp $(GOOGLEAPIS)/google/rpc/status.proto .build/googleapis/google/rpc/
 
-proto-lint: .build/googleapis/google/api/annotations.proto  ## buf lint (STANDARD + COMMENTS)
+proto-lint: .build/googleapis/google/rpc/status.proto  ## buf lint (STANDARD + COMMENTS)
 	$(BIN)/buf lint
 
 proto-breaking: $(VENV)/.installed  ## buf breaking (FILE) against the main branch

@@ -40,6 +40,12 @@ SERVICE_PREFIX = "/bksops.tasknode."
 def to_status(exc: errors.ServiceError) -> grpc.Status:
     """The gRPC status for a domain error: its code, message, ErrorInfo and BadRequest,
     each within the bounds of server.errors, however many bad fields the request had."""
+    return rpc_status.to_status(rich_status(exc))
+
+
+def rich_status(exc: errors.ServiceError) -> status_pb2.Status:
+    """The google.rpc.Status of to_status itself: what a call failing with exc sends in
+    its trailers, and what a batch item failing with exc holds."""
     metadata = {
         key: errors.clip(value, errors.MAX_TEXT_BYTES) for key, value in exc.metadata.items()
     }
@@ -59,9 +65,7 @@ def to_status(exc: errors.ServiceError) -> grpc.Status:
             )
         )
     message = errors.clip(exc.message, errors.MAX_MESSAGE_BYTES)
-    return rpc_status.to_status(
-        status_pb2.Status(code=exc.code.value[0], message=message, details=details)
-    )
+    return status_pb2.Status(code=exc.code.value[0], message=message, details=details)
 
 
 def _pack(message: Any) -> any_pb2.Any:

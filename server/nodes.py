@@ -9,6 +9,7 @@ attempts as histories.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import time
 
@@ -30,6 +31,8 @@ from server.query import NodeQuery
 #: The plugin version a node without a recorded one runs (the engine's default).
 DEFAULT_COMPONENT_VERSION = "legacy"
 CURRENT_ATTEMPT = -1
+#: Bytes of hash in an etag: 128 bits, no collision between versions of one node.
+ETAG_BYTES = 16
 
 
 class Masker:
@@ -64,13 +67,14 @@ def read_node_detail(
         if cached is not None:
             return cached
     detail = _build(store, query, mask)
+    running_children = tuple(
+        (i, _micros(c.start_time))
+        for i, c in enumerate(detail.children)
+        if c.HasField("start_time") and not c.HasField("finish_time")
+    )
+    running = detail.HasField("start_time") and not detail.HasField("finish_time")
+    detail.etag = _etag(detail, running, [i for i, _ in running_children])
     if cache is not None and stamp is not None:
-        running_children = tuple(
-            (i, _micros(c.start_time))
-            for i, c in enumerate(detail.children)
-            if c.HasField("start_time") and not c.HasField("finish_time")
-        )
-        running = detail.HasField("start_time") and not detail.HasField("finish_time")
         cache.put(
             query,
             stamp,
@@ -79,6 +83,29 @@ def read_node_detail(
             running_children,
         )
     return detail
+
+
+def _etag(detail: pb.NodeDetail, running: bool, running_children: list[int]) -> str:
+    """The entity tag of detail (whose etag is not set yet): a hash of its deterministic
+    serialization, so equal content has one tag in every process and across restarts.
+
+    The elapsed seconds of whatever still runs are a function of the clock, not of the
+    content, and a cached reply refreshes them (server.cache) without a new tag: they
+    are left out of the hash, and the tag is weak (RFC 9110: equivalent, not identical).
+    """
+    kept = detail.elapsed_seconds, [detail.children[i].elapsed_seconds for i in running_children]
+    if running:
+        detail.elapsed_seconds = 0
+    for i in running_children:
+        detail.children[i].elapsed_seconds = 0
+    digest = hashlib.blake2b(
+        detail.SerializeToString(deterministic=True), digest_size=ETAG_BYTES
+    ).hexdigest()
+    detail.elapsed_seconds = kept[0]
+    for i, seconds in zip(running_children, kept[1], strict=True):
+        detail.children[i].elapsed_seconds = seconds
+    weak = running or bool(running_children)
+    return f'W/"{digest}"' if weak else f'"{digest}"'
 
 
 def _micros(moment: Timestamp) -> int:

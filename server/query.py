@@ -15,6 +15,8 @@ NODE_ID = re.compile(r"[A-Za-z0-9_.:-]{1,64}")
 COMPONENT_CODE = re.compile(r"[A-Za-z0-9_.-]{1,255}")
 MAX_STACK_DEPTH = 32
 SCOPES = frozenset(pb.Scope.values())
+#: Requests in one BatchGetTaskNodeDetails call (the proto documents the number).
+MAX_BATCH = 1000
 
 
 @dataclass(frozen=True)
@@ -82,6 +84,24 @@ def parse_request(request: pb.GetTaskNodeDetailRequest) -> NodeQuery:
         subprocess_stack=stack,
         loop=loop,
         max_histories=max_histories,
+    )
+
+
+def check_batch(request: pb.BatchGetTaskNodeDetailsRequest) -> None:
+    """InvalidArgument unless the batch holds 1 to MAX_BATCH requests; the requests
+    themselves are each checked on their own (parse_request), as single calls."""
+    count = len(request.requests)
+    if 1 <= count <= MAX_BATCH:
+        return
+    problem = (
+        "requests must hold at least one request"
+        if not count
+        else f"requests holds {count} requests; at most {MAX_BATCH} are read in one call"
+    )
+    raise errors.InvalidArgument(
+        problem,
+        {"fields": "requests", "count": str(count), "limit": str(MAX_BATCH)},
+        [FieldViolation("requests", problem)],
     )
 
 

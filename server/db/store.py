@@ -309,6 +309,16 @@ class Store:
                     self._connect(call)
         raise AssertionError("unreachable: the last try returns or raises")
 
+    def end_snapshot(self) -> None:
+        """End the call's read snapshot, if one began, keeping the connection: the next
+        read begins a fresh one. A batch ends it after each item, so each is read (its
+        stamp before its snapshot, see server.cache) exactly as a call of its own."""
+        call = self._this.call
+        if call.snapshot:
+            call.snapshot = False
+            with unavailable_on_db_error():
+                self.db.execute_sql("ROLLBACK")  # it read only: nothing to commit
+
     def _end(self, call: _Call) -> None:
         """End the snapshot if one began, and give the connection back; or close it,
         if it failed or the watchdog shut it."""

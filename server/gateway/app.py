@@ -129,7 +129,7 @@ class App:
                 receive, self.max_body_bytes, request.headers.get("content-length")
             )
             if kind == CANONICAL:
-                return _json(200, await self._canonical(route, request), request)
+                return await self._canonical(route, request)
             return _json(200, await self._legacy(route, request), request)
         except errors.ServiceError as exc:
             status = statuses.status_of(exc)
@@ -158,11 +158,20 @@ class App:
             self.rendered.put(reply, named, data)
         return legacy.success_body(data, request)
 
-    async def _canonical(self, route: Route, request: Request) -> Any:
+    async def _canonical(self, route: Route, request: Request) -> Response:
+        """The reply in proto JSON; with its etag (if it has one) as ETag, or only that
+        (304, no body) to a GET whose If-None-Match names it."""
         credentials = creds.read_credentials(request.headers.get(creds.HEADER), {})
         await self.authenticate(credentials)
         message = canonical.build_request(route, request)
-        return canonical.reply_json(await self._call(route, message, credentials, request))
+        reply = await self._call(route, message, credentials, request)
+        etag = canonical.etag_of(reply)
+        if not etag:
+            return _json(200, canonical.reply_json(reply), request)
+        tag: Headers = ((b"etag", etag.encode("ascii")),)
+        if route.method == "GET" and canonical.matches(request.headers.get("if-none-match"), etag):
+            return Response(304, b"", (*_ids(request), *tag))
+        return _json(200, canonical.reply_json(reply), request, tag)
 
     async def _call(
         self,
@@ -228,11 +237,18 @@ def _json(status: int, value: Any, request: Request, extra: Headers = ()) -> Res
     headers = (
         (b"content-type", b"application/json"),
         (b"content-length", str(len(body)).encode("ascii")),
-        (b"x-bkapi-request-id", request.request_id.encode("ascii")),
-        (b"sops-trace-id", request.trace_id.encode("ascii")),
+        *_ids(request),
         *extra,
     )
     return Response(status, body, headers)
+
+
+def _ids(request: Request) -> Headers:
+    """The request and trace id headers every response carries."""
+    return (
+        (b"x-bkapi-request-id", request.request_id.encode("ascii")),
+        (b"sops-trace-id", request.trace_id.encode("ascii")),
+    )
 
 
 def dumps(value: Any) -> bytes:

@@ -25,6 +25,8 @@ from server.gateway.requests import Request
 from server.gateway.routes import Route
 
 _INTEGER = re.compile(r"[-+]?[0-9]{1,20}")
+#: One entity tag of an If-None-Match list: optionally weak, then quoted.
+_ENTITY_TAG = re.compile(r'(?:W/)?"[^"]*"')
 _TRUE = frozenset({"true", "True", "TRUE", "t", "T", "1"})
 _FALSE = frozenset({"false", "False", "FALSE", "f", "F", "0"})
 _INTEGER_TYPES = frozenset(
@@ -131,6 +133,25 @@ def _bad(name: str, message: str) -> errors.InvalidArgument:
 def reply_json(reply: Message) -> Any:
     """The reply as grpc-gateway prints it."""
     return json_format.MessageToDict(reply, always_print_fields_with_no_presence=True)
+
+
+def etag_of(reply: Message) -> str:
+    """The reply's etag field (AIP-154), "" for a reply without one."""
+    field = reply.DESCRIPTOR.fields_by_name.get("etag")
+    if field is None or field.type != FieldDescriptor.TYPE_STRING:
+        return ""
+    return str(getattr(reply, field.name))
+
+
+def matches(if_none_match: str | None, etag: str) -> bool:
+    """Whether an If-None-Match header names etag: "*", or a listed tag equal to it by
+    RFC 9110's weak comparison (W/ prefixes ignored), as that header compares."""
+    if not if_none_match:
+        return False
+    if if_none_match.strip() == "*":
+        return True
+    opaque = etag.removeprefix("W/")
+    return any(tag.removeprefix("W/") == opaque for tag in _ENTITY_TAG.findall(if_none_match))
 
 
 def status_json(status: status_pb2.Status) -> Any:

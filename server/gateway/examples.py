@@ -28,6 +28,15 @@ SEED_BODY: dict[str, str] = {
     "component_code": "job_fast_execute_script",
 }
 
+#: A batch of three nodes of task 11, the second of which does not exist.
+BATCH_BODY = {
+    "requests": [
+        {"bkBizId": "2", "taskId": "11", "nodeId": "nodef1a2b3c4d5e6f708192a3b4c5d6e"},
+        {"bkBizId": "2", "taskId": "11", "nodeId": "nodeunknown"},
+        {"bkBizId": "2", "taskId": "11", "nodeId": "node3c4d5e6f708192a3b4c5d6e7f809"},
+    ]
+}
+
 
 @dataclass(frozen=True)
 class Example:
@@ -89,6 +98,19 @@ def curl_examples(
             f"{curl} -s {header} \\\n"
             f"  '{base}/v1/businesses/2/tasks/10/nodes/{SEED_NODE}"
             f"?subprocessStack={SEED_PARENT}&componentCode=job_fast_execute_script'",
+        ),
+        Example(
+            "The same with its headers: ETag is the node's etag, which If-None-Match takes",
+            f"{curl} -si {header} \\\n"
+            f"  '{base}/v1/businesses/2/tasks/10/nodes/{SEED_NODE}"
+            f"?subprocessStack={SEED_PARENT}&componentCode=job_fast_execute_script'",
+        ),
+        Example(
+            "Several nodes in one call: a result per request, in order, each the node or the"
+            " google.rpc.Status its own call would get",
+            f"{curl} -s {base}/v1/nodes:batchGet \\\n"
+            f"  {header} \\\n"
+            f"  -d '{json.dumps(BATCH_BODY)}'",
         ),
         Example(
             "A business error: HTTP 200, result false, the bk-sops code and message",

@@ -11,10 +11,9 @@ from __future__ import annotations
 import grpc
 from google.rpc import error_details_pb2
 from google.rpc import status_pb2
-from grpc_status import rpc_status
 
 from server import errors
-from server.interceptors import to_status
+from server.interceptors import rich_status
 
 #: grpc-gateway's HTTPStatusFromCode (runtime/errors.go), the same as google/rpc/code.proto.
 HTTP_STATUS: dict[grpc.StatusCode, int] = {
@@ -56,10 +55,7 @@ _GATEWAY_ERRORS = {
 
 def status_of(exc: errors.ServiceError) -> status_pb2.Status:
     """The google.rpc.Status the gRPC server sends for exc, details and all."""
-    for key, value in to_status(exc).trailing_metadata:
-        if key == rpc_status.GRPC_DETAILS_METADATA_KEY:
-            return status_pb2.Status.FromString(value)
-    raise AssertionError("to_status always packs the details")  # pragma: no cover
+    return rich_status(exc)
 
 
 def code_of(status: status_pb2.Status) -> grpc.StatusCode:

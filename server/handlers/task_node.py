@@ -7,12 +7,19 @@ from bksops.tasknode.v1 import task_node_pb2 as pb
 from bksops.tasknode.v1 import task_node_pb2_grpc as pb_grpc
 
 from server import errors
+from server.auth import Principal
 from server.auth import current_principal
 from server.cache import DetailCache
 from server.db.store import Store
+from server.interceptors import rich_status
 from server.nodes import Masker
 from server.nodes import read_node_detail
+from server.query import check_batch
 from server.query import parse_request
+
+#: Errors about the call rather than one of its items: they fail a whole batch, as they
+#: fail a single call, since the caller's answer is to retry the call (or give it time).
+CALL_ERRORS = (errors.StoreUnavailable, errors.DeadlineExceeded, errors.Internal)
 
 
 class TaskNodeServicer(pb_grpc.TaskNodeServiceServicer):
@@ -26,9 +33,40 @@ class TaskNodeServicer(pb_grpc.TaskNodeServiceServicer):
     def GetTaskNodeDetail(
         self, request: pb.GetTaskNodeDetailRequest, context: grpc.ServicerContext
     ) -> pb.NodeDetail:
-        principal = current_principal.get()
-        if principal is None:  # the auth interceptor always runs first; this is a bug
-            raise errors.Internal("no authenticated caller")
+        return self._read(request, _principal())
+
+    def BatchGetTaskNodeDetails(
+        self, request: pb.BatchGetTaskNodeDetailsRequest, context: grpc.ServicerContext
+    ) -> pb.BatchGetTaskNodeDetailsResponse:
+        """Each request served as GetTaskNodeDetail serves it, its domain error (but for
+        CALL_ERRORS) kept as its result's status."""
+        principal = _principal()
+        check_batch(request)
+        reply = pb.BatchGetTaskNodeDetailsResponse()
+        for item in request.requests:
+            remaining = context.time_remaining()
+            if remaining is not None and remaining <= 0:
+                raise errors.DeadlineExceeded(
+                    "the call's deadline passed before every request of the batch was read"
+                )
+            try:
+                reply.results.add(detail=self._read(item, principal))
+            except CALL_ERRORS:
+                raise
+            except errors.ServiceError as exc:
+                reply.results.add(error=rich_status(exc))
+            finally:
+                self.store.end_snapshot()
+        return reply
+
+    def _read(self, request: pb.GetTaskNodeDetailRequest, principal: Principal) -> pb.NodeDetail:
         return read_node_detail(
             self.store, parse_request(request), self.mask, principal, self.cache
         )
+
+
+def _principal() -> Principal:
+    principal = current_principal.get()
+    if principal is None:  # the auth interceptor always runs first; this is a bug
+        raise errors.Internal("no authenticated caller")
+    return principal

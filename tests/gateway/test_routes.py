@@ -116,8 +116,10 @@ def test_bad_templates_are_refused_at_start_up(text: str) -> None:
 def test_the_canonical_route_comes_from_the_http_rule() -> None:
     rule = GET_TASK_NODE_DETAIL.GetOptions().Extensions[annotations_pb2.http]
     routes = canonical_routes()
+    batch_get = GET_TASK_NODE_DETAIL.containing_service.methods_by_name["BatchGetTaskNodeDetails"]
     assert [(r.method, r.template.text, r.kind, r.rpc, r.body) for r in routes] == [
-        ("GET", rule.get, CANONICAL, GET_TASK_NODE_DETAIL, "")
+        ("GET", rule.get, CANONICAL, GET_TASK_NODE_DETAIL, ""),
+        ("POST", "/v1/nodes:batchGet", CANONICAL, batch_get, "*"),
     ]
     assert rule.get == "/v1/businesses/{bk_biz_id}/tasks/{task_id}/nodes/{node_id}"
 

@@ -3,6 +3,7 @@ import datetime
 from bksops.tasknode.v1 import json_value_pb2 as _json_value_pb2
 from google.api import annotations_pb2 as _annotations_pb2
 from google.protobuf import timestamp_pb2 as _timestamp_pb2
+from google.rpc import status_pb2 as _status_pb2
 from google.protobuf.internal import containers as _containers
 from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
 from google.protobuf import descriptor as _descriptor
@@ -74,8 +75,28 @@ class GetTaskNodeDetailRequest(_message.Message):
     max_histories: int
     def __init__(self, bk_biz_id: _Optional[str] = ..., task_id: _Optional[str] = ..., node_id: _Optional[str] = ..., component_code: _Optional[str] = ..., subprocess_stack: _Optional[_Iterable[str]] = ..., loop: _Optional[int] = ..., scope: _Optional[_Union[Scope, str]] = ..., max_histories: _Optional[int] = ...) -> None: ...
 
+class BatchGetTaskNodeDetailsRequest(_message.Message):
+    __slots__ = ("requests",)
+    REQUESTS_FIELD_NUMBER: _ClassVar[int]
+    requests: _containers.RepeatedCompositeFieldContainer[GetTaskNodeDetailRequest]
+    def __init__(self, requests: _Optional[_Iterable[_Union[GetTaskNodeDetailRequest, _Mapping]]] = ...) -> None: ...
+
+class BatchGetTaskNodeDetailsResponse(_message.Message):
+    __slots__ = ("results",)
+    RESULTS_FIELD_NUMBER: _ClassVar[int]
+    results: _containers.RepeatedCompositeFieldContainer[NodeDetailResult]
+    def __init__(self, results: _Optional[_Iterable[_Union[NodeDetailResult, _Mapping]]] = ...) -> None: ...
+
+class NodeDetailResult(_message.Message):
+    __slots__ = ("detail", "error")
+    DETAIL_FIELD_NUMBER: _ClassVar[int]
+    ERROR_FIELD_NUMBER: _ClassVar[int]
+    detail: NodeDetail
+    error: _status_pb2.Status
+    def __init__(self, detail: _Optional[_Union[NodeDetail, _Mapping]] = ..., error: _Optional[_Union[_status_pb2.Status, _Mapping]] = ...) -> None: ...
+
 class NodeDetail(_message.Message):
-    __slots__ = ("id", "name", "state", "executed", "start_time", "finish_time", "elapsed_seconds", "skip", "retry", "loop", "error_ignorable", "error_ignored", "version", "inputs", "outputs", "ex_data", "histories", "children", "history_id", "component_code", "subprocess_stack")
+    __slots__ = ("id", "name", "state", "executed", "start_time", "finish_time", "elapsed_seconds", "skip", "retry", "loop", "error_ignorable", "error_ignored", "version", "inputs", "outputs", "ex_data", "histories", "children", "history_id", "component_code", "subprocess_stack", "etag")
     ID_FIELD_NUMBER: _ClassVar[int]
     NAME_FIELD_NUMBER: _ClassVar[int]
     STATE_FIELD_NUMBER: _ClassVar[int]
@@ -97,6 +118,7 @@ class NodeDetail(_message.Message):
     HISTORY_ID_FIELD_NUMBER: _ClassVar[int]
     COMPONENT_CODE_FIELD_NUMBER: _ClassVar[int]
     SUBPROCESS_STACK_FIELD_NUMBER: _ClassVar[int]
+    ETAG_FIELD_NUMBER: _ClassVar[int]
     id: str
     name: str
     state: NodeState
@@ -118,7 +140,8 @@ class NodeDetail(_message.Message):
     history_id: int
     component_code: str
     subprocess_stack: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, id: _Optional[str] = ..., name: _Optional[str] = ..., state: _Optional[_Union[NodeState, str]] = ..., executed: _Optional[bool] = ..., start_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., finish_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., elapsed_seconds: _Optional[int] = ..., skip: _Optional[bool] = ..., retry: _Optional[int] = ..., loop: _Optional[int] = ..., error_ignorable: _Optional[bool] = ..., error_ignored: _Optional[bool] = ..., version: _Optional[str] = ..., inputs: _Optional[_Union[_json_value_pb2.JsonObject, _Mapping]] = ..., outputs: _Optional[_Iterable[_Union[NodeOutput, _Mapping]]] = ..., ex_data: _Optional[str] = ..., histories: _Optional[_Iterable[_Union[NodeAttempt, _Mapping]]] = ..., children: _Optional[_Iterable[_Union[ChildNode, _Mapping]]] = ..., history_id: _Optional[int] = ..., component_code: _Optional[str] = ..., subprocess_stack: _Optional[_Iterable[str]] = ...) -> None: ...
+    etag: str
+    def __init__(self, id: _Optional[str] = ..., name: _Optional[str] = ..., state: _Optional[_Union[NodeState, str]] = ..., executed: _Optional[bool] = ..., start_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., finish_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., elapsed_seconds: _Optional[int] = ..., skip: _Optional[bool] = ..., retry: _Optional[int] = ..., loop: _Optional[int] = ..., error_ignorable: _Optional[bool] = ..., error_ignored: _Optional[bool] = ..., version: _Optional[str] = ..., inputs: _Optional[_Union[_json_value_pb2.JsonObject, _Mapping]] = ..., outputs: _Optional[_Iterable[_Union[NodeOutput, _Mapping]]] = ..., ex_data: _Optional[str] = ..., histories: _Optional[_Iterable[_Union[NodeAttempt, _Mapping]]] = ..., children: _Optional[_Iterable[_Union[ChildNode, _Mapping]]] = ..., history_id: _Optional[int] = ..., component_code: _Optional[str] = ..., subprocess_stack: _Optional[_Iterable[str]] = ..., etag: _Optional[str] = ...) -> None: ...
 
 class NodeOutput(_message.Message):
     __slots__ = ("key", "name", "value", "preset")

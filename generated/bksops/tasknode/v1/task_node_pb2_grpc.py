@@ -40,6 +40,11 @@ class TaskNodeServiceStub:
                 request_serializer=bksops_dot_tasknode_dot_v1_dot_task__node__pb2.GetTaskNodeDetailRequest.SerializeToString,
                 response_deserializer=bksops_dot_tasknode_dot_v1_dot_task__node__pb2.NodeDetail.FromString,
                 _registered_method=True)
+        self.BatchGetTaskNodeDetails = channel.unary_unary(
+                '/bksops.tasknode.v1.TaskNodeService/BatchGetTaskNodeDetails',
+                request_serializer=bksops_dot_tasknode_dot_v1_dot_task__node__pb2.BatchGetTaskNodeDetailsRequest.SerializeToString,
+                response_deserializer=bksops_dot_tasknode_dot_v1_dot_task__node__pb2.BatchGetTaskNodeDetailsResponse.FromString,
+                _registered_method=True)
 
 
 class TaskNodeServiceServicer:
@@ -56,6 +61,27 @@ class TaskNodeServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def BatchGetTaskNodeDetails(self, request, context):
+        """BatchGetTaskNodeDetails answers up to 1,000 GetTaskNodeDetail requests in
+        one call: one result per request, in the order asked, each the NodeDetail
+        or the google.rpc.Status (code, ErrorInfo, BadRequest) that request alone
+        would get. Unlike AIP-231's atomic batch get, one failing item does not fail
+        the others. The call itself fails only as a whole: INVALID_ARGUMENT for a
+        malformed batch (no requests, or more than 1,000), and for what is about the
+        call rather than an item (credentials, the store unavailable, the deadline
+        passed). Each item is authorized on its own, before any lookup, with the
+        call's credentials; each is read from a snapshot of its own, as its single
+        call would be.
+
+        The HTTP route is a POST of the whole request as a JSON body: the items are
+        messages (no query parameters can carry them), and each names its own
+        business and scope, so a batch may span businesses and no parent sits in the
+        path.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_TaskNodeServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -63,6 +89,11 @@ def add_TaskNodeServiceServicer_to_server(servicer, server):
                     servicer.GetTaskNodeDetail,
                     request_deserializer=bksops_dot_tasknode_dot_v1_dot_task__node__pb2.GetTaskNodeDetailRequest.FromString,
                     response_serializer=bksops_dot_tasknode_dot_v1_dot_task__node__pb2.NodeDetail.SerializeToString,
+            ),
+            'BatchGetTaskNodeDetails': grpc.unary_unary_rpc_method_handler(
+                    servicer.BatchGetTaskNodeDetails,
+                    request_deserializer=bksops_dot_tasknode_dot_v1_dot_task__node__pb2.BatchGetTaskNodeDetailsRequest.FromString,
+                    response_serializer=bksops_dot_tasknode_dot_v1_dot_task__node__pb2.BatchGetTaskNodeDetailsResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -93,6 +124,33 @@ class TaskNodeService:
             '/bksops.tasknode.v1.TaskNodeService/GetTaskNodeDetail',
             bksops_dot_tasknode_dot_v1_dot_task__node__pb2.GetTaskNodeDetailRequest.SerializeToString,
             bksops_dot_tasknode_dot_v1_dot_task__node__pb2.NodeDetail.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def BatchGetTaskNodeDetails(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/bksops.tasknode.v1.TaskNodeService/BatchGetTaskNodeDetails',
+            bksops_dot_tasknode_dot_v1_dot_task__node__pb2.BatchGetTaskNodeDetailsRequest.SerializeToString,
+            bksops_dot_tasknode_dot_v1_dot_task__node__pb2.BatchGetTaskNodeDetailsResponse.FromString,
             options,
             channel_credentials,
             insecure,
