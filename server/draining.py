@@ -20,6 +20,7 @@ from typing import Any
 import grpc
 
 from server import errors
+from server import metrics
 from server.interceptors import SERVICE_PREFIX
 from server.interceptors import to_status
 
@@ -88,6 +89,7 @@ class Gate(grpc.ServerInterceptor):
     ) -> grpc.RpcMethodHandler | None:
         if self._closed.is_set() and handler_call_details.method.startswith(SERVICE_PREFIX):
             self.refused += 1  # only grpcio's one take-in thread counts
+            metrics.refused(errors.ShuttingDown.reason)
             return self._refusal
         return continuation(handler_call_details)
 
