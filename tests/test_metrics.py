@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import queue
 import re
@@ -22,9 +23,14 @@ import grpc
 import httpx
 import pytest
 from bksops.tasknode.v1 import task_node_pb2_grpc as pb_grpc
+from prometheus_client import REGISTRY
 from prometheus_client.parser import text_string_to_metric_families
 
+from server import secrets
+from server.app import create_server
 from server.config import Config
+from server.db.apps import AppStore
+from server.db.connection import open_database
 from server.gateway.routes import APIGW_PATH
 from tests.conftest import authorized
 from tests.conftest import seed_request
@@ -264,3 +270,55 @@ def socketserver_on_a_port() -> Iterator[int]:
         taken.bind(("127.0.0.1", 0))
         taken.listen()
         yield taken.getsockname()[1]
+
+
+#: Apps whose secrets take ~60 ms to check (production scrypt cost), each once: a call
+#: with one holds the one call admitted for that long.
+SLOW_APPS = [
+    {"bk_app_code": f"slow{i}", "bk_app_secret": f"slow-secret-{i}", "bk_username": "ops"}
+    for i in range(5)
+]
+
+
+def test_calls_beyond_the_concurrency_limit_are_counted(
+    demo_config: Config, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    with monkeypatch.context() as slow_hashing:
+        slow_hashing.setattr(secrets, "SCRYPT_N", secrets.DEFAULT_SCRYPT_N)
+        db = open_database(demo_config.database_url)
+        with db.connection_context():
+            for app in SLOW_APPS:
+                AppStore(db).add(
+                    app["bk_app_code"],
+                    app["bk_app_secret"],
+                    all_businesses=True,
+                    may_assert_user=True,
+                )
+    server = create_server(dataclasses.replace(demo_config, max_concurrent_rpcs=1))
+    server.start()
+    refusals = {"reason": "CONCURRENCY_LIMIT"}
+    in_flight = {"grpc_service": SERVICE, "grpc_method": "GetTaskNodeDetail"}
+    before = REGISTRY.get_sample_value("tasknode_refused_calls_total", refusals) or 0.0
+    refused = 0
+    try:
+        # A call sent while the slow one is in flight is refused; on a busy machine the
+        # slow one may be done first, so a few tries, each counted.
+        for app in SLOW_APPS:
+            with grpc.insecure_channel(f"127.0.0.1:{server.port}") as channel:
+                slow = pb_grpc.TaskNodeServiceStub(authorized(channel, app))
+                first = slow.GetTaskNodeDetail.future(seed_request(), timeout=20)
+                deadline = time.monotonic() + 20
+                while not first.done() and not REGISTRY.get_sample_value(
+                    "tasknode_grpc_server_calls_in_flight", in_flight
+                ):
+                    assert time.monotonic() < deadline, "the slow call never started"
+                    time.sleep(0.001)
+                refused += call_on_new_connection(server.port) == "RESOURCE_EXHAUSTED"
+                assert first.result().id
+            if refused >= 2:
+                break
+    finally:
+        server.stop(None)
+    assert refused
+    after = REGISTRY.get_sample_value("tasknode_refused_calls_total", refusals)
+    assert after == before + refused
