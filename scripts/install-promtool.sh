@@ -1,8 +1,11 @@
 #!/usr/bin/env bash
 # Install promtool (Debian's prometheus package), which tests/test_metrics.py runs on the
-# server's /metrics output, unless it is already on PATH. Idempotent. The package would
-# also start a Prometheus server (:9090) where an init system runs its service; on a
-# machine without one (CI containers) nothing is started, which this checks.
+# server's /metrics output, unless it is already on PATH. Idempotent.
+#
+# The package's postinst asks invoke-rc.d to start a Prometheus server on :9090. Where no
+# init system runs (the CI and development containers: no systemd, and policy-rc.d denies
+# service starts) nothing is started; checked with `ss -ltn` after installing. The suite
+# binds only port 0 (free ports) in any case.
 set -euo pipefail
 
 if command -v promtool >/dev/null; then
