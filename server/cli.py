@@ -262,8 +262,12 @@ def _gateway(config: Config) -> int:
         print("error: TASKNODE_HTTP_ADDR is empty: nothing to serve", file=sys.stderr)
         return 2
     target = config.grpc_target or config.grpc_addr
+    # One process: it serves its own metrics (its HTTP requests; the calls are gRPC's).
+    metrics_url = _serve_metrics(config.metrics_addr, None) if config.metrics_addr else ""
     http = start_shim(config, target)
     _announce_shim(config, http.url, f"at {target}", examples=True)
+    if metrics_url:
+        log.info("Prometheus metrics on %s", metrics_url)
     stopping = threading.Event()
 
     def stop(signum: int, frame: FrameType | None) -> None:

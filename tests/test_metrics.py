@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import os
 import queue
@@ -27,11 +28,15 @@ from prometheus_client import REGISTRY
 from prometheus_client.parser import text_string_to_metric_families
 
 from server import secrets
+from server.app import Server
 from server.app import create_server
 from server.config import Config
 from server.db.apps import AppStore
 from server.db.connection import open_database
+from server.gateway.client import CallFailed
+from server.gateway.local import LocalBackend
 from server.gateway.routes import APIGW_PATH
+from server.gateway.routes import GET_TASK_NODE_DETAIL
 from tests.conftest import authorized
 from tests.conftest import seed_request
 from tests.gateway.test_commands import seed_on_the_gateway_route
@@ -322,3 +327,22 @@ def test_calls_beyond_the_concurrency_limit_are_counted(
     assert refused
     after = REGISTRY.get_sample_value("tasknode_refused_calls_total", refusals)
     assert after == before + refused
+
+
+def refusals(reason: str) -> float:
+    return REGISTRY.get_sample_value("tasknode_refused_calls_total", {"reason": reason}) or 0.0
+
+
+def test_calls_refused_while_draining_are_counted(server: Server) -> None:
+    before = refusals("SHUTTING_DOWN")
+    server.gate.close()
+    assert call_on_new_connection(server.port) == "UNAVAILABLE"
+    assert refusals("SHUTTING_DOWN") == before + 1
+
+
+def test_http_requests_beyond_the_limit_are_counted(server: Server) -> None:
+    before = refusals("OVERLOADED")
+    backend = LocalBackend(server.handlers, server.workers, limit=0)
+    with pytest.raises(CallFailed):
+        asyncio.run(backend.call(GET_TASK_NODE_DETAIL, seed_request(), [], peer="-"))
+    assert refusals("OVERLOADED") == before + 1
