@@ -215,6 +215,7 @@ def create_server(config: Config, reuse_port: bool = False) -> Server:
             ("grpc.server.max_pending_requests_hard_limit", PENDING_CALLS_LIMIT),
         ],
     )
+    gate.count_refusals_of(server)
     cache = DetailCache(config.reply_cache_mb * 1024 * 1024) if config.reply_cache_mb else None
     servicer = TaskNodeServicer(store, Masker(config.secret_keywords), cache)
     task_node_pb2_grpc.add_TaskNodeServiceServicer_to_server(servicer, server)

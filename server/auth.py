@@ -51,6 +51,7 @@ from typing import Protocol
 from typing import TypeVar
 
 from server import errors
+from server import metrics
 from server import secrets
 from server.db.apps import AppStore
 from server.db.apps import TokenRecord
@@ -223,6 +224,7 @@ class Authenticator:
             cached = _recall(self._cache, key)
         lapsed = cached is not None and isinstance(cached[1], Principal) and cached[1].lapsed()
         if cached is None or cached[0] <= now or lapsed:
+            metrics.CREDENTIAL_CACHE_MISSES.inc()
             try:
                 outcome: Principal | errors.Unauthenticated = self._verify(
                     Credentials.from_header(header), caller_of(peer)
@@ -234,6 +236,7 @@ class Authenticator:
             with self._lock:
                 _remember(self._cache, key, (now + self.cache_seconds, outcome), self.MAX_CACHED)
         else:
+            metrics.CREDENTIAL_CACHE_HITS.inc()
             outcome = cached[1]
         if isinstance(outcome, Principal):
             return outcome

@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from bksops.tasknode.v1 import task_node_pb2 as pb
 
 from server import convert
+from server import metrics
 
 #: Replies larger than this are rebuilt each time rather than crowd out the others.
 MAX_ENTRY_BYTES = 8 * 1024 * 1024
@@ -52,8 +53,10 @@ class DetailCache:
         with self._lock:
             entry = self._entries.get(key)
             if entry is None or entry.stamp != stamp:
+                metrics.REPLY_CACHE_MISSES.inc()
                 return None
             self._entries.move_to_end(key)
+        metrics.REPLY_CACHE_HITS.inc()
         if entry.running_since is None and not entry.running_children:
             return entry.detail  # never mutated: safe to hand out to every caller
         now = time.time_ns() // 1000

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import signal
 import sys
@@ -11,6 +12,7 @@ from importlib import resources
 from types import FrameType
 
 from server import admin
+from server import metrics
 from server import tls
 from server.app import SERVICE_NAME
 from server.app import CannotListen
@@ -145,6 +147,26 @@ def _serve(config: Config, demo: bool) -> int:
     if demo:
         load_demo_if_empty(config)
     count = worker_count(config)
+    with contextlib.ExitStack() as run:
+        metrics_url = ""
+        if config.metrics_addr:
+            # Workers write their values in a directory of this run; this process sums them.
+            workers_dir = run.enter_context(metrics.multiprocess_dir()) if count > 1 else None
+            metrics_url = _serve_metrics(config.metrics_addr, workers_dir)
+        return _serve_calls(config, demo, count, metrics_url)
+
+
+def _serve_metrics(addr: str, workers_dir: str | None) -> str:
+    """Serve /metrics on addr (see server.metrics.serve): its URL."""
+    try:
+        port = metrics.serve(addr, workers_dir)
+    except OSError as exc:
+        raise CannotListen(f"cannot serve metrics on {addr}: {exc.strerror or exc}") from None
+    return url("http", addr.rsplit(":", 1)[0], port) + "/metrics"
+
+
+def _serve_calls(config: Config, demo: bool, count: int, metrics_url: str) -> int:
+    """Serve gRPC and the shim in count processes until SIGTERM; log where."""
     # The shim runs beside gRPC in each serving process, calling it in-process.
     http_url = ""
     if count > 1:
@@ -213,6 +235,8 @@ def _serve(config: Config, demo: bool) -> int:
         )
     if http_url:
         _announce_shim(config, http_url, "in-process", examples=demo)
+    if metrics_url:
+        log.info("Prometheus metrics on %s", metrics_url)
     wait()
     log.info("stopped")
     return 0
@@ -238,8 +262,12 @@ def _gateway(config: Config) -> int:
         print("error: TASKNODE_HTTP_ADDR is empty: nothing to serve", file=sys.stderr)
         return 2
     target = config.grpc_target or config.grpc_addr
+    # One process: it serves its own metrics (its HTTP requests; the calls are gRPC's).
+    metrics_url = _serve_metrics(config.metrics_addr, None) if config.metrics_addr else ""
     http = start_shim(config, target)
     _announce_shim(config, http.url, f"at {target}", examples=True)
+    if metrics_url:
+        log.info("Prometheus metrics on %s", metrics_url)
     stopping = threading.Event()
 
     def stop(signum: int, frame: FrameType | None) -> None:

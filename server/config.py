@@ -56,6 +56,9 @@ class Config:
     auth_failures_per_minute: int = 30
     #: Logging level name.
     log_level: str = "INFO"
+    #: host:port serving Prometheus metrics on /metrics (the sum of every worker
+    #: process); port 0 picks a free one; empty serves none.
+    metrics_addr: str = ""
     #: host:port of the HTTP/JSON shim (server.gateway); port 0 picks a free one, empty
     #: serves no HTTP.
     http_addr: str = "127.0.0.1:8080"

@@ -11,6 +11,7 @@ says when the server's threads hold no more work.
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 from collections.abc import Callable
@@ -20,11 +21,20 @@ from typing import Any
 import grpc
 
 from server import errors
+from server import metrics
 from server.interceptors import SERVICE_PREFIX
 from server.interceptors import to_status
 
 #: How often wait_idle looks at the work in flight.
 POLL_SECONDS = 0.01
+#: The refusal reason of calls beyond grpcio's maximum_concurrent_rpcs (which grpcio
+#: answers RESOURCE_EXHAUSTED with no ErrorInfo, hence no reason of server.errors).
+CONCURRENCY_LIMIT = "CONCURRENCY_LIMIT"
+log = logging.getLogger(__name__)
+
+
+def _never() -> bool:
+    return False
 
 
 class CountingExecutor(futures.ThreadPoolExecutor):
@@ -77,18 +87,37 @@ class Gate(grpc.ServerInterceptor):
         self._closed = threading.Event()
         self.refused = 0
         self._refusal: grpc.RpcMethodHandler = grpc.unary_unary_rpc_method_handler(self._refuse)
+        self._beyond_limit: Callable[[], bool] = _never
 
     def close(self) -> None:
         self._closed.set()
+
+    def count_refusals_of(self, server: grpc.Server) -> None:
+        """Count (tasknode_refused_calls_total, CONCURRENCY_LIMIT) the calls server's own
+        maximum_concurrent_rpcs refuses. grpcio refuses them after asking the interceptors
+        for the handler, without telling them; it decides under a lock it holds while it
+        asks, on a count that cannot change meanwhile, so the Gate reads the same count
+        and comes to the same decision. The count is grpcio's private state: if a grpcio
+        release no longer has it, these refusals go uncounted (and are logged once here)."""
+        state: Any = getattr(server, "_state", None)
+        if not hasattr(state, "active_rpc_count") or not hasattr(state, "maximum_concurrent_rpcs"):
+            log.warning("this grpcio does not show its call count: its refusals go uncounted")
+            return
+        if state.maximum_concurrent_rpcs is not None:
+            self._beyond_limit = lambda: state.active_rpc_count >= state.maximum_concurrent_rpcs
 
     def intercept_service(
         self,
         continuation: Callable[[grpc.HandlerCallDetails], grpc.RpcMethodHandler | None],
         handler_call_details: grpc.HandlerCallDetails,
     ) -> grpc.RpcMethodHandler | None:
-        if self._closed.is_set() and handler_call_details.method.startswith(SERVICE_PREFIX):
+        ours = handler_call_details.method.startswith(SERVICE_PREFIX)
+        if self._closed.is_set() and ours:
             self.refused += 1  # only grpcio's one take-in thread counts
+            metrics.refused(errors.ShuttingDown.reason)
             return self._refusal
+        if ours and self._beyond_limit():
+            metrics.refused(CONCURRENCY_LIMIT)
         return continuation(handler_call_details)
 
     @staticmethod

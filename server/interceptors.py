@@ -5,7 +5,7 @@ no request are the caller's error, not grpcio's INTERNAL), the deadline check, o
 store session (database connection) per call, turning domain errors into rich gRPC
 statuses (code, ErrorInfo, BadRequest, bounded in size), the one catch-all that
 keeps stray exceptions from reaching callers as UNKNOWN, and the access log line
-(with the app and user).
+(with the app and user), and the call's metrics beside it (server.metrics).
 
 AuthInterceptor checks the caller's credentials and makes the Principal current.
 Health and reflection pass through both, open to all.
@@ -26,6 +26,7 @@ from google.rpc import status_pb2
 from grpc_status import rpc_status
 
 from server import errors
+from server import metrics
 from server.access import AccessLog
 from server.auth import Authenticator
 from server.auth import current_principal
@@ -35,6 +36,9 @@ errlog = logging.getLogger(__name__)
 
 #: Calls to these services get the treatment; health and reflection pass through.
 SERVICE_PREFIX = "/bksops.tasknode."
+#: The errors that refuse a call before it is served, counted by reason in
+#: tasknode_refused_calls_total: authentication failures and throttled credential checks.
+REFUSALS = (errors.Unauthenticated, errors.CredentialChecksThrottled)
 
 
 def to_status(exc: errors.ServiceError) -> grpc.Status:
@@ -159,19 +163,27 @@ class ServiceInterceptor(_ServiceCallInterceptor):
         )
 
     def _wrap(self, inner: Behaviour, method: str, parse: Parse | None = None) -> Behaviour:
+        measured = metrics.MethodMetrics(method)
+        in_flight = measured.in_flight
+
         def call(request: Any, context: grpc.ServicerContext) -> Any:
             started = time.perf_counter()
-            outcome = "OK"
+            in_flight.inc()
+            outcome = code = "OK"
             # Refused callers have no principal; the app code they claimed still names them.
             claimed = "-"
             reset = current_principal.set(None)
             try:
                 return self._run(inner, request, context, parse)
             except errors.ServiceError as exc:
-                outcome = f"{exc.code.name}/{exc.reason}"
+                code = exc.code.name
+                outcome = f"{code}/{exc.reason}"
                 claimed = exc.metadata.get("appCode", "")[:64] or "-"
+                if isinstance(exc, REFUSALS):
+                    metrics.refused(exc.reason)
                 context.abort_with_status(to_status(exc))
             finally:
+                seconds = time.perf_counter() - started
                 principal = current_principal.get()
                 self.access.record(
                     context.peer(),
@@ -179,9 +191,12 @@ class ServiceInterceptor(_ServiceCallInterceptor):
                     principal.app_code if principal else claimed,
                     principal.username if principal else "-",
                     outcome,
-                    (time.perf_counter() - started) * 1000,
+                    seconds * 1000,
                 )
                 current_principal.reset(reset)
+                in_flight.dec()
+                measured.handled(code).inc()
+                measured.seconds.observe(seconds)
 
         return call
 

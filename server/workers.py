@@ -8,7 +8,8 @@ over them; each is pinned to its own core, which measured ~1.9x faster than
 letting the scheduler move the server's threads between cores
 (../shared/reference/perf-baseline.md). The parent only starts, watches and
 stops the workers: a worker that dies is started again; SIGTERM is passed on, and
-each worker drains its calls in flight (server.app.Server.drain_and_exit).
+each worker drains its calls in flight (server.app.Server.drain_and_exit). The
+parent also serves the workers' metrics, summed (server.metrics).
 
 With ``http``, each worker also serves the shim on the shared HTTP port, calling
 its own gRPC handlers in-process (server.gateway.local).
@@ -29,6 +30,7 @@ from multiprocessing.process import BaseProcess
 from multiprocessing.queues import Queue
 from typing import Any
 
+from server import metrics
 from server.app import CannotListen
 from server.config import Config
 
@@ -86,6 +88,8 @@ class Workers:
                     log.error(
                         "gRPC worker %d exited with %s; starting it again", index, process.exitcode
                     )
+                    if process.pid is not None:
+                        metrics.process_ended(process.pid)
                     self._spawn(index)
             time.sleep(0.5)
 
@@ -102,6 +106,8 @@ class Workers:
             if process.is_alive():
                 process.kill()
                 process.join()
+            if process.pid is not None:
+                metrics.process_ended(process.pid)
 
     def _spawn(self, index: int) -> None:
         core = self.cores[index % len(self.cores)] if self.config.pin_processes else None

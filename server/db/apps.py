@@ -66,7 +66,7 @@ class AppStore:
 
     def _reading(self, work: Callable[[], T]) -> T:
         if self.store is not None:
-            return self.store.read(work)
+            return self.store.read(work, name="credentials")
         with unavailable_on_db_error():
             return work()
 

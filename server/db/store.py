@@ -35,6 +35,7 @@ from playhouse.pool import MaxConnectionsExceeded
 from playhouse.pool import PooledDatabase
 
 from server import errors
+from server import metrics
 from server import values
 from server.config import Config
 from server.db.models import Attempt
@@ -239,9 +240,11 @@ class Store:
         call.snapshot = call.proven = call.killed = False
         with unavailable_on_db_error():
             self._connect(call)
+        metrics.STORE_CONNECTIONS.inc()
         try:
             yield
         finally:
+            metrics.STORE_CONNECTIONS.dec()
             self._end(call)
 
     def _connect(self, call: _Call) -> None:
@@ -269,12 +272,15 @@ class Store:
         log.warning("%s", late.message)
         return late
 
-    def _read(self, query: Prepared, snapshot: bool, **values: object) -> list[tuple[Any, ...]]:
-        return self.read(partial(query.rows, **values), snapshot)
+    def _read(
+        self, name: str, query: Prepared, snapshot: bool, **values: object
+    ) -> list[tuple[Any, ...]]:
+        return self.read(partial(query.rows, **values), snapshot, name)
 
-    def read(self, work: Callable[[], T], snapshot: bool = False) -> T:
+    def read(self, work: Callable[[], T], snapshot: bool = False, name: str = "other") -> T:
         """work's result, run on the call's connection; inside the call's read snapshot
-        if snapshot, which begins at its first use.
+        if snapshot, which begins at its first use. Its time is recorded as a query
+        named name (server.metrics), failed or not.
 
         The queries that build a reply (node, attempts, children, schema) all read one
         snapshot, so a call never mixes a node from before an import with its attempts
@@ -288,6 +294,16 @@ class Store:
         (likely dropped too), and work runs once more on a new connection; a second
         failure is the caller's answer. work must therefore only read.
         """
+        started = time.perf_counter()
+        try:
+            return self._read_retrying(work, snapshot)
+        except (errors.StoreUnavailable, errors.DeadlineExceeded):
+            metrics.STORE_FAILURES.labels(name).inc()
+            raise
+        finally:
+            metrics.store_read(name, time.perf_counter() - started)
+
+    def _read_retrying(self, work: Callable[[], T], snapshot: bool) -> T:
         call = self._this.call
         with unavailable_on_db_error():
             for retries_left in (0,) if call.proven else (1, 0):
@@ -360,7 +376,7 @@ class Store:
         which of the three is missing.
         """
         query = self._node_by_project if by_project_id else self._node_by_business
-        rows = self._read(query, True, biz_id=biz_id, task_id=task_id, node_id=node_id)
+        rows = self._read("node", query, True, biz_id=biz_id, task_id=task_id, node_id=node_id)
         if not rows:
             scope = "project" if by_project_id else "cmdb_biz"
             raise errors.BusinessNotFound(
@@ -425,17 +441,21 @@ class Store:
     def stamp(self, task_id: int) -> tuple[str, int] | None:
         """What a reply about the task is built from, stamped: the task's digest and the
         catalog stamp (server.db.models). None for no such task."""
-        rows = self._read(self._stamp, False, task_id=task_id)
+        rows = self._read("stamp", self._stamp, False, task_id=task_id)
         return (rows[0][0], rows[0][1]) if rows else None
 
     def business_of_project(self, project_id: int) -> int | None:
         """The business a project belongs to; None for no such project or none."""
-        rows = self._read(self._business_of_project, False, project_id=project_id)
+        rows = self._read(
+            "business_of_project", self._business_of_project, False, project_id=project_id
+        )
         return None if not rows or rows[0][0] is None else int(rows[0][0])
 
     def attempts(self, task_id: int, node_id: str, loop: int) -> list[AttemptRow]:
         """The node's earlier attempts in one loop, oldest first."""
-        rows = self._read(self._attempts, True, task_id=task_id, node_id=node_id, loop=loop)
+        rows = self._read(
+            "attempts", self._attempts, True, task_id=task_id, node_id=node_id, loop=loop
+        )
         return [
             AttemptRow(
                 id_,
@@ -467,7 +487,7 @@ class Store:
 
     def children(self, task_id: int, node_id: str) -> list[ChildRow]:
         """The direct children of a sub-process node that have run, in stored order."""
-        rows = self._read(self._children, True, task_id=task_id, node_id=node_id)
+        rows = self._read("children", self._children, True, task_id=task_id, node_id=node_id)
         return [
             ChildRow(
                 child,
@@ -486,7 +506,7 @@ class Store:
 
     def output_schema(self, code: str, version: str) -> list[tuple[str, str]]:
         """The declared outputs of a plugin at a version as (key, name), in order."""
-        rows = self._read(self._output_schema, True, code=code, version=version)
+        rows = self._read("output_schema", self._output_schema, True, code=code, version=version)
         if not rows:
             raise errors.ComponentNotFound(
                 f"component {code} has no output schema at version {version}",

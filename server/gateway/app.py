@@ -22,6 +22,7 @@ from google.protobuf.message import Message
 from google.rpc import status_pb2
 
 from server import errors
+from server import metrics
 from server.access import AccessLog
 from server.auth import Credentials
 from server.config import Config
@@ -102,22 +103,32 @@ class App:
     async def _http(self, scope: Scope, receive: Receive, send: Send) -> None:
         started = time.perf_counter()
         request = Request.from_scope(scope)
+        metrics.HTTP_IN_FLIGHT.inc()
         try:
             response = await self._respond(request, receive)
+            await send(
+                {
+                    "type": "http.response.start",
+                    "status": response.status,
+                    "headers": response.headers,
+                }
+            )
+            await send({"type": "http.response.body", "body": response.body})
         except Disconnected:
             return
-        await send(
-            {"type": "http.response.start", "status": response.status, "headers": response.headers}
-        )
-        await send({"type": "http.response.body", "body": response.body})
+        finally:
+            metrics.HTTP_IN_FLIGHT.dec()
+        seconds = time.perf_counter() - started
         self.access.record(
             request.client,
             request.method,
             request.path[:200],
             response.status,
-            (time.perf_counter() - started) * 1000,
+            seconds * 1000,
             request.request_id,
         )
+        # The route's template, never the path: one series per route, whatever is asked.
+        metrics.http_answered(request.method, request.route, response.status, seconds)
 
     async def _respond(self, request: Request, receive: Receive) -> Response:
         kind = self.router.kind_for(request.path)
@@ -125,6 +136,7 @@ class App:
         try:
             route, request.path_vars = self.router.match(request.method, request.path)
             kind = route.kind
+            request.route = route.template.text
             request.body = await receive_body(
                 receive, self.max_body_bytes, request.headers.get("content-length")
             )

@@ -25,6 +25,7 @@ from google.protobuf.message import Message
 from google.rpc import status_pb2
 
 from server import errors
+from server import metrics
 from server.app import Server
 from server.app import method_path
 from server.config import Config
@@ -75,6 +76,7 @@ class LocalBackend:
                 status_pb2.Status(code=grpc.StatusCode.UNIMPLEMENTED.value[0], message=method.name)
             )
         if self._waiting >= self.limit:
+            metrics.refused(errors.Overloaded.reason)
             raise CallFailed(
                 status_of(
                     errors.Overloaded(

@@ -53,6 +53,8 @@ class Request:
     body: bytes = b""
     #: The route's path variables, decoded.
     path_vars: dict[str, str] = field(default_factory=dict)
+    #: The template of the route that matched ("none" until one does): what metrics name.
+    route: str = "none"
 
     @classmethod
     def from_scope(cls, scope: dict[str, Any]) -> Request:

@@ -6,6 +6,7 @@ import json
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -89,6 +90,25 @@ def test_gateway_serves_http_alone_against_a_grpc_target(backend: str) -> None:
         rest = stop(process)
     assert answer["result"] is True, answer
     assert "stopped" in rest
+
+
+def test_gateway_serves_its_own_metrics(backend: str) -> None:
+    with socket.socket() as probe:  # a free port, for the metrics address
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    env = {"TASKNODE_GRPC_TARGET": backend, "TASKNODE_METRICS_ADDR": f"127.0.0.1:{port}"}
+    process, url = start(["gateway"], env)
+    try:
+        seed_on_the_gateway_route(url)
+        text = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=10).text
+    finally:
+        stop(process)
+    assert re.search(
+        r'^tasknode_http_requests_total\{method="GET",route="/get_task_node_detail/'
+        r'\{task_id\}/\{bk_biz_id\}/",status="200"\} 1\.0$',
+        text,
+        re.M,
+    ), text
 
 
 def test_gateway_refuses_an_empty_http_address() -> None:
