@@ -22,9 +22,9 @@ from server import values
 from server.auth import Principal
 from server.cache import DetailCache
 from server.convert import Mask
+from server.db.nodestore import NodeStore
 from server.db.store import AttemptRow
 from server.db.store import NodeRow
-from server.db.store import Store
 from server.errors import FieldViolation
 from server.query import NodeQuery
 
@@ -49,7 +49,7 @@ class Masker:
 
 
 def read_node_detail(
-    store: Store,
+    store: NodeStore,
     query: NodeQuery,
     mask: Mask,
     principal: Principal,
@@ -112,7 +112,7 @@ def _micros(moment: Timestamp) -> int:
     return moment.seconds * convert.MICROS + moment.nanos // 1000
 
 
-def _build(store: Store, query: NodeQuery, mask: Mask) -> pb.NodeDetail:
+def _build(store: NodeStore, query: NodeQuery, mask: Mask) -> pb.NodeDetail:
     node = store.find_node(query.biz_id, query.by_project_id, query.task_id, query.node_id)
     _check_stack(node, query.subprocess_stack)
     schema = None
@@ -164,7 +164,7 @@ def _build(store: Store, query: NodeQuery, mask: Mask) -> pb.NodeDetail:
     return detail
 
 
-def _authorize(store: Store, query: NodeQuery, principal: Principal) -> None:
+def _authorize(store: NodeStore, query: NodeQuery, principal: Principal) -> None:
     """PermissionDenied unless the caller may read the business, decided before any lookup
     of the task or node, so the answer does not depend on whether they exist."""
     if not query.by_project_id:
