@@ -157,7 +157,7 @@ def _build(store: NodeStore, query: NodeQuery, mask: Mask) -> pb.NodeDetail:
             convert.child(c, now) for c in store.children(node.task_id, node.node_id)
         )
     detail.inputs.CopyFrom(values.object_message(values.loads(inputs)))
-    detail.outputs.extend(convert.outputs(values.loads(outputs), schema))
+    detail.outputs.extend(_renamed(convert.outputs(values.loads(outputs), schema), node))
     shown = convert.ex_data(ex_data, mask)
     if shown is not None:
         detail.ex_data = shown
@@ -211,9 +211,19 @@ def _not_run(node: NodeRow, schema: list[tuple[str, str]] | None) -> pb.NodeDeta
         component_code=node.component_code,
         subprocess_stack=node.path,
         inputs=values.object_message(values.loads(node.inputs)),
-        outputs=convert.outputs(values.loads(node.outputs), schema),
+        outputs=_renamed(convert.outputs(values.loads(node.outputs), schema), node),
         ex_data="",
     )
+
+
+def _renamed(table: list[pb.NodeOutput], node: NodeRow) -> list[pb.NodeOutput]:
+    """table with each output a root constant takes from the node under the constant's key;
+    its name and place stay."""
+    for key, shown in node.renamed:
+        for row in table:
+            if row.key == key:
+                row.key = shown
+    return table
 
 
 def _check_stack(node: NodeRow, given: tuple[str, ...]) -> None:

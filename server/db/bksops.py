@@ -68,6 +68,9 @@ class _Tree:
 
     nodes: dict[str, _TreeNode] = field(default_factory=dict)
     constants: dict[str, dict[str, Any]] = field(default_factory=dict)
+    #: node id -> (output key, constant key without ${}) of each root-level constant
+    #: of source_type component_outputs that the node feeds.
+    renamed: dict[str, tuple[tuple[str, str], ...]] = field(default_factory=dict)
 
 
 class _Current(threading.local):
@@ -169,6 +172,7 @@ class BksopsStore(Store):
             inputs=values.dumps(self._preview(tree, info, root_id)),
             outputs="{}",
             ex_data=None,
+            renamed=tree.renamed.get(node_id, ()),
         )
         states = self._rows(self._sql_state, True, node_id)
         if not states:
@@ -347,6 +351,14 @@ def _index(pipeline: dict[str, Any], path: tuple[str, ...], tree: _Tree) -> None
     tree.constants[scope] = {
         key[2:-1]: constant.get("value") for key, constant in pipeline["constants"].items()
     }
+    if not path:
+        for key, constant in pipeline["constants"].items():
+            if constant.get("source_type") != "component_outputs":
+                continue
+            for source, keys in (constant.get("source_info") or {}).items():
+                if keys:
+                    shown = (str(keys[0]), _unwrap(key))
+                    tree.renamed[source] = (*tree.renamed.get(source, ()), shown)
     for event in (pipeline["start_event"], pipeline["end_event"]):
         tree.nodes[event["id"]] = _node(event, path, {})
     for gateway in pipeline.get("gateways", {}).values():

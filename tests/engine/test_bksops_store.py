@@ -230,6 +230,32 @@ def test_a_succeeded_service_answers_its_raw_inputs_and_outputs(served: Any) -> 
     same_times(detail, served[1], node(served[1], "nested", "taken")[1])
 
 
+def test_an_output_a_root_constant_takes_is_shown_under_the_constants_key(
+    served: Any,
+) -> None:
+    loops = {"_loop": 1, "_inner_loop": 1}
+    detail = ask(served, "services", "ok")
+    assert shown(detail) == ran(
+        inputs={**loops, "word": "hello", "unicode": "中文 \U0001f600"},
+        outputs=table(
+            {
+                "word": "hello",
+                "unicode": "中文 \U0001f600",
+                "greeting_text": "你好, 世界",
+                "_result": True,
+                **loops,
+            }
+        ),
+    )
+    named = ask(served, "services", "ok", component_code="harness_echo")
+    assert output(named.outputs[0]) == {
+        "key": "greeting_text",
+        "name": "Greeting",
+        "value": "你好, 世界",
+        "preset": True,
+    }
+
+
 def test_component_code_orders_declared_outputs_then_the_framework_keys(served: Any) -> None:
     detail = ask(served, "nested", "taken", component_code="harness_echo")
     assert shown(detail)["outputs"] == [
@@ -329,7 +355,16 @@ def test_a_looped_node_shows_its_current_loop_and_older_loops_by_their_last_reco
     assert current == ran(
         loop=3,
         inputs={**loops3, "word": "again"},
-        outputs=table({"word": "again", "greeting": "你好, 世界", "_result": True, **loops3}),
+        # ${count} is a root constant fed by body's _loop: bk-sops shows it as count.
+        outputs=table(
+            {
+                "word": "again",
+                "greeting": "你好, 世界",
+                "_result": True,
+                "count": 3,
+                "_inner_loop": 3,
+            }
+        ),
     )
     (first,) = history_ids(engine, body, 1)
     older = ask(served, "loop", "body", loop=1)
@@ -338,7 +373,15 @@ def test_a_looped_node_shows_its_current_loop_and_older_loops_by_their_last_reco
         loop=1,
         history_id=first,
         inputs={**loops1, "word": "again"},
-        outputs=table({"word": "again", "greeting": "你好, 世界", "_result": True, **loops1}),
+        outputs=table(
+            {
+                "word": "again",
+                "greeting": "你好, 世界",
+                "_result": True,
+                "count": 1,
+                "_inner_loop": 1,
+            }
+        ),
     )
 
 
