@@ -292,7 +292,10 @@ class BksopsStore(Store):
         context = dict(tree.constants.get("", {}))
         for key, kind, serializer, value in self._rows(self._sql_context, True, root_id):
             if kind == PLAIN_CONTEXT and serializer == "json":
-                context[_unwrap(key)] = json.loads(value)
+                try:
+                    context[_unwrap(key)] = json.loads(value)
+                except ValueError:
+                    continue  # not previewable: the tree's value stands
         for sub in info.path:
             context = {
                 _unwrap(key): _render(value, context)

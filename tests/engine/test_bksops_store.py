@@ -479,18 +479,26 @@ def test_a_node_paused_before_running_is_suspended_without_data(served: Any) -> 
 
 
 @pytest.mark.parametrize(
-    ("pipeline", "label", "name", "inputs"),
+    ("pipeline", "label", "stack", "name", "inputs"),
     [
-        ("nested", "not_run", "not run", {"word": "never"}),
-        ("stuck", "after", "after", {"word": "later"}),
-        ("unstarted", "act", "unstarted", {"word": "unstarted"}),
-        ("stuck", "end", "", {}),
+        ("nested", "not_run", (), "not run", {"word": "never"}),
+        ("stuck", "after", (), "after", {"word": "later"}),
+        ("unstarted", "act", (), "unstarted", {"word": "unstarted"}),
+        ("stuck", "end", (), "", {}),
+        # bamboo_engine.api.preview_node_inputs: a sub-process's params, rendered in its
+        # parent's context, override its own defaults ("sub default") for its children.
+        ("stuck", "later_child", ("later",), "later child", {"word": "set by parent"}),
     ],
 )
 def test_a_node_not_run_is_ready_with_its_configured_inputs(
-    served: Any, pipeline: str, label: str, name: str, inputs: dict[str, Any]
+    served: Any,
+    pipeline: str,
+    label: str,
+    stack: tuple[str, ...],
+    name: str,
+    inputs: dict[str, Any],
 ) -> None:
-    detail = ask(served, pipeline, label)
+    detail = ask(served, pipeline, label, stack)
     assert (detail.executed, pb.NodeState.Name(detail.state), detail.name) == (
         False,
         "NODE_STATE_READY",
