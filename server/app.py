@@ -31,8 +31,10 @@ from server.auth import StoredTokenVerifier
 from server.cache import DetailCache
 from server.config import Config
 from server.db.apps import AppStore
+from server.db.bksops import BksopsStore
 from server.db.connection import ensure_schema
 from server.db.connection import open_database
+from server.db.connection import open_read_only
 from server.db.store import Store
 from server.draining import CountingExecutor
 from server.draining import Gate
@@ -178,9 +180,13 @@ def create_server(config: Config, reuse_port: bool = False) -> Server:
     credentials = server_credentials(config)
     db = open_database(config.database_url, config.store_timeout_seconds)
     ensure_schema(db)
-    store = Store(db, config.store_timeout_seconds)
+    native = Store(db, config.store_timeout_seconds)
+    store: Store = native
+    if config.bksops_database_url:
+        engine_db = open_read_only(config.bksops_database_url, config.store_timeout_seconds)
+        store = BksopsStore(engine_db, native, config.store_timeout_seconds)
     access = AccessLog()
-    apps = AppStore(db, store)
+    apps = AppStore(db, native)
     authenticator = Authenticator(
         apps,
         StoredTokenVerifier(apps),
@@ -216,7 +222,10 @@ def create_server(config: Config, reuse_port: bool = False) -> Server:
         ],
     )
     gate.count_refusals_of(server)
-    cache = DetailCache(config.reply_cache_mb * 1024 * 1024) if config.reply_cache_mb else None
+    # No engine row stamps a task's changes yet (BksopsStore.stamp): a bk-sops store's
+    # replies are built afresh each time.
+    cached = config.reply_cache_mb and not config.bksops_database_url
+    cache = DetailCache(config.reply_cache_mb * 1024 * 1024) if cached else None
     servicer = TaskNodeServicer(store, Masker(config.secret_keywords), cache)
     task_node_pb2_grpc.add_TaskNodeServiceServicer_to_server(servicer, server)
     health_servicer = health.HealthServicer(

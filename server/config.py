@@ -18,6 +18,10 @@ class Config:
     #: Where the records live: sqlite:///relative/path, sqlite:////absolute/path,
     #: postgresql://user@host:port/db or mysql://user@host:port/db.
     database_url: str = DEFAULT_DATABASE_URL
+    #: A bk-sops deployment's database (same URL forms), read only: set, tasks, nodes and
+    #: their runtime come from its engine tables, and database_url keeps only apps,
+    #: grants, tokens and component schemas. Empty: every record is in database_url.
+    bksops_database_url: str = ""
     #: host:port of the gRPC server; port 0 picks a free one.
     grpc_addr: str = "127.0.0.1:50051"
     #: Processes serving gRPC on the one address (SO_REUSEPORT); 0: one per core.

@@ -21,6 +21,8 @@ The HTTP status follows from ``code`` (grpc-gateway's mapping, in the shim).
      +-- StoreUnavailable           UNAVAILABLE        3555000
      +-- ShuttingDown               UNAVAILABLE        3555000
      +-- DeadlineExceeded           DEADLINE_EXCEEDED  3599999
+     +-- UnsupportedEngine          FAILED_PRECONDITION 3599999
+     +-- UnreadableData             FAILED_PRECONDITION 3599999
      +-- Internal                   INTERNAL           3599999
      +-- Unauthenticated            UNAUTHENTICATED    1306000  (gateway 1640001)
      |    +-- CredentialsMissing
@@ -191,6 +193,23 @@ class DeadlineExceeded(ServiceError):
 
     code = grpc.StatusCode.DEADLINE_EXCEEDED
     reason = "DEADLINE_EXCEEDED"
+
+
+class UnsupportedEngine(ServiceError):
+    """A bk-sops task of an engine this service does not read (the legacy engine, 1)."""
+
+    code = grpc.StatusCode.FAILED_PRECONDITION
+    reason = "UNSUPPORTED_ENGINE"
+    legacy_code = 3599999
+
+
+class UnreadableData(ServiceError):
+    """Stored data of the task that cannot be served as it is: a pickle naming something
+    off the allow-list, a value JSON cannot carry exactly, a corrupt tree."""
+
+    code = grpc.StatusCode.FAILED_PRECONDITION
+    reason = "UNREADABLE_DATA"
+    legacy_code = 3599999
 
 
 class Internal(ServiceError):

@@ -30,7 +30,7 @@ from server import metrics
 from server.access import AccessLog
 from server.auth import Authenticator
 from server.auth import current_principal
-from server.db.store import Store
+from server.db.nodestore import NodeStore
 
 errlog = logging.getLogger(__name__)
 
@@ -144,7 +144,7 @@ class _ServiceCallInterceptor(HandlerRewriter):
 class ServiceInterceptor(_ServiceCallInterceptor):
     """Wraps each unary TaskNodeService handler; see the module docstring."""
 
-    def __init__(self, store: Store, access: AccessLog) -> None:
+    def __init__(self, store: NodeStore, access: AccessLog) -> None:
         super().__init__()
         self.store = store
         self.access = access

@@ -22,9 +22,9 @@ from server import values
 from server.auth import Principal
 from server.cache import DetailCache
 from server.convert import Mask
+from server.db.nodestore import NodeStore
 from server.db.store import AttemptRow
 from server.db.store import NodeRow
-from server.db.store import Store
 from server.errors import FieldViolation
 from server.query import NodeQuery
 
@@ -49,7 +49,7 @@ class Masker:
 
 
 def read_node_detail(
-    store: Store,
+    store: NodeStore,
     query: NodeQuery,
     mask: Mask,
     principal: Principal,
@@ -112,7 +112,7 @@ def _micros(moment: Timestamp) -> int:
     return moment.seconds * convert.MICROS + moment.nanos // 1000
 
 
-def _build(store: Store, query: NodeQuery, mask: Mask) -> pb.NodeDetail:
+def _build(store: NodeStore, query: NodeQuery, mask: Mask) -> pb.NodeDetail:
     node = store.find_node(query.biz_id, query.by_project_id, query.task_id, query.node_id)
     _check_stack(node, query.subprocess_stack)
     schema = None
@@ -157,14 +157,14 @@ def _build(store: Store, query: NodeQuery, mask: Mask) -> pb.NodeDetail:
             convert.child(c, now) for c in store.children(node.task_id, node.node_id)
         )
     detail.inputs.CopyFrom(values.object_message(values.loads(inputs)))
-    detail.outputs.extend(convert.outputs(values.loads(outputs), schema))
+    detail.outputs.extend(_renamed(convert.outputs(values.loads(outputs), schema), node))
     shown = convert.ex_data(ex_data, mask)
     if shown is not None:
         detail.ex_data = shown
     return detail
 
 
-def _authorize(store: Store, query: NodeQuery, principal: Principal) -> None:
+def _authorize(store: NodeStore, query: NodeQuery, principal: Principal) -> None:
     """PermissionDenied unless the caller may read the business, decided before any lookup
     of the task or node, so the answer does not depend on whether they exist."""
     if not query.by_project_id:
@@ -211,9 +211,19 @@ def _not_run(node: NodeRow, schema: list[tuple[str, str]] | None) -> pb.NodeDeta
         component_code=node.component_code,
         subprocess_stack=node.path,
         inputs=values.object_message(values.loads(node.inputs)),
-        outputs=convert.outputs(values.loads(node.outputs), schema),
+        outputs=_renamed(convert.outputs(values.loads(node.outputs), schema), node),
         ex_data="",
     )
+
+
+def _renamed(table: list[pb.NodeOutput], node: NodeRow) -> list[pb.NodeOutput]:
+    """table with each output a root constant takes from the node under the constant's key;
+    its name and place stay."""
+    for key, shown in node.renamed:
+        for row in table:
+            if row.key == key:
+                row.key = shown
+    return table
 
 
 def _check_stack(node: NodeRow, given: tuple[str, ...]) -> None:

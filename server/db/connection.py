@@ -5,10 +5,12 @@ from __future__ import annotations
 import logging
 import math
 import os
+import sqlite3
 from pathlib import Path
 from typing import Any
 from urllib.parse import SplitResult
 from urllib.parse import parse_qsl
+from urllib.parse import quote
 from urllib.parse import unquote
 from urllib.parse import urlsplit
 
@@ -57,16 +59,7 @@ def open_database(url: str, timeout: float | None = None) -> Database:
     without one (loads, migrations), statements may run as long as they need.
     Parameters the URL gives win.
     """
-    parts = urlsplit(url)
-    scheme = parts.scheme.lower()
-    if scheme == "sqlite":
-        db: Database = _sqlite(url, parts.path)
-    elif scheme in ("postgres", "postgresql", "mysql", "mariadb"):
-        db = _server(scheme, parts, timeout)
-    else:
-        raise DatabaseURLError(
-            f"database URL {url!r}: scheme must be sqlite, postgresql or mysql, not {scheme!r}"
-        )
+    db = _open(url, timeout, read_only=False)
     # Node ids and plugin codes compare byte for byte on every database; MySQL's default
     # collations would find "NODE0DF…" for "node0df…".
     settings = (
@@ -78,7 +71,30 @@ def open_database(url: str, timeout: float | None = None) -> Database:
     return db
 
 
-def _sqlite(url: str, raw_path: str) -> Database:
+def open_read_only(url: str, timeout: float | None = None) -> Database:
+    """A database for url that this process only reads (a bk-sops deployment's), with the
+    pools and bounded waits of open_database, not bound to the models.
+
+    A SQLite file is opened with mode=ro and only a busy timeout: open_database's pragmas
+    would switch it to WAL, a write that needs the file's exclusive lock and fails while
+    its owner writes (docs/bksops-engine.md).
+    """
+    return _open(url, timeout, read_only=True)
+
+
+def _open(url: str, timeout: float | None, read_only: bool) -> Database:
+    parts = urlsplit(url)
+    scheme = parts.scheme.lower()
+    if scheme == "sqlite":
+        return _sqlite(url, parts.path, read_only)
+    if scheme in ("postgres", "postgresql", "mysql", "mariadb"):
+        return _server(scheme, parts, timeout)
+    raise DatabaseURLError(
+        f"database URL {url!r}: scheme must be sqlite, postgresql or mysql, not {scheme!r}"
+    )
+
+
+def _sqlite(url: str, raw_path: str, read_only: bool = False) -> Database:
     # sqlite:///var/x.db is relative (path "/var/x.db" minus the slash);
     # sqlite:////tmp/x.db is absolute.
     path = unquote(raw_path[1:]) if raw_path.startswith("/") else unquote(raw_path)
@@ -86,6 +102,17 @@ def _sqlite(url: str, raw_path: str) -> Database:
         raise DatabaseURLError(
             f"database URL {url!r}: give a file path; an in-memory database "
             "would be empty in every worker thread"
+        )
+    if read_only:
+        if not Path(path).is_file():
+            raise DatabaseURLError(f"database URL {url!r}: no such file")
+        return ReadOnlySqlitePool(
+            path,
+            pragmas={"busy_timeout": SQLITE_PRAGMAS["busy_timeout"]},
+            check_same_thread=False,
+            autoconnect=False,
+            max_connections=64,
+            stale_timeout=None,
         )
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     # Pooled like the server databases: opening a SQLite connection and setting its
@@ -136,6 +163,24 @@ class SqliteFilePool(BoundedPool, PooledSqliteDatabase):
     def _file_identity(self) -> tuple[int, int]:
         found = os.stat(self.database)
         return found.st_dev, found.st_ino
+
+
+class ReadOnlySqlitePool(SqliteFilePool):
+    """A SQLite pool whose connections open the file with mode=ro: they cannot write it,
+    create it, or change its journal mode."""
+
+    def _open(self) -> Any:
+        uri = f"file:{quote(self.database)}?mode=ro"
+        conn = sqlite3.connect(
+            uri, uri=True, timeout=self._timeout, isolation_level=None, **self.connect_params
+        )
+        try:
+            self._add_conn_hooks(conn)
+            self._files[id(conn)] = self._file_identity()
+        except Exception:
+            conn.close()
+            raise
+        return conn
 
 
 def _server(scheme: str, parts: SplitResult, timeout: float | None) -> Database:

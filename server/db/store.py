@@ -75,6 +75,9 @@ class NodeRow(NamedTuple):
     inputs: str
     outputs: str
     ex_data: str | None
+    #: (output key, key shown): outputs a root-level `component_outputs` constant takes
+    #: from this node are shown under the constant's key (bk-sops's _format_outputs).
+    renamed: tuple[tuple[str, str], ...] = ()
 
 
 class AttemptRow(NamedTuple):

@@ -10,7 +10,7 @@ from server import errors
 from server.auth import Principal
 from server.auth import current_principal
 from server.cache import DetailCache
-from server.db.store import Store
+from server.db.nodestore import NodeStore
 from server.interceptors import rich_status
 from server.nodes import Masker
 from server.nodes import read_node_detail
@@ -25,7 +25,7 @@ CALL_ERRORS = (errors.StoreUnavailable, errors.DeadlineExceeded, errors.Internal
 class TaskNodeServicer(pb_grpc.TaskNodeServiceServicer):
     """The servicer; errors are raised as domain errors and mapped by the interceptor."""
 
-    def __init__(self, store: Store, mask: Masker, cache: DetailCache | None) -> None:
+    def __init__(self, store: NodeStore, mask: Masker, cache: DetailCache | None) -> None:
         self.store = store
         self.mask = mask
         self.cache = cache

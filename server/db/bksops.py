@@ -1,0 +1,465 @@
+"""The bk-sops store: node records read straight from a bk-sops deployment's database.
+
+bk-sops (engine v2, bamboo-engine) keeps a task's tree in a zlib-compressed snapshot
+row and each node's runtime in the engine's tables (eri_state, eri_executiondata,
+eri_executionhistory); docs/bksops-engine.md says what they hold. This store maps
+those rows onto the rows of server.db.store, so server.nodes applies the
+reference's rules to both stores alike. It never writes there: a read-only database
+user suffices, and a SQLite file is opened read-only.
+
+Apps, grants, tokens and plugin output schemas stay in the service's own database
+(the native store), whose session each call opens beside this one.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import re
+import threading
+import zlib
+from collections import OrderedDict
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from dataclasses import field
+from typing import Any
+
+from peewee import Database
+from peewee import MySQLDatabase
+
+from server import errors
+from server import values
+from server.config import Config
+from server.db import pickles
+from server.db.store import AttemptRow
+from server.db.store import ChildRow
+from server.db.store import NodeRow
+from server.db.store import Store
+
+#: Parsed task trees kept, by snapshot id (a snapshot row never changes).
+TREES_KEPT = 256
+SUBPROCESS = "SubProcess"
+#: bamboo's plain context values (eri_contextvalue.type); splice and computed ones
+#: would need the engine's renderer.
+PLAIN_CONTEXT = 1
+_EPOCH = datetime.datetime(1970, 1, 1, tzinfo=datetime.UTC)
+_REFERENCE = re.compile(r"\$\{\s*([A-Za-z_][A-Za-z0-9_]*)\s*\}")
+
+
+@dataclass(frozen=True)
+class _TreeNode:
+    """One node of a task's tree: what the tree alone says about it."""
+
+    name: str
+    kind: str
+    component_code: str
+    component_version: str
+    error_ignorable: bool
+    #: Ancestor sub-process node ids, root first.
+    path: tuple[str, ...]
+    #: The configured inputs ({key: value}) of a service, or a sub-process's constants.
+    inputs: dict[str, Any]
+
+
+@dataclass
+class _Tree:
+    """A task's tree, indexed by node id, with each pipeline's constants by its id."""
+
+    nodes: dict[str, _TreeNode] = field(default_factory=dict)
+    constants: dict[str, dict[str, Any]] = field(default_factory=dict)
+    #: node id -> (output key, constant key without ${}) of each root-level constant
+    #: of source_type component_outputs that the node feeds.
+    renamed: dict[str, tuple[tuple[str, str], ...]] = field(default_factory=dict)
+
+
+class _Current(threading.local):
+    """The tree of the task this thread's call found its node in."""
+
+    tree: _Tree | None = None
+
+
+class BksopsStore(Store):
+    """Reads tasks and nodes from a bk-sops database, schemas and credentials from native."""
+
+    def __init__(
+        self, db: Database, native: Store, timeout: float = Config.store_timeout_seconds
+    ) -> None:
+        self.native = native
+        self._trees: OrderedDict[int, _Tree] = OrderedDict()
+        self._trees_lock = threading.Lock()
+        self._current = _Current()
+        super().__init__(db, timeout)
+
+    @contextmanager
+    def session(self, deadline: float | None = None) -> Iterator[None]:
+        """The call's connections to both databases (see Store.session)."""
+        with self.native.session(deadline), super().session(deadline):
+            yield
+
+    def end_snapshot(self) -> None:
+        self.native.end_snapshot()
+        super().end_snapshot()
+
+    def close(self) -> None:
+        super().close()
+        self.native.close()
+
+    def stamp(self, task_id: int) -> None:
+        """None: replies are not cached, since no engine row yet stamps a task's changes."""
+        return None
+
+    def business_of_project(self, project_id: int) -> int | None:
+        rows = self._rows(self._sql_project_business, False, project_id)
+        if not rows or not rows[0][1] or rows[0][0] is None or int(rows[0][0]) < 0:
+            return None
+        return int(rows[0][0])
+
+    def output_schema(self, code: str, version: str) -> list[tuple[str, str]]:
+        return self.native.output_schema(code, version)
+
+    def find_node(self, biz_id: int, by_project_id: bool, task_id: int, node_id: str) -> NodeRow:
+        """The node's row; NotFound naming the first of business, task or node missing,
+        UnsupportedEngine for a task of the legacy engine."""
+        if by_project_id:
+            projects = self._rows(self._sql_project, True, biz_id)
+        else:
+            projects = self._rows(self._sql_business, True, biz_id, True)
+        if not projects:
+            scope = "project" if by_project_id else "cmdb_biz"
+            raise errors.BusinessNotFound(
+                f"project({biz_id}) with scope({scope}) does not exist.",
+                {"bkBizId": str(biz_id), "scope": scope},
+            )
+        tasks = self._rows(self._sql_task, True, task_id, projects[0][0])
+        where = {"bkBizId": str(biz_id), "taskId": str(task_id)}
+        if not tasks:
+            raise errors.TaskNotFound(f"task {task_id} of business {biz_id} does not exist", where)
+        deleted, engine_ver, snapshot_id, root_id = tasks[0]
+        if deleted:
+            raise errors.TaskNotFound(f"task {task_id} of business {biz_id} is deleted", where)
+        if engine_ver != 2:
+            raise errors.UnsupportedEngine(
+                f"task {task_id} runs on bk-sops engine version {engine_ver}; "
+                "only engine version 2 (bamboo-engine) is served",
+                {**where, "engineVer": str(engine_ver)},
+            )
+        tree = self._tree(snapshot_id, task_id)
+        self._current.tree = tree
+        info = tree.nodes.get(node_id)
+        if info is None:
+            raise errors.NodeNotFound(
+                f"node {node_id} not found in task {task_id}",
+                {"taskId": str(task_id), "nodeId": node_id},
+            )
+        row = NodeRow(
+            task_id=task_id,
+            node_id=node_id,
+            path=info.path,
+            name=info.name,
+            kind=info.kind,
+            component_code=info.component_code,
+            component_version=info.component_version,
+            error_ignorable=info.error_ignorable,
+            state=None,
+            loop=1,
+            retry=0,
+            skip=False,
+            error_ignored=False,
+            version="",
+            started_at=None,
+            finished_at=None,
+            inputs=values.dumps(self._preview(tree, info, root_id)),
+            outputs="{}",
+            ex_data=None,
+            renamed=tree.renamed.get(node_id, ()),
+        )
+        states = self._rows(self._sql_state, True, node_id)
+        if not states:
+            return row
+        state, version, loop, retry, skip, ignored, started, archived = states[0]
+        row = row._replace(
+            state=state,
+            loop=loop,
+            retry=retry,
+            skip=bool(skip),
+            error_ignored=bool(ignored),
+            version=version,
+            started_at=_micros(started),
+            finished_at=_micros(archived),
+        )
+        data = self._rows(self._sql_data, True, node_id)
+        if not data:
+            # The engine keeps no data for events and gateways: bk-sops answers empty.
+            return row._replace(inputs="{}", outputs="{}", ex_data="")
+        inputs = _data(data[0][0], data[0][2], node_id, "inputs")
+        outputs = _data(data[0][1], data[0][3], node_id, "outputs")
+        if info.kind == SUBPROCESS:
+            inputs = {_unwrap(key): value for key, value in inputs.items()}
+        failure = outputs.get("ex_data")
+        return row._replace(
+            inputs=_dumps(inputs, node_id, "inputs"),
+            outputs=_dumps(outputs, node_id, "outputs"),
+            ex_data=None if failure is None else _text(failure),
+        )
+
+    def attempts(self, task_id: int, node_id: str, loop: int) -> list[AttemptRow]:
+        rows = self._rows(self._sql_histories, True, node_id, loop)
+        found = []
+        for id_, loop_, retry, skip, version, started, archived, isz, osz, ins, outs in rows:
+            where = f"history {id_}"
+            outputs = _data(osz, outs, node_id, f"{where} outputs")
+            failure = outputs.get("ex_data")
+            found.append(
+                AttemptRow(
+                    id=int(id_),
+                    loop=loop_,
+                    retry=retry,
+                    skip=bool(skip),
+                    version=version,
+                    state=None,
+                    started_at=_micros(started),
+                    finished_at=_micros(archived),
+                    inputs=_dumps(_data(isz, ins, node_id, f"{where} inputs"), node_id, where),
+                    outputs=_dumps(outputs, node_id, where),
+                    # As the native store's: the rules (server.nodes) decide what none shows.
+                    ex_data=None if failure is None else _text(failure),
+                )
+            )
+        return found
+
+    def children(self, task_id: int, node_id: str) -> list[ChildRow]:
+        tree = self._current.tree
+        named = tree.nodes if tree is not None else {}
+        return [
+            ChildRow(
+                child,
+                named[child].name if child in named else "",
+                state,
+                loop,
+                retry,
+                bool(skip),
+                bool(ignored),
+                version,
+                _micros(started),
+                _micros(archived),
+            )
+            for child, state, loop, retry, skip, ignored, version, started, archived in self._rows(
+                self._sql_children, True, node_id
+            )
+        ]
+
+    def _rows(self, sql: str, snapshot: bool, *params: object) -> list[tuple[Any, ...]]:
+        return self.read(lambda: list(self.db.execute_sql(sql, params).fetchall()), snapshot)
+
+    def _tree(self, snapshot_id: int | None, task_id: int) -> _Tree:
+        """The task's tree, parsed once per snapshot and kept."""
+        if snapshot_id is None:
+            raise errors.TaskNotFound(
+                f"task {task_id} has no pipeline tree", {"taskId": str(task_id)}
+            )
+        with self._trees_lock:
+            tree = self._trees.get(snapshot_id)
+            if tree is not None:
+                self._trees.move_to_end(snapshot_id)
+                return tree
+        rows = self._rows(self._sql_snapshot, True, snapshot_id)
+        if not rows:
+            raise errors.TaskNotFound(
+                f"task {task_id} has no pipeline tree", {"taskId": str(task_id)}
+            )
+        try:
+            web = json.loads(zlib.decompress(bytes(rows[0][0])))
+            tree = _Tree()
+            _index(web, (), tree)
+        except (zlib.error, ValueError, TypeError, KeyError, AttributeError) as exc:
+            raise errors.UnreadableData(
+                f"the pipeline tree of task {task_id} cannot be read ({type(exc).__name__})",
+                {"taskId": str(task_id)},
+            ) from None
+        with self._trees_lock:
+            self._trees[snapshot_id] = tree
+            while len(self._trees) > TREES_KEPT:
+                self._trees.popitem(last=False)
+        return tree
+
+    def _preview(self, tree: _Tree, info: _TreeNode, root_id: str) -> dict[str, Any]:
+        """The inputs of a node that has not run, as bk-sops previews them: its configured
+        inputs with ${name} references rendered from the pipeline's constants (the root's
+        plain context values first); events and gateways have none."""
+        if info.kind not in ("ServiceActivity", SUBPROCESS):
+            return {}
+        context = dict(tree.constants.get("", {}))
+        for key, kind, serializer, value in self._rows(self._sql_context, True, root_id):
+            if kind == PLAIN_CONTEXT and serializer == "json":
+                try:
+                    context[_unwrap(key)] = json.loads(value)
+                except ValueError:
+                    continue  # not previewable: the tree's value stands
+        for sub in info.path:
+            context = {
+                _unwrap(key): _render(value, context)
+                for key, value in tree.nodes[sub].inputs.items()
+            }
+        rendered = {key: _render(value, context) for key, value in info.inputs.items()}
+        if info.kind == SUBPROCESS:
+            return {_unwrap(key): value for key, value in rendered.items()}
+        return rendered
+
+    def _prepare(self) -> None:
+        """The SQL of every query, in the database's dialect (`loop` is reserved in MySQL)."""
+        p = self.db.param
+        loop = "`loop`" if isinstance(self.db, MySQLDatabase) else '"loop"'
+        self._sql_project = f"SELECT id FROM core_project WHERE id = {p}"
+        self._sql_business = (
+            f"SELECT id FROM core_project WHERE bk_biz_id = {p} AND from_cmdb = {p} ORDER BY id"
+        )
+        self._sql_project_business = f"SELECT bk_biz_id, from_cmdb FROM core_project WHERE id = {p}"
+        self._sql_task = (
+            "SELECT t.is_deleted, t.engine_ver, i.execution_snapshot_id, i.instance_id"
+            " FROM taskflow3_taskflowinstance t"
+            " JOIN pipeline_pipelineinstance i ON i.id = t.pipeline_instance_id"
+            f" WHERE t.id = {p} AND t.project_id = {p}"
+        )
+        self._sql_snapshot = f"SELECT data FROM pipeline_snapshot WHERE id = {p}"
+        self._sql_state = (
+            f"SELECT name, version, {loop}, retry, skip, error_ignored, started_time,"
+            f" archived_time FROM eri_state WHERE node_id = {p}"
+        )
+        self._sql_data = (
+            "SELECT inputs_serializer, outputs_serializer, inputs, outputs"
+            f" FROM eri_executiondata WHERE node_id = {p}"
+        )
+        self._sql_histories = (
+            f"SELECT id, {loop}, retry, skip, version, started_time, archived_time,"
+            " inputs_serializer, outputs_serializer, inputs, outputs"
+            f" FROM eri_executionhistory WHERE node_id = {p} AND {loop} = {p} ORDER BY id"
+        )
+        self._sql_children = (
+            f"SELECT node_id, name, {loop}, retry, skip, error_ignored, version, started_time,"
+            f" archived_time FROM eri_state WHERE parent_id = {p} ORDER BY id"
+        )
+        self._sql_context = (
+            f"SELECT {self._quoted('key')}, type, serializer, value FROM eri_contextvalue"
+            f" WHERE pipeline_id = {p}"
+        )
+
+    def _quoted(self, name: str) -> str:
+        return f"`{name}`" if isinstance(self.db, MySQLDatabase) else f'"{name}"'
+
+
+def _index(pipeline: dict[str, Any], path: tuple[str, ...], tree: _Tree) -> None:
+    """Adds a (sub-)pipeline of the web tree, and those inside it, to tree."""
+    scope = path[-1] if path else ""
+    tree.constants[scope] = {
+        key[2:-1]: constant.get("value") for key, constant in pipeline["constants"].items()
+    }
+    if not path:
+        for key, constant in pipeline["constants"].items():
+            if constant.get("source_type") != "component_outputs":
+                continue
+            for source, keys in (constant.get("source_info") or {}).items():
+                if keys:
+                    shown = (str(keys[0]), _unwrap(key))
+                    tree.renamed[source] = (*tree.renamed.get(source, ()), shown)
+    for event in (pipeline["start_event"], pipeline["end_event"]):
+        tree.nodes[event["id"]] = _node(event, path, {})
+    for gateway in pipeline.get("gateways", {}).values():
+        tree.nodes[gateway["id"]] = _node(gateway, path, {})
+    for activity in pipeline["activities"].values():
+        if activity["type"] == SUBPROCESS:
+            constants = activity.get("constants") or {}
+            inputs = {key: c.get("value") for key, c in constants.items()}
+            tree.nodes[activity["id"]] = _node(activity, path, inputs)
+            _index(activity["pipeline"], (*path, activity["id"]), tree)
+            continue
+        component = activity.get("component") or {}
+        inputs = {key: entry.get("value") for key, entry in (component.get("data") or {}).items()}
+        tree.nodes[activity["id"]] = _node(activity, path, inputs, component)
+
+
+def _node(
+    raw: dict[str, Any],
+    path: tuple[str, ...],
+    inputs: dict[str, Any],
+    component: dict[str, Any] | None = None,
+) -> _TreeNode:
+    return _TreeNode(
+        name=raw.get("name") or "",
+        kind=str(raw.get("type", "")),
+        component_code=str((component or {}).get("code") or ""),
+        component_version=str((component or {}).get("version") or ""),
+        error_ignorable=bool(raw.get("error_ignorable", False)),
+        path=path,
+        inputs=inputs,
+    )
+
+
+def _render(value: Any, context: dict[str, Any]) -> Any:
+    """value with ${name} references to known names replaced: a value that is one
+    reference alone becomes the referenced value itself, as the engine renders it."""
+    if not isinstance(value, str):
+        return value
+    whole = _REFERENCE.fullmatch(value)
+    if whole is not None and whole.group(1) in context:
+        return context[whole.group(1)]
+
+    def one(match: re.Match[str]) -> str:
+        name = match.group(1)
+        return str(context[name]) if name in context else match.group(0)
+
+    return _REFERENCE.sub(one, value)
+
+
+def _unwrap(key: str) -> str:
+    """A sub-process constant's key without ${}, as bk-sops shows it."""
+    return key[2:-1] if key.startswith("${") and key.endswith("}") else key
+
+
+def _data(serializer: str, text: str | None, node_id: str, what: str) -> dict[str, Any]:
+    """One execution data column as a dict: JSON, or a pickle read with the allow-list."""
+    try:
+        if serializer == "pickle":
+            value = pickles.plain(pickles.loads_base64(text or ""))
+        elif serializer == "json":
+            value = json.loads(text or "{}")
+        else:
+            raise pickles.Refused(f"unknown serializer {serializer!r}")
+    except (pickles.Refused, ValueError) as exc:
+        raise _unreadable(node_id, what, str(exc)) from None
+    if not isinstance(value, dict):
+        raise _unreadable(node_id, what, f"a {type(value).__name__}, not an object")
+    return value
+
+
+def _dumps(value: dict[str, Any], node_id: str, what: str) -> str:
+    """value as the rows' JSON text; UnreadableData naming the node if it will not go."""
+    try:
+        values.check(value, what)
+    except values.ValueProblem as exc:
+        raise _unreadable(node_id, what, str(exc)) from None
+    return values.dumps(value)
+
+
+def _unreadable(node_id: str, what: str, why: str) -> errors.UnreadableData:
+    return errors.UnreadableData(
+        f"the execution data of node {node_id} cannot be served: {what}: {why}",
+        {"nodeId": node_id},
+    )
+
+
+def _text(value: Any) -> str:
+    return value if isinstance(value, str) else values.dumps(value)
+
+
+def _micros(value: Any) -> int | None:
+    """A stored engine time (an aware or naive-UTC datetime, or SQLite's text) as
+    microseconds since the epoch."""
+    if value is None:
+        return None
+    moment = (
+        value if isinstance(value, datetime.datetime) else datetime.datetime.fromisoformat(value)
+    )
+    if moment.tzinfo is None:
+        moment = moment.replace(tzinfo=datetime.UTC)
+    return (moment - _EPOCH) // datetime.timedelta(microseconds=1)
