@@ -17,6 +17,8 @@ MAX_STACK_DEPTH = 32
 SCOPES = frozenset(pb.Scope.values())
 #: Requests in one BatchGetTaskNodeDetails call (the proto documents the number).
 MAX_BATCH = 1000
+#: The names a read_mask may hold: NodeDetail's top-level fields.
+DETAIL_FIELDS = frozenset(pb.NodeDetail.DESCRIPTOR.fields_by_name)
 
 
 @dataclass(frozen=True)
@@ -31,6 +33,8 @@ class NodeQuery:
     subprocess_stack: tuple[str, ...]
     loop: int | None
     max_histories: int | None
+    #: The NodeDetail fields to return (read_mask); None for all of them.
+    fields: frozenset[str] | None = None
 
 
 def parse_request(request: pb.GetTaskNodeDetailRequest) -> NodeQuery:
@@ -72,6 +76,7 @@ def parse_request(request: pb.GetTaskNodeDetailRequest) -> NodeQuery:
     scope = request.scope
     if scope not in SCOPES:
         bad.append(FieldViolation("scope", f"scope {scope} is not a known Scope"))
+    fields = read_mask(request, bad) if request.HasField("read_mask") else None
     if bad:
         raise _invalid(bad)
     assert biz_id is not None and task_id is not None
@@ -84,7 +89,34 @@ def parse_request(request: pb.GetTaskNodeDetailRequest) -> NodeQuery:
         subprocess_stack=stack,
         loop=loop,
         max_histories=max_histories,
+        fields=fields,
     )
+
+
+def read_mask(
+    request: pb.GetTaskNodeDetailRequest, bad: list[FieldViolation]
+) -> frozenset[str] | None:
+    """The fields request.read_mask names; None when it asks for all (empty, or "*").
+
+    Only NodeDetail's top-level fields may be named: they are what the reply is built
+    in parts of, and a nested path would trim inside a part already built.
+    """
+    paths = request.read_mask.paths
+    if not paths or list(paths) == ["*"]:
+        return None
+    fields: set[str] = set()
+    for i, path in enumerate(paths):
+        if path in DETAIL_FIELDS:
+            fields.add(path)
+            continue
+        if path == "*":
+            problem = '"*" must be the only path of read_mask'
+        elif "." in path and path.split(".")[0] in DETAIL_FIELDS:
+            problem = f"read_mask path {path[:64]!r} is nested; name top-level fields only"
+        else:
+            problem = f"read_mask path {path[:64]!r} is no field of NodeDetail"
+        bad.append(FieldViolation(f"read_mask.paths[{i}]", problem))
+    return frozenset(fields)
 
 
 def check_batch(request: pb.BatchGetTaskNodeDetailsRequest) -> None:

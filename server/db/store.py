@@ -127,6 +127,8 @@ _NODE_COLUMNS = (
     Node.outputs,
     Node.ex_data,
 )
+#: The heavy columns' values in a row read without them (find_node(heavy=False)).
+_NO_HEAVY_COLUMNS = ("{}", "{}", None)
 
 
 #: How often the watchdog looks for calls past their time, in seconds: the most a
@@ -353,13 +355,16 @@ class Store:
         elif not self.db.is_closed():
             self.db.close()
 
-    def find_node(self, biz_id: int, by_project_id: bool, task_id: int, node_id: str) -> NodeRow:
+    def find_node(
+        self, biz_id: int, by_project_id: bool, task_id: int, node_id: str, heavy: bool = True
+    ) -> NodeRow:
         """The node's row; NotFound naming the first of business, task or node missing.
 
         One query: the business row, LEFT JOINed to the task and the node, tells
-        which of the three is missing.
+        which of the three is missing. Unless heavy, the JSON columns (inputs, outputs,
+        ex_data: any size) are not read, and the row holds "{}", "{}" and None for them.
         """
-        query = self._node_by_project if by_project_id else self._node_by_business
+        query = self._node_queries[by_project_id, heavy]
         rows = self._read(query, True, biz_id=biz_id, task_id=task_id, node_id=node_id)
         if not rows:
             scope = "project" if by_project_id else "cmdb_biz"
@@ -367,7 +372,7 @@ class Store:
                 f"project({biz_id}) with scope({scope}) does not exist.",
                 {"bkBizId": str(biz_id), "scope": scope},
             )
-        row = rows[0]
+        row = rows[0] if heavy else rows[0] + _NO_HEAVY_COLUMNS
         if row[1] is None:
             raise errors.TaskNotFound(
                 f"task {task_id} of business {biz_id} does not exist",
@@ -502,8 +507,13 @@ class Store:
             "task_id": number(2),
             "node_id": text("node_id"),
         }
-        self._node_by_business = Prepared(self.db, partial(_node_query, False), **ids)
-        self._node_by_project = Prepared(self.db, partial(_node_query, True), **ids)
+        self._node_queries = {
+            (by_project_id, heavy): Prepared(
+                self.db, partial(_node_query, by_project_id, heavy), **ids
+            )
+            for by_project_id in (False, True)
+            for heavy in (False, True)
+        }
         self._stamp = Prepared(
             self.db,
             lambda task_id: Task.select(
@@ -533,10 +543,11 @@ class Store:
         )
 
 
-def _node_query(by_project_id: bool, biz_id: int, task_id: int, node_id: str) -> Any:
+def _node_query(by_project_id: bool, heavy: bool, biz_id: int, task_id: int, node_id: str) -> Any:
     owner = Project.id == biz_id if by_project_id else Project.bk_biz_id == biz_id
+    columns = _NODE_COLUMNS if heavy else _NODE_COLUMNS[: -len(_NO_HEAVY_COLUMNS)]
     return (
-        Project.select(Project.id, Task.id, *_NODE_COLUMNS)
+        Project.select(Project.id, Task.id, *columns)
         .join(
             Task,
             JOIN.LEFT_OUTER,

@@ -2,6 +2,7 @@ import datetime
 
 from bksops.tasknode.v1 import json_value_pb2 as _json_value_pb2
 from google.api import annotations_pb2 as _annotations_pb2
+from google.protobuf import field_mask_pb2 as _field_mask_pb2
 from google.protobuf import timestamp_pb2 as _timestamp_pb2
 from google.rpc import status_pb2 as _status_pb2
 from google.protobuf.internal import containers as _containers
@@ -56,7 +57,7 @@ NODE_STATE_ROLL_BACK_SUCCESS: NodeState
 NODE_STATE_ROLL_BACK_FAILED: NodeState
 
 class GetTaskNodeDetailRequest(_message.Message):
-    __slots__ = ("bk_biz_id", "task_id", "node_id", "component_code", "subprocess_stack", "loop", "scope", "max_histories")
+    __slots__ = ("bk_biz_id", "task_id", "node_id", "component_code", "subprocess_stack", "loop", "scope", "max_histories", "read_mask")
     BK_BIZ_ID_FIELD_NUMBER: _ClassVar[int]
     TASK_ID_FIELD_NUMBER: _ClassVar[int]
     NODE_ID_FIELD_NUMBER: _ClassVar[int]
@@ -65,6 +66,7 @@ class GetTaskNodeDetailRequest(_message.Message):
     LOOP_FIELD_NUMBER: _ClassVar[int]
     SCOPE_FIELD_NUMBER: _ClassVar[int]
     MAX_HISTORIES_FIELD_NUMBER: _ClassVar[int]
+    READ_MASK_FIELD_NUMBER: _ClassVar[int]
     bk_biz_id: str
     task_id: str
     node_id: str
@@ -73,7 +75,8 @@ class GetTaskNodeDetailRequest(_message.Message):
     loop: int
     scope: Scope
     max_histories: int
-    def __init__(self, bk_biz_id: _Optional[str] = ..., task_id: _Optional[str] = ..., node_id: _Optional[str] = ..., component_code: _Optional[str] = ..., subprocess_stack: _Optional[_Iterable[str]] = ..., loop: _Optional[int] = ..., scope: _Optional[_Union[Scope, str]] = ..., max_histories: _Optional[int] = ...) -> None: ...
+    read_mask: _field_mask_pb2.FieldMask
+    def __init__(self, bk_biz_id: _Optional[str] = ..., task_id: _Optional[str] = ..., node_id: _Optional[str] = ..., component_code: _Optional[str] = ..., subprocess_stack: _Optional[_Iterable[str]] = ..., loop: _Optional[int] = ..., scope: _Optional[_Union[Scope, str]] = ..., max_histories: _Optional[int] = ..., read_mask: _Optional[_Union[_field_mask_pb2.FieldMask, _Mapping]] = ...) -> None: ...
 
 class BatchGetTaskNodeDetailsRequest(_message.Message):
     __slots__ = ("requests",)
