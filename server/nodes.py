@@ -64,7 +64,7 @@ def read_node_detail(
     With a cache, a reply built before is reused while the store's stamp of its
     task is unchanged (server.cache); the caller must not change what it returns.
     """
-    _authorize(store, query, principal)
+    authorize(store, query.biz_id, query.by_project_id, principal)
     stamp = store.stamp(query.task_id) if cache is not None else None
     if cache is not None and stamp is not None:
         cached = cache.get(query, stamp)
@@ -166,7 +166,7 @@ def _build(store: Store, query: NodeQuery, mask: Mask) -> pb.NodeDetail:
     node = store.find_node(
         query.biz_id, query.by_project_id, query.task_id, query.node_id, heavy=heavy
     )
-    _check_stack(node, query.subprocess_stack)
+    check_stack(node, query.subprocess_stack)
     schema = None
     if query.component_code:  # read even when outputs are not: the errors stay the same
         version = node.component_version or DEFAULT_COMPONENT_VERSION
@@ -223,13 +223,13 @@ def _build(store: Store, query: NodeQuery, mask: Mask) -> pb.NodeDetail:
     return detail
 
 
-def _authorize(store: Store, query: NodeQuery, principal: Principal) -> None:
+def authorize(store: Store, biz_id: int, by_project_id: bool, principal: Principal) -> None:
     """PermissionDenied unless the caller may read the business, decided before any lookup
     of the task or node, so the answer does not depend on whether they exist."""
-    if not query.by_project_id:
-        principal.require(query.biz_id, query.biz_id)
+    if not by_project_id:
+        principal.require(biz_id, biz_id)
     elif principal.businesses is not None:
-        principal.require(store.business_of_project(query.biz_id), query.biz_id)
+        principal.require(store.business_of_project(biz_id), biz_id)
 
 
 def _show_current(detail: pb.NodeDetail, node: NodeRow, now: int) -> None:
@@ -280,7 +280,7 @@ def _not_run(
     return detail
 
 
-def _check_stack(node: NodeRow, given: tuple[str, ...]) -> None:
+def check_stack(node: NodeRow, given: tuple[str, ...]) -> None:
     """The request's subprocess_stack must be the node's path in the stored tree."""
     if given == node.path:
         return

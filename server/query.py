@@ -9,14 +9,34 @@ from bksops.tasknode.v1 import task_node_pb2 as pb
 
 from server import errors
 from server.errors import FieldViolation
+from server.filters import Term
+from server.filters import parse_filter
 
 #: Node ids are engine-made ("node" + 28 hex digits); accept any similar token.
 NODE_ID = re.compile(r"[A-Za-z0-9_.:-]{1,64}")
 COMPONENT_CODE = re.compile(r"[A-Za-z0-9_.-]{1,255}")
 MAX_STACK_DEPTH = 32
 SCOPES = frozenset(pb.Scope.values())
+VIEWS = frozenset(pb.NodeView.values())
 #: Requests in one BatchGetTaskNodeDetails call (the proto documents the number).
 MAX_BATCH = 1000
+#: ListTaskNodes page sizes: the default, and the most per page in each view.
+DEFAULT_PAGE_SIZE = 50
+MAX_PAGE_SIZE = 1000
+MAX_FULL_PAGE_SIZE = 100
+#: The NodeDetail fields of ListTaskNodes' NODE_VIEW_BASIC.
+SUMMARY_FIELDS = (
+    "id",
+    "name",
+    "state",
+    "executed",
+    "start_time",
+    "finish_time",
+    "loop",
+    "retry",
+    "component_code",
+    "subprocess_stack",
+)
 #: The names a read_mask may hold: NodeDetail's top-level fields.
 DETAIL_FIELDS = frozenset(pb.NodeDetail.DESCRIPTOR.fields_by_name)
 
@@ -37,6 +57,75 @@ class NodeQuery:
     fields: frozenset[str] | None = None
 
 
+@dataclass(frozen=True)
+class ListQuery:
+    """A valid ListTaskNodesRequest: which nodes, how many, how, and from where."""
+
+    biz_id: int
+    by_project_id: bool
+    task_id: int
+    #: The sub-process whose children to list, as its stack; () for the whole task.
+    subprocess_stack: tuple[str, ...]
+    terms: tuple[Term, ...]
+    full: bool
+    page_size: int
+    page_token: str
+
+
+def parse_list_request(request: pb.ListTaskNodesRequest) -> ListQuery:
+    """The ListQuery for request; InvalidArgument listing every bad field otherwise
+    (the page token is read later, against the query: server.listing)."""
+    bad: list[FieldViolation] = []
+    biz_id = _decimal_id(request.bk_biz_id, "bk_biz_id", bad)
+    task_id = _decimal_id(request.task_id, "task_id", bad)
+    stack = _stack(tuple(request.subprocess_stack), bad)
+    scope = request.scope
+    if scope not in SCOPES:
+        bad.append(FieldViolation("scope", f"scope {scope} is not a known Scope"))
+    view = request.view
+    if view not in VIEWS:
+        bad.append(FieldViolation("view", f"view {view} is not a known NodeView"))
+    full = view == pb.NODE_VIEW_FULL
+    most = MAX_FULL_PAGE_SIZE if full else MAX_PAGE_SIZE
+    size = request.page_size
+    if size < 0:
+        bad.append(FieldViolation("page_size", f"page_size must be 0 or more, not {size}"))
+    terms: tuple[Term, ...] = ()
+    try:
+        terms = parse_filter(request.filter)
+    except errors.InvalidArgument as exc:
+        bad.extend(exc.violations)
+    if bad:
+        raise _invalid(bad)
+    assert biz_id is not None and task_id is not None
+    return ListQuery(
+        biz_id=biz_id,
+        by_project_id=scope == pb.SCOPE_PROJECT,
+        task_id=task_id,
+        subprocess_stack=stack,
+        terms=terms,
+        full=full,
+        page_size=min(size, most) if size else DEFAULT_PAGE_SIZE,
+        page_token=request.page_token,
+    )
+
+
+def _stack(stack: tuple[str, ...], bad: list[FieldViolation]) -> tuple[str, ...]:
+    """stack, after noting in bad what is wrong with it."""
+    if len(stack) > MAX_STACK_DEPTH:
+        bad.append(
+            FieldViolation(
+                "subprocess_stack", f"subprocess_stack is deeper than {MAX_STACK_DEPTH} levels"
+            )
+        )
+    for i, parent in enumerate(stack):
+        if not NODE_ID.fullmatch(parent):
+            bad.append(
+                FieldViolation(f"subprocess_stack[{i}]", "each entry must be a sub-process node id")
+            )
+    return stack
+
+
 def parse_request(request: pb.GetTaskNodeDetailRequest) -> NodeQuery:
     """The NodeQuery for request; InvalidArgument listing every bad field otherwise.
 
@@ -55,18 +144,7 @@ def parse_request(request: pb.GetTaskNodeDetailRequest) -> NodeQuery:
         bad.append(
             FieldViolation("component_code", "component_code must be letters, digits or _.-")
         )
-    stack = tuple(request.subprocess_stack)
-    if len(stack) > MAX_STACK_DEPTH:
-        bad.append(
-            FieldViolation(
-                "subprocess_stack", f"subprocess_stack is deeper than {MAX_STACK_DEPTH} levels"
-            )
-        )
-    for i, parent in enumerate(stack):
-        if not NODE_ID.fullmatch(parent):
-            bad.append(
-                FieldViolation(f"subprocess_stack[{i}]", "each entry must be a sub-process node id")
-            )
+    stack = _stack(tuple(request.subprocess_stack), bad)
     loop = request.loop if request.HasField("loop") else None
     if loop is not None and loop < 1:
         bad.append(FieldViolation("loop", f"loop must be a positive integer, not {loop}"))

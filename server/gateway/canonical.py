@@ -24,6 +24,7 @@ from server import errors
 from server.errors import FieldViolation
 from server.gateway.requests import Request
 from server.gateway.routes import Route
+from server.query import SUMMARY_FIELDS
 
 _INTEGER = re.compile(r"[-+]?[0-9]{1,20}")
 #: One entity tag of an If-None-Match list: optionally weak, then quoted.
@@ -104,6 +105,10 @@ def _camel(name: str) -> str:
     return head + "".join(part[:1].upper() + part[1:] for part in rest)
 
 
+#: The JSON names of a summary node (ListTaskNodes' basic view).
+_SUMMARY = {_camel(name) for name in SUMMARY_FIELDS}
+
+
 def _field_path(descriptor: Descriptor, name: str) -> tuple[FieldDescriptor, ...] | None:
     """The fields along a dotted query name (proto or JSON names); None if it names no field."""
     path: list[FieldDescriptor] = []
@@ -164,12 +169,20 @@ def _trim(data: dict[str, Any], request: Message) -> None:
             if isinstance(result, dict) and isinstance(result.get("detail"), dict):
                 _trim(result["detail"], item)
         return
+    if isinstance(request, task_node_pb2.ListTaskNodesRequest):
+        if request.view != task_node_pb2.NODE_VIEW_FULL:
+            for node in data.get("nodes", ()):
+                _keep(node, _SUMMARY)
+        return
     if not isinstance(request, task_node_pb2.GetTaskNodeDetailRequest):
         return
     paths = list(request.read_mask.paths)
     if not paths or paths == ["*"]:
         return
-    kept = {_camel(path) for path in paths} | {"etag"}
+    _keep(data, {_camel(path) for path in paths} | {"etag"})
+
+
+def _keep(data: dict[str, Any], kept: set[str]) -> None:
     for key in [key for key in data if key not in kept]:
         del data[key]
 
