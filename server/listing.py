@@ -2,7 +2,7 @@
 
 The page token is base64url of JSON [version, fingerprint, key, node id]: the
 fingerprint is a hash of what the listing is (business, scope, task, sub-process,
-filter, view; not the page size, which may change between pages), so a token is
+filter, view, read_mask; not the page size, which may change between pages), so a token is
 refused for another query; key and node id are the last node returned, where the
 next page starts (Store.list_nodes). Nothing in a token is trusted beyond that: the
 caller is authorized anew on every page, and a token only moves where a listing of
@@ -73,6 +73,7 @@ def list_task_nodes(
             subprocess_stack=row.path,
             loop=None,
             max_histories=None,
+            fields=query.fields,
         )
         reply.nodes.append(read_node_detail(store, node, mask, principal, cache))
     return reply
@@ -126,6 +127,7 @@ def _fingerprint(query: ListQuery) -> str:
         list(query.subprocess_stack),
         [[t.column, t.op, t.value] for t in query.terms],
         query.full,
+        sorted(query.fields) if query.fields is not None else None,
     ]
     text = json.dumps(what, separators=(",", ":")).encode()
     return hashlib.blake2b(text, digest_size=8).hexdigest()

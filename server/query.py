@@ -70,6 +70,8 @@ class ListQuery:
     full: bool
     page_size: int
     page_token: str
+    #: The NodeDetail fields of each full node (read_mask); None for all of them.
+    fields: frozenset[str] | None = None
 
 
 def parse_list_request(request: pb.ListTaskNodesRequest) -> ListQuery:
@@ -90,6 +92,14 @@ def parse_list_request(request: pb.ListTaskNodesRequest) -> ListQuery:
     size = request.page_size
     if size < 0:
         bad.append(FieldViolation("page_size", f"page_size must be 0 or more, not {size}"))
+    fields = read_mask(request, bad) if request.HasField("read_mask") else None
+    if fields is not None and not full:
+        bad.append(
+            FieldViolation(
+                "read_mask",
+                "read_mask applies to view NODE_VIEW_FULL; the summary view's fields are fixed",
+            )
+        )
     terms: tuple[Term, ...] = ()
     try:
         terms = parse_filter(request.filter)
@@ -107,6 +117,7 @@ def parse_list_request(request: pb.ListTaskNodesRequest) -> ListQuery:
         full=full,
         page_size=min(size, most) if size else DEFAULT_PAGE_SIZE,
         page_token=request.page_token,
+        fields=fields,
     )
 
 
@@ -172,7 +183,7 @@ def parse_request(request: pb.GetTaskNodeDetailRequest) -> NodeQuery:
 
 
 def read_mask(
-    request: pb.GetTaskNodeDetailRequest, bad: list[FieldViolation]
+    request: pb.GetTaskNodeDetailRequest | pb.ListTaskNodesRequest, bad: list[FieldViolation]
 ) -> frozenset[str] | None:
     """The fields request.read_mask names; None when it asks for all (empty, or "*").
 

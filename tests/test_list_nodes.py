@@ -9,6 +9,7 @@ import grpc
 import pytest
 from bksops.tasknode.v1 import task_node_pb2 as pb
 from bksops.tasknode.v1 import task_node_pb2_grpc as pb_grpc
+from google.protobuf.field_mask_pb2 import FieldMask
 from google.rpc import error_details_pb2
 from grpc_status import rpc_status
 
@@ -346,3 +347,52 @@ def test_listing_needs_credentials(channel: grpc.Channel) -> None:
     with pytest.raises(grpc.RpcError) as caught:
         anonymous.ListTaskNodes(pb.ListTaskNodesRequest(bk_biz_id="2", task_id="11"), timeout=10)
     assert caught.value.code() == grpc.StatusCode.UNAUTHENTICATED
+
+
+def test_a_read_mask_on_the_full_view_is_get_with_that_mask(
+    loaded: Server, all_stub: pb_grpc.TaskNodeServiceStub
+) -> None:
+    mask = FieldMask(paths=["id", "state", "start_time", "histories"])
+    request = listing(view=pb.NODE_VIEW_FULL, read_mask=mask, page_size=3)
+    reply = all_stub.ListTaskNodes(request, timeout=10)
+    assert ids(reply) == ORDER[:3]
+    for detail in reply.nodes:
+        assert {f.name for f, _ in detail.ListFields()} <= {*mask.paths, "etag"}
+        get = pb.GetTaskNodeDetailRequest(
+            bk_biz_id=str(documents.BUSINESS), task_id=str(TASK), node_id=detail.id, read_mask=mask
+        )
+        assert all_stub.GetTaskNodeDetail(get, timeout=10) == detail
+    # The token is for this mask: another mask is another query.
+    other = listing(
+        view=pb.NODE_VIEW_FULL,
+        read_mask=FieldMask(paths=["state"]),
+        page_token=reply.next_page_token,
+    )
+    assert failure(lambda: all_stub.ListTaskNodes(other, timeout=10))[2] == ["page_token"]
+    same = listing(
+        view=pb.NODE_VIEW_FULL, read_mask=mask, page_size=3, page_token=reply.next_page_token
+    )
+    assert ids(all_stub.ListTaskNodes(same, timeout=10)) == ORDER[3:6]
+
+
+@pytest.mark.parametrize(
+    ("view", "paths", "field"),
+    [
+        (pb.NODE_VIEW_BASIC, ["state"], "read_mask"),
+        (pb.NODE_VIEW_UNSPECIFIED, ["state"], "read_mask"),
+        (pb.NODE_VIEW_FULL, ["state", "nosuch"], "read_mask.paths[1]"),
+    ],
+    ids=["basic", "unspecified", "unknown_path"],
+)
+def test_a_bad_read_mask_on_a_listing(
+    loaded: Server,
+    all_stub: pb_grpc.TaskNodeServiceStub,
+    view: pb.NodeView,
+    paths: list[str],
+    field: str,
+) -> None:
+    request = listing(view=view, read_mask=FieldMask(paths=paths))
+    assert failure(lambda: all_stub.ListTaskNodes(request, timeout=10))[2] == [field]
+    # "*" (or an empty mask) is every field: the summary view takes it.
+    star = listing(read_mask=FieldMask(paths=["*"]))
+    assert ids(all_stub.ListTaskNodes(star, timeout=10)) == ORDER

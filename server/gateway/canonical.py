@@ -170,16 +170,23 @@ def _trim(data: dict[str, Any], request: Message) -> None:
                 _trim(result["detail"], item)
         return
     if isinstance(request, task_node_pb2.ListTaskNodesRequest):
-        if request.view != task_node_pb2.NODE_VIEW_FULL:
+        full = request.view == task_node_pb2.NODE_VIEW_FULL
+        kept = _masked(request.read_mask.paths) if full else _SUMMARY
+        if kept is not None:
             for node in data.get("nodes", ()):
-                _keep(node, _SUMMARY)
+                _keep(node, kept)
         return
-    if not isinstance(request, task_node_pb2.GetTaskNodeDetailRequest):
-        return
-    paths = list(request.read_mask.paths)
-    if not paths or paths == ["*"]:
-        return
-    _keep(data, {_camel(path) for path in paths} | {"etag"})
+    if isinstance(request, task_node_pb2.GetTaskNodeDetailRequest):
+        kept = _masked(request.read_mask.paths)
+        if kept is not None:
+            _keep(data, kept)
+
+
+def _masked(paths: Any) -> set[str] | None:
+    """The JSON names a read_mask's paths keep (etag too); None to keep everything."""
+    if not paths or list(paths) == ["*"]:
+        return None
+    return {_camel(path) for path in paths} | {"etag"}
 
 
 def _keep(data: dict[str, Any], kept: set[str]) -> None:

@@ -82,3 +82,10 @@ def test_a_bad_listing_is_a_400_and_another_business_a_403(http: httpx.Client) -
     assert response.status_code == 403
     response = http.get("/v1/businesses/2/tasks/99/nodes", headers=AS_DEMO_APP)
     assert response.status_code == 404
+
+
+def test_a_read_mask_on_the_full_view(http: httpx.Client) -> None:
+    params = {"view": "NODE_VIEW_FULL", "read_mask": "state,inputs", "pageSize": "2"}
+    body = http.get(TASK_11, params=params, headers=AS_DEMO_APP).json()
+    assert len(body["nodes"]) == 2
+    assert all(set(node) == {"state", "inputs", "etag"} for node in body["nodes"]), body

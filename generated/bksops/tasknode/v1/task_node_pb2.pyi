@@ -108,7 +108,7 @@ class NodeDetailResult(_message.Message):
     def __init__(self, detail: _Optional[_Union[NodeDetail, _Mapping]] = ..., error: _Optional[_Union[_status_pb2.Status, _Mapping]] = ...) -> None: ...
 
 class ListTaskNodesRequest(_message.Message):
-    __slots__ = ("bk_biz_id", "task_id", "scope", "subprocess_stack", "page_size", "page_token", "filter", "view")
+    __slots__ = ("bk_biz_id", "task_id", "scope", "subprocess_stack", "page_size", "page_token", "filter", "view", "read_mask")
     BK_BIZ_ID_FIELD_NUMBER: _ClassVar[int]
     TASK_ID_FIELD_NUMBER: _ClassVar[int]
     SCOPE_FIELD_NUMBER: _ClassVar[int]
@@ -117,6 +117,7 @@ class ListTaskNodesRequest(_message.Message):
     PAGE_TOKEN_FIELD_NUMBER: _ClassVar[int]
     FILTER_FIELD_NUMBER: _ClassVar[int]
     VIEW_FIELD_NUMBER: _ClassVar[int]
+    READ_MASK_FIELD_NUMBER: _ClassVar[int]
     bk_biz_id: str
     task_id: str
     scope: Scope
@@ -125,7 +126,8 @@ class ListTaskNodesRequest(_message.Message):
     page_token: str
     filter: str
     view: NodeView
-    def __init__(self, bk_biz_id: _Optional[str] = ..., task_id: _Optional[str] = ..., scope: _Optional[_Union[Scope, str]] = ..., subprocess_stack: _Optional[_Iterable[str]] = ..., page_size: _Optional[int] = ..., page_token: _Optional[str] = ..., filter: _Optional[str] = ..., view: _Optional[_Union[NodeView, str]] = ...) -> None: ...
+    read_mask: _field_mask_pb2.FieldMask
+    def __init__(self, bk_biz_id: _Optional[str] = ..., task_id: _Optional[str] = ..., scope: _Optional[_Union[Scope, str]] = ..., subprocess_stack: _Optional[_Iterable[str]] = ..., page_size: _Optional[int] = ..., page_token: _Optional[str] = ..., filter: _Optional[str] = ..., view: _Optional[_Union[NodeView, str]] = ..., read_mask: _Optional[_Union[_field_mask_pb2.FieldMask, _Mapping]] = ...) -> None: ...
 
 class ListTaskNodesResponse(_message.Message):
     __slots__ = ("nodes", "next_page_token", "total_size")
