@@ -1,16 +1,16 @@
 """ListTaskNodes on a task of 100,000 nodes: the first page against the last.
 
-    .venv/bin/python -m bench.list_nodes [--nodes 100000] [--calls 50]
+    .venv/bin/python -m bench.list_nodes [--nodes 100000] [--calls 50] [--database-url URL]
     .venv/bin/python -m bench.run --only list-nodes
 
 In one process, no network: ListTaskNodes' handler (interceptors, authentication, the
-servicer) is called directly on a fresh SQLite file holding the demo data and one
-more task of business 2 with --nodes nodes: 1,000 at the root, 99 of them
-sub-processes of equal shares of the rest. A page's token is reached by walking the
-listing; each page is then asked for --calls times and the median printed, for the
-whole task (keyset on the row id), a filter that keeps one node in ten, and the
-children of one sub-process (keyset on the position). total_size (a COUNT of what
-the filter keeps) is part of every page.
+servicer) is called directly on a fresh SQLite file (or an empty --database-url)
+holding the demo data and one more task of business 2 with --nodes nodes: 1,000 at
+the root, 99 of them sub-processes of equal shares of the rest. A page's token is
+reached by walking the listing; each page is then asked for --calls times and the
+median printed, for the whole task (keyset on the row id), a filter that keeps one
+node in ten, and the children of one sub-process (keyset on the position).
+total_size (a COUNT of what the filter keeps) is part of every page.
 """
 
 from __future__ import annotations
@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from bksops.tasknode.v1 import task_node_pb2 as pb
+from peewee import MySQLDatabase
 
 from server.app import create_server
 from server.cli import DEMO_APP
@@ -97,7 +98,8 @@ def seed(url: str, total: int) -> None:
         for start in range(0, len(rows), 1000):
             Node.insert_many(rows[start : start + 1000]).execute()
     with db.connection_context():
-        db.execute_sql("ANALYZE")
+        mysql = isinstance(db, MySQLDatabase)
+        db.execute_sql(f"ANALYZE TABLE {Node._meta.table_name}" if mysql else "ANALYZE")
     db.close()
 
 
@@ -110,43 +112,45 @@ def median_ms(work: Callable[[], object], calls: int) -> float:
     return statistics.median(times)
 
 
-def measure(total: int, calls: int) -> list[tuple[str, float, float, int]]:
-    """(listing, first page ms, last page ms, total_size) for each listing measured."""
+def measure(total: int, calls: int, url: str = "") -> list[tuple[str, float, float, int]]:
+    """(listing, first page ms, last page ms, total_size) for each listing measured, on
+    url (an empty database) or a fresh SQLite file."""
+    if not url:
+        with tempfile.TemporaryDirectory() as directory:
+            return measure(total, calls, f"sqlite:///{Path(directory) / 'bench.db'}")
     results: list[tuple[str, float, float, int]] = []
-    with tempfile.TemporaryDirectory() as directory:
-        url = f"sqlite:///{Path(directory) / 'bench.db'}"
-        seed(url, total)
-        server = create_server(Config(database_url=url, grpc_addr="127.0.0.1:0"))
-        handler = server.handlers[LIST].unary_unary
-        assert handler is not None
+    seed(url, total)
+    server = create_server(Config(database_url=url, grpc_addr="127.0.0.1:0"))
+    handler = server.handlers[LIST].unary_unary
+    assert handler is not None
 
-        def call(request: pb.ListTaskNodesRequest) -> pb.ListTaskNodesResponse:
-            reply = handler(request, LocalContext(AUTH, time.monotonic() + 60))
-            assert isinstance(reply, pb.ListTaskNodesResponse)
-            return reply
+    def call(request: pb.ListTaskNodesRequest) -> pb.ListTaskNodesResponse:
+        reply = handler(request, LocalContext(AUTH, time.monotonic() + 60))
+        assert isinstance(reply, pb.ListTaskNodesResponse)
+        return reply
 
-        try:
-            shapes: tuple[tuple[str, dict[str, Any]], ...] = (
-                ("whole task", {}),
-                ("filter state = FAILED", {"filter": "state = FAILED"}),
-                ("children of one sub-process", {"subprocess_stack": ["sub0050"]}),
+    try:
+        shapes: tuple[tuple[str, dict[str, Any]], ...] = (
+            ("whole task", {}),
+            ("filter state = FAILED", {"filter": "state = FAILED"}),
+            ("children of one sub-process", {"subprocess_stack": ["sub0050"]}),
+        )
+        for name, fields in shapes:
+            first = pb.ListTaskNodesRequest(
+                bk_biz_id="2", task_id=str(TASK), page_size=PAGE, **fields
             )
-            for name, fields in shapes:
-                first = pb.ListTaskNodesRequest(
-                    bk_biz_id="2", task_id=str(TASK), page_size=PAGE, **fields
+            last = _last_page(call, first)
+            reply = call(first)
+            results.append(
+                (
+                    name,
+                    median_ms(partial(call, first), calls),
+                    median_ms(partial(call, last), calls),
+                    reply.total_size,
                 )
-                last = _last_page(call, first)
-                reply = call(first)
-                results.append(
-                    (
-                        name,
-                        median_ms(partial(call, first), calls),
-                        median_ms(partial(call, last), calls),
-                        reply.total_size,
-                    )
-                )
-        finally:
-            server.stop(None)
+            )
+    finally:
+        server.stop(None)
     return results
 
 
@@ -175,8 +179,9 @@ def _last_page(
     return walker
 
 
-def print_rows(rows: list[tuple[str, float, float, int]], total: int) -> None:
-    print(f"ListTaskNodes, a task of {total:,} nodes on SQLite, pages of {PAGE} (in process)")
+def print_rows(rows: list[tuple[str, float, float, int]], total: int, url: str = "") -> None:
+    store = url.split(":", 1)[0] if url else "sqlite"
+    print(f"ListTaskNodes, a task of {total:,} nodes on {store}, pages of {PAGE} (in process)")
     print("| listing | total_size | first page ms | last page ms | last / first |")
     print("|---|---|---|---|---|")
     for name, first, last, size in rows:
@@ -187,8 +192,13 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--nodes", type=int, default=100_000)
     parser.add_argument("--calls", type=int, default=50)
+    parser.add_argument(
+        "--database-url",
+        default="",
+        help="an empty database to fill (default: a fresh SQLite file)",
+    )
     args = parser.parse_args()
-    print_rows(measure(args.nodes, args.calls), args.nodes)
+    print_rows(measure(args.nodes, args.calls, args.database_url), args.nodes, args.database_url)
 
 
 if __name__ == "__main__":
