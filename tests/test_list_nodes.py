@@ -14,6 +14,7 @@ from google.rpc import error_details_pb2
 from grpc_status import rpc_status
 
 from server.app import Server
+from server.db.store import MAX_LISTING_SHAPES
 from server.query import DEFAULT_PAGE_SIZE
 from server.query import MAX_FULL_PAGE_SIZE
 from tests import documents
@@ -396,3 +397,19 @@ def test_a_bad_read_mask_on_a_listing(
     # "*" (or an empty mask) is every field: the summary view takes it.
     star = listing(read_mask=FieldMask(paths=["*"]))
     assert ids(all_stub.ListTaskNodes(star, timeout=10)) == ORDER
+
+
+def test_filters_of_many_shapes_keep_a_bounded_number_of_prepared_queries(
+    loaded: Server, all_stub: pb_grpc.TaskNodeServiceStub
+) -> None:
+    ops = ["=", "!=", "<", "<=", ">", ">="]
+    shapes = [f"loop {a} 1 AND retry {b} 0 AND loop {c} 2" for a in ops for b in ops for c in ops]
+    assert 2 * len(shapes) > MAX_LISTING_SHAPES  # a list and a count shape each
+    for text in shapes:
+        all_stub.ListTaskNodes(listing(filter=text), timeout=10)
+    assert len(loaded.store._listings) <= MAX_LISTING_SHAPES
+    # Past the bound, a new shape still answers (built for its call alone).
+    reply = all_stub.ListTaskNodes(
+        listing(filter="loop > 2 AND loop > 2 AND retry < 9"), timeout=10
+    )
+    assert ids(reply) == ["r3"]

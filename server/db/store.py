@@ -153,6 +153,9 @@ _NODE_COLUMNS = (
 _NO_HEAVY_COLUMNS = ("{}", "{}", None)
 
 
+#: Listing query shapes (Store.list_nodes, count_nodes) kept prepared.
+MAX_LISTING_SHAPES = 256
+
 #: How often the watchdog looks for calls past their time, in seconds: the most a
 #: thread blocked on a silent database outstays its call's time.
 WATCH_INTERVAL = 0.05
@@ -531,9 +534,10 @@ class Store:
         return int(rows[0][0])
 
     def _listing(self, key: tuple[Any, ...], terms: tuple[Term, ...]) -> Prepared:
-        """The prepared query of a listing's shape, built on its first use. Shapes are
-        few (the filter's fields and operators, at most MAX_TERMS of them); two threads
-        building one at once build the same SQL."""
+        """The prepared query of a listing's shape, built on its first use and kept (two
+        threads building one at once build the same SQL). The shapes callers use are
+        few, but filters can make very many: past MAX_LISTING_SHAPES, a new shape is
+        built for its call alone, so no caller can make the store grow without bound."""
         prepared = self._listings.get(key)
         if prepared is None:
             kind, has_parent, has_after, _ = key
@@ -550,7 +554,8 @@ class Store:
             slots.update(_term_slots(terms))
             build = partial(_listing_query, kind == "count", has_parent, has_after, terms)
             prepared = Prepared(self.db, build, **slots)
-            self._listings[key] = prepared
+            if len(self._listings) < MAX_LISTING_SHAPES:
+                self._listings[key] = prepared
         return prepared
 
     def stamp(self, task_id: int) -> tuple[str, int] | None:
