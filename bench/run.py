@@ -5,11 +5,14 @@ ceiling server (bench/ceiling.py: the same reply, prebuilt), drives
 GetTaskNodeDetail on each in turn with h2load at 1, 16 and 80 calls in flight,
 twice, and prints calls/s, p50/p99, server CPU per call and the ratios the
 performance targets are set in; then the legacy shim with wrk, a node with 1,000
-earlier attempts, 3,200 calls in flight with a probe, and a flood of callers
-sending wrong secrets. Every figure of the real server is checked against its own
-count of OK replies (its access log).
+earlier attempts, 3,200 calls in flight with a probe, a flood of callers sending
+wrong secrets, and, in process, a state-and-times read_mask read of a node with
+large inputs and outputs against its full reply (bench.read_mask) and the first
+and last pages of ListTaskNodes on a task of 100,000 nodes (bench.list_nodes).
+Every figure of the real server is checked against its own count of OK replies
+(its access log).
 
-    .venv/bin/python -m bench.run [--seconds 10] [--only auth-flood]
+    .venv/bin/python -m bench.run [--seconds 10] [--only auth-flood|read-mask|list-nodes]
 """
 
 from __future__ import annotations
@@ -31,8 +34,10 @@ from bksops.tasknode.v1 import task_node_pb2_grpc as pb_grpc
 
 from bench import dataset
 from bench import h2
+from bench import list_nodes
 from bench import overload
 from bench import procs
+from bench import read_mask
 from bench import wrk
 from server.cli import DEMO_APP
 from server.cli import load_demo_if_empty
@@ -52,6 +57,13 @@ METHOD = "/bksops.tasknode.v1.TaskNodeService/GetTaskNodeDetail"
 LOADS = (h2.Load(1, 1), h2.Load(16, 1), h2.Load(16, 5))
 #: Runs of each server at each load, interleaved (see best_runs).
 REPEATS = 2
+#: The read_mask step (bench.read_mask): seconds per shape and cache setting, KiB of
+#: inputs and of outputs of its node.
+READ_MASK_SECONDS = 3.0
+READ_MASK_KIB = 256
+#: The list-nodes step (bench.list_nodes): nodes of its task, calls per page measured.
+LIST_NODES = 100_000
+LIST_CALLS = 50
 SERVICE = "GetTaskNodeDetail"
 CEILING = "ceiling (prebuilt reply)"
 AUTH = {"x-bkapi-authorization": json.dumps(DEMO_APP)}
@@ -171,8 +183,16 @@ def print_table(rows: list[Row]) -> None:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--seconds", type=float, default=10)
-    parser.add_argument("--only", choices=["auth-flood"], help="run this step alone")
+    parser.add_argument(
+        "--only", choices=["auth-flood", "read-mask", "list-nodes"], help="run this step alone"
+    )
     args = parser.parse_args()
+    if args.only == "read-mask":  # in process, on a database of its own
+        read_mask.print_rows(read_mask.measure(READ_MASK_SECONDS, READ_MASK_KIB), READ_MASK_KIB)
+        return 0
+    if args.only == "list-nodes":  # in process, on a database of its own
+        list_nodes.print_rows(list_nodes.measure(LIST_NODES, LIST_CALLS), LIST_NODES)
+        return 0
     WORK.mkdir(parents=True, exist_ok=True)
     url = f"sqlite:///{WORK / 'bench.db'}"
     prepare(url)
@@ -256,6 +276,10 @@ def main() -> int:
     print(f"server peak RSS (all processes): {rss:.0f} MiB")
     print(f"after the storm: calls answered OK, median {after_storm_ms:.2f} ms")
     print_auth_flood(flood, args.seconds)
+    print()
+    read_mask.print_rows(read_mask.measure(READ_MASK_SECONDS, READ_MASK_KIB), READ_MASK_KIB)
+    print()
+    list_nodes.print_rows(list_nodes.measure(LIST_NODES, LIST_CALLS), LIST_NODES)
     return 0
 
 

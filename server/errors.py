@@ -203,6 +203,15 @@ class UnsupportedEngine(ServiceError):
     legacy_code = 3599999
 
 
+class UnsupportedByStore(ServiceError):
+    """A method the configured node store does not answer yet (ListTaskNodes on a
+    bk-sops database)."""
+
+    code = grpc.StatusCode.FAILED_PRECONDITION
+    reason = "UNSUPPORTED_BY_STORE"
+    legacy_code = 3599999
+
+
 class UnreadableData(ServiceError):
     """Stored data of the task that cannot be served as it is: a pickle naming something
     off the allow-list, a value JSON cannot carry exactly, a corrupt tree."""

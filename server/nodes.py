@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import json
 import time
+from collections.abc import Callable
 
 from bksops.tasknode.v1 import task_node_pb2 as pb
 from google.protobuf.timestamp_pb2 import Timestamp
@@ -33,6 +34,9 @@ DEFAULT_COMPONENT_VERSION = "legacy"
 CURRENT_ATTEMPT = -1
 #: Bytes of hash in an etag: 128 bits, no collision between versions of one node.
 ETAG_BYTES = 16
+_DETAIL_FIELDS = pb.NodeDetail.DESCRIPTOR.fields_by_name
+#: The fields read from the node's heavy columns (JSON text of any size).
+_HEAVY_FIELDS = frozenset({"inputs", "outputs", "ex_data"})
 
 
 class Masker:
@@ -60,20 +64,30 @@ def read_node_detail(
     With a cache, a reply built before is reused while the store's stamp of its
     task is unchanged (server.cache); the caller must not change what it returns.
     """
-    _authorize(store, query, principal)
+    authorize(store, query.biz_id, query.by_project_id, principal)
     stamp = store.stamp(query.task_id) if cache is not None else None
     if cache is not None and stamp is not None:
         cached = cache.get(query, stamp)
         if cached is not None:
             return cached
     detail = _build(store, query, mask)
+    shown = query.fields
     running_children = tuple(
         (i, _micros(c.start_time))
         for i, c in enumerate(detail.children)
         if c.HasField("start_time") and not c.HasField("finish_time")
     )
-    running = detail.HasField("start_time") and not detail.HasField("finish_time")
-    detail.etag = _etag(detail, running, [i for i, _ in running_children])
+    # What grows with the clock is what is sent of a node or child still running.
+    running = (
+        detail.HasField("start_time")
+        and not detail.HasField("finish_time")
+        and (shown is None or "elapsed_seconds" in shown)
+    )
+    if shown is not None:
+        detail = _only(detail, shown)
+        if "children" not in shown:
+            running_children = ()
+    detail.etag = _etag(detail, running, [i for i, _ in running_children], shown)
     if cache is not None and stamp is not None:
         cache.put(
             query,
@@ -85,9 +99,36 @@ def read_node_detail(
     return detail
 
 
-def _etag(detail: pb.NodeDetail, running: bool, running_children: list[int]) -> str:
+def _only(detail: pb.NodeDetail, fields: frozenset[str]) -> pb.NodeDetail:
+    """A NodeDetail holding only these fields of detail, with their presence kept."""
+    part = pb.NodeDetail()
+    for name in fields:
+        field = _DETAIL_FIELDS[name]
+        if field.is_repeated:
+            getattr(part, name).extend(getattr(detail, name))
+        elif field.has_presence:
+            if detail.HasField(name):
+                if field.message_type is not None:
+                    getattr(part, name).CopyFrom(getattr(detail, name))
+                else:
+                    setattr(part, name, getattr(detail, name))
+        else:
+            setattr(part, name, getattr(detail, name))
+    return part
+
+
+def _etag(
+    detail: pb.NodeDetail,
+    running: bool,
+    running_children: list[int],
+    fields: frozenset[str] | None = None,
+) -> str:
     """The entity tag of detail (whose etag is not set yet): a hash of its deterministic
     serialization, so equal content has one tag in every process and across restarts.
+
+    A partial reply (fields, from read_mask) hashes the names of its fields too: its
+    tag then differs from the full reply's, and from another mask's, even where the
+    bytes sent happen to be equal, so a 304 for one mask never vouches for another.
 
     The elapsed seconds of whatever still runs are a function of the clock, not of the
     content, and a cached reply refreshes them (server.cache) without a new tag: they
@@ -98,9 +139,10 @@ def _etag(detail: pb.NodeDetail, running: bool, running_children: list[int]) -> 
         detail.elapsed_seconds = 0
     for i in running_children:
         detail.children[i].elapsed_seconds = 0
-    digest = hashlib.blake2b(
-        detail.SerializeToString(deterministic=True), digest_size=ETAG_BYTES
-    ).hexdigest()
+    hashed = hashlib.blake2b(detail.SerializeToString(deterministic=True), digest_size=ETAG_BYTES)
+    if fields is not None:
+        hashed.update(b"\x00read_mask:" + ",".join(sorted(fields)).encode())
+    digest = hashed.hexdigest()
     detail.elapsed_seconds = kept[0]
     for i, seconds in zip(running_children, kept[1], strict=True):
         detail.children[i].elapsed_seconds = seconds
@@ -113,15 +155,25 @@ def _micros(moment: Timestamp) -> int:
 
 
 def _build(store: NodeStore, query: NodeQuery, mask: Mask) -> pb.NodeDetail:
-    node = store.find_node(query.biz_id, query.by_project_id, query.task_id, query.node_id)
-    _check_stack(node, query.subprocess_stack)
+    """The detail, with what query.fields leaves out neither read nor built (the
+    fields that cost nothing to fill may be set anyway: _only drops them)."""
+    shown = query.fields
+
+    def wants(name: str) -> bool:
+        return shown is None or name in shown
+
+    heavy = shown is None or not shown.isdisjoint(_HEAVY_FIELDS)
+    node = store.find_node(
+        query.biz_id, query.by_project_id, query.task_id, query.node_id, heavy=heavy
+    )
+    check_stack(node, query.subprocess_stack)
     schema = None
-    if query.component_code:
+    if query.component_code:  # read even when outputs are not: the errors stay the same
         version = node.component_version or DEFAULT_COMPONENT_VERSION
         schema = store.output_schema(query.component_code, version)
     now = time.time_ns() // 1000
     if node.state is None:
-        return _not_run(node, schema)
+        return _not_run(node, schema, wants)
 
     detail = pb.NodeDetail(
         id=node.node_id,
@@ -134,7 +186,9 @@ def _build(store: NodeStore, query: NodeQuery, mask: Mask) -> pb.NodeDetail:
         subprocess_stack=node.path,
     )
     if query.loop is None or query.loop >= node.loop:
-        attempts = store.attempts(node.task_id, node.node_id, node.loop)
+        attempts = (
+            store.attempts(node.task_id, node.node_id, node.loop) if wants("histories") else []
+        )
         _show_current(detail, node, now)
         inputs, outputs, ex_data = node.inputs, node.outputs, node.ex_data
     else:
@@ -149,28 +203,33 @@ def _build(store: NodeStore, query: NodeQuery, mask: Mask) -> pb.NodeDetail:
         _show_final(detail, final, now)
         inputs, outputs, ex_data = final.inputs, final.outputs, final.ex_data
 
-    if query.max_histories is not None:
-        attempts = attempts[len(attempts) - query.max_histories :] if query.max_histories else []
-    detail.histories.extend(convert.attempt(a, node.node_id, mask, now) for a in attempts)
-    if node.kind == "SubProcess":
+    if wants("histories"):
+        if query.max_histories is not None:
+            attempts = (
+                attempts[len(attempts) - query.max_histories :] if query.max_histories else []
+            )
+        detail.histories.extend(convert.attempt(a, node.node_id, mask, now) for a in attempts)
+    if node.kind == "SubProcess" and wants("children"):
         detail.children.extend(
             convert.child(c, now) for c in store.children(node.task_id, node.node_id)
         )
-    detail.inputs.CopyFrom(values.object_message(values.loads(inputs)))
-    detail.outputs.extend(_renamed(convert.outputs(values.loads(outputs), schema), node))
-    shown = convert.ex_data(ex_data, mask)
-    if shown is not None:
-        detail.ex_data = shown
+    if wants("inputs"):
+        detail.inputs.CopyFrom(values.object_message(values.loads(inputs)))
+    if wants("outputs"):
+        detail.outputs.extend(_renamed(convert.outputs(values.loads(outputs), schema), node))
+    shown_ex_data = convert.ex_data(ex_data, mask) if wants("ex_data") else None
+    if shown_ex_data is not None:
+        detail.ex_data = shown_ex_data
     return detail
 
 
-def _authorize(store: NodeStore, query: NodeQuery, principal: Principal) -> None:
+def authorize(store: NodeStore, biz_id: int, by_project_id: bool, principal: Principal) -> None:
     """PermissionDenied unless the caller may read the business, decided before any lookup
     of the task or node, so the answer does not depend on whether they exist."""
-    if not query.by_project_id:
-        principal.require(query.biz_id, query.biz_id)
+    if not by_project_id:
+        principal.require(biz_id, biz_id)
     elif principal.businesses is not None:
-        principal.require(store.business_of_project(query.biz_id), query.biz_id)
+        principal.require(store.business_of_project(biz_id), biz_id)
 
 
 def _show_current(detail: pb.NodeDetail, node: NodeRow, now: int) -> None:
@@ -201,8 +260,10 @@ def _set_times(detail: pb.NodeDetail, started: int | None, finished: int | None,
     detail.elapsed_seconds = convert.elapsed_seconds(started, finished, now)
 
 
-def _not_run(node: NodeRow, schema: list[tuple[str, str]] | None) -> pb.NodeDetail:
-    return pb.NodeDetail(
+def _not_run(
+    node: NodeRow, schema: list[tuple[str, str]] | None, wants: Callable[[str], bool]
+) -> pb.NodeDetail:
+    detail = pb.NodeDetail(
         id=node.node_id,
         name=node.name,
         state=pb.NODE_STATE_READY,
@@ -210,10 +271,13 @@ def _not_run(node: NodeRow, schema: list[tuple[str, str]] | None) -> pb.NodeDeta
         error_ignorable=node.error_ignorable,
         component_code=node.component_code,
         subprocess_stack=node.path,
-        inputs=values.object_message(values.loads(node.inputs)),
-        outputs=_renamed(convert.outputs(values.loads(node.outputs), schema), node),
         ex_data="",
     )
+    if wants("inputs"):
+        detail.inputs.CopyFrom(values.object_message(values.loads(node.inputs)))
+    if wants("outputs"):
+        detail.outputs.extend(_renamed(convert.outputs(values.loads(node.outputs), schema), node))
+    return detail
 
 
 def _renamed(table: list[pb.NodeOutput], node: NodeRow) -> list[pb.NodeOutput]:
@@ -226,7 +290,7 @@ def _renamed(table: list[pb.NodeOutput], node: NodeRow) -> list[pb.NodeOutput]:
     return table
 
 
-def _check_stack(node: NodeRow, given: tuple[str, ...]) -> None:
+def check_stack(node: NodeRow, given: tuple[str, ...]) -> None:
     """The request's subprocess_stack must be the node's path in the stored tree."""
     if given == node.path:
         return

@@ -32,10 +32,13 @@ from server import errors
 from server import values
 from server.config import Config
 from server.db import pickles
+from server.db.store import After
 from server.db.store import AttemptRow
 from server.db.store import ChildRow
+from server.db.store import ListedRow
 from server.db.store import NodeRow
 from server.db.store import Store
+from server.filters import Term
 
 #: Parsed task trees kept, by snapshot id (a snapshot row never changes).
 TREES_KEPT = 256
@@ -109,6 +112,22 @@ class BksopsStore(Store):
         """None: replies are not cached, since no engine row yet stamps a task's changes."""
         return None
 
+    def find_task(self, biz_id: int, by_project_id: bool, task_id: int) -> None:
+        raise _unlisted()
+
+    def list_nodes(
+        self,
+        task_id: int,
+        parent: str | None,
+        terms: tuple[Term, ...],
+        after: After | None,
+        limit: int,
+    ) -> list[ListedRow]:
+        raise _unlisted()
+
+    def count_nodes(self, task_id: int, parent: str | None, terms: tuple[Term, ...]) -> int:
+        raise _unlisted()
+
     def business_of_project(self, project_id: int) -> int | None:
         rows = self._rows(self._sql_project_business, False, project_id)
         if not rows or not rows[0][1] or rows[0][0] is None or int(rows[0][0]) < 0:
@@ -118,9 +137,12 @@ class BksopsStore(Store):
     def output_schema(self, code: str, version: str) -> list[tuple[str, str]]:
         return self.native.output_schema(code, version)
 
-    def find_node(self, biz_id: int, by_project_id: bool, task_id: int, node_id: str) -> NodeRow:
+    def find_node(
+        self, biz_id: int, by_project_id: bool, task_id: int, node_id: str, heavy: bool = True
+    ) -> NodeRow:
         """The node's row; NotFound naming the first of business, task or node missing,
-        UnsupportedEngine for a task of the legacy engine."""
+        UnsupportedEngine for a task of the legacy engine. Always whole (heavy or not):
+        the engine keeps a node's data in rows of their own, read when it is built."""
         if by_project_id:
             projects = self._rows(self._sql_project, True, biz_id)
         else:
@@ -463,3 +485,11 @@ def _micros(value: Any) -> int | None:
     if moment.tzinfo is None:
         moment = moment.replace(tzinfo=datetime.UTC)
     return (moment - _EPOCH) // datetime.timedelta(microseconds=1)
+
+
+def _unlisted() -> errors.UnsupportedByStore:
+    """ListTaskNodes on this store: the listing queries read our own node table (Store)."""
+    return errors.UnsupportedByStore(
+        "ListTaskNodes is not served from a bk-sops database yet; "
+        "GetTaskNodeDetail and BatchGetTaskNodeDetails are"
+    )

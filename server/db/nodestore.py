@@ -11,9 +11,12 @@ from collections.abc import Hashable
 from contextlib import AbstractContextManager
 from typing import Protocol
 
+from server.db.store import After
 from server.db.store import AttemptRow
 from server.db.store import ChildRow
+from server.db.store import ListedRow
 from server.db.store import NodeRow
+from server.filters import Term
 
 
 class NodeStore(Protocol):
@@ -31,8 +34,30 @@ class NodeStore(Protocol):
         """Close every connection (at shutdown)."""
         ...
 
-    def find_node(self, biz_id: int, by_project_id: bool, task_id: int, node_id: str) -> NodeRow:
-        """The node's row; NotFound naming the first of business, task or node missing."""
+    def find_node(
+        self, biz_id: int, by_project_id: bool, task_id: int, node_id: str, heavy: bool = True
+    ) -> NodeRow:
+        """The node's row; NotFound naming the first of business, task or node missing.
+        Unless heavy, a store may leave the JSON columns out ("{}", "{}", None)."""
+        ...
+
+    def find_task(self, biz_id: int, by_project_id: bool, task_id: int) -> None:
+        """NotFound naming the business or task missing, else nothing."""
+        ...
+
+    def list_nodes(
+        self,
+        task_id: int,
+        parent: str | None,
+        terms: tuple[Term, ...],
+        after: After | None,
+        limit: int,
+    ) -> list[ListedRow]:
+        """A page of the task's nodes (of one sub-process, with parent) in stored order."""
+        ...
+
+    def count_nodes(self, task_id: int, parent: str | None, terms: tuple[Term, ...]) -> int:
+        """How many nodes list_nodes would list from the start, with no limit."""
         ...
 
     def stamp(self, task_id: int) -> Hashable | None:

@@ -16,6 +16,7 @@ with the pool's idle ones, which the same outage most likely stranded.
 from __future__ import annotations
 
 import logging
+import operator
 import threading
 import time
 from collections.abc import Callable
@@ -31,6 +32,7 @@ from peewee import JOIN
 from peewee import Database
 from peewee import MySQLDatabase
 from peewee import PostgresqlDatabase
+from peewee import fn
 from playhouse.pool import MaxConnectionsExceeded
 from playhouse.pool import PooledDatabase
 
@@ -48,6 +50,7 @@ from server.db.pool import BoundedPool
 from server.db.pool import OutOfTime
 from server.db.prepared import Prepared
 from server.db.prepared import Slot
+from server.filters import Term
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -111,6 +114,25 @@ class ChildRow(NamedTuple):
     finished_at: int | None
 
 
+class ListedRow(NamedTuple):
+    """One node as ListTaskNodes lists it, with its place in the listing's order."""
+
+    row_id: int
+    position: int
+    node_id: str
+    path: tuple[str, ...]
+    name: str
+    component_code: str
+    state: str | None
+    loop: int
+    retry: int
+    started_at: int | None
+    finished_at: int | None
+
+
+#: Where a page of a listing starts: after this (sort key, node id); see Store.list_nodes.
+After = tuple[int, str]
+
 _NODE_COLUMNS = (
     Node.node_id,
     Node.path,
@@ -131,7 +153,12 @@ _NODE_COLUMNS = (
     Node.outputs,
     Node.ex_data,
 )
+#: The heavy columns' values in a row read without them (find_node(heavy=False)).
+_NO_HEAVY_COLUMNS = ("{}", "{}", None)
 
+
+#: Listing query shapes (Store.list_nodes, count_nodes) kept prepared.
+MAX_LISTING_SHAPES = 256
 
 #: How often the watchdog looks for calls past their time, in seconds: the most a
 #: thread blocked on a silent database outstays its call's time.
@@ -372,13 +399,16 @@ class Store:
         elif not self.db.is_closed():
             self.db.close()
 
-    def find_node(self, biz_id: int, by_project_id: bool, task_id: int, node_id: str) -> NodeRow:
+    def find_node(
+        self, biz_id: int, by_project_id: bool, task_id: int, node_id: str, heavy: bool = True
+    ) -> NodeRow:
         """The node's row; NotFound naming the first of business, task or node missing.
 
         One query: the business row, LEFT JOINed to the task and the node, tells
-        which of the three is missing.
+        which of the three is missing. Unless heavy, the JSON columns (inputs, outputs,
+        ex_data: any size) are not read, and the row holds "{}", "{}" and None for them.
         """
-        query = self._node_by_project if by_project_id else self._node_by_business
+        query = self._node_queries[by_project_id, heavy]
         rows = self._read("node", query, True, biz_id=biz_id, task_id=task_id, node_id=node_id)
         if not rows:
             scope = "project" if by_project_id else "cmdb_biz"
@@ -386,7 +416,7 @@ class Store:
                 f"project({biz_id}) with scope({scope}) does not exist.",
                 {"bkBizId": str(biz_id), "scope": scope},
             )
-        row = rows[0]
+        row = rows[0] if heavy else rows[0] + _NO_HEAVY_COLUMNS
         if row[1] is None:
             raise errors.TaskNotFound(
                 f"task {task_id} of business {biz_id} does not exist",
@@ -440,6 +470,112 @@ class Store:
             outputs=outputs,
             ex_data=ex_data,
         )
+
+    def find_task(self, biz_id: int, by_project_id: bool, task_id: int) -> None:
+        """Nothing if the task is there; NotFound naming the business or the task if not."""
+        query = self._task_queries[by_project_id]
+        rows = self._read("task", query, True, biz_id=biz_id, task_id=task_id)
+        if not rows:
+            scope = "project" if by_project_id else "cmdb_biz"
+            raise errors.BusinessNotFound(
+                f"project({biz_id}) with scope({scope}) does not exist.",
+                {"bkBizId": str(biz_id), "scope": scope},
+            )
+        if rows[0][1] is None:
+            raise errors.TaskNotFound(
+                f"task {task_id} of business {biz_id} does not exist",
+                {"taskId": str(task_id), "bkBizId": str(biz_id)},
+            )
+
+    def list_nodes(
+        self,
+        task_id: int,
+        parent: str | None,
+        terms: tuple[Term, ...],
+        after: After | None,
+        limit: int,
+    ) -> list[ListedRow]:
+        """Up to limit nodes of the task matching terms, in stored order, after after.
+
+        parent None: every node, ordered by row id (the order they were stored in), and
+        after is (row id, node id): the page goes on after that node's row as it is now
+        (a changed task is stored anew, its rows with new ids), or after the row id if
+        the node is gone. Otherwise the parent's direct children, ordered by their
+        position among them, after is (position, node id). Either way one range scan
+        of an index from the page's start: the last page costs what the first does.
+        """
+        key = ("list", parent is not None, after is not None, _shape(terms))
+        bound: dict[str, object] = {"task_id": task_id, "limit": limit}
+        if parent is not None:
+            bound["parent"] = parent
+        if after is not None:
+            bound["after"] = after[0]
+            if parent is None:
+                bound["task_again"], bound["after_node"] = task_id, after[1]
+        bound.update(_term_values(terms))
+        rows = self._read("list", self._listing(key, terms), True, **bound)
+        return [
+            ListedRow(
+                row_id,
+                position,
+                node_id,
+                tuple(values.loads(path)),
+                name,
+                code,
+                state,
+                loop,
+                retry,
+                started,
+                finished,
+            )
+            for (
+                row_id,
+                position,
+                node_id,
+                path,
+                name,
+                code,
+                state,
+                loop,
+                retry,
+                started,
+                finished,
+            ) in rows
+        ]
+
+    def count_nodes(self, task_id: int, parent: str | None, terms: tuple[Term, ...]) -> int:
+        """How many nodes list_nodes would list from the start, with no limit."""
+        key = ("count", parent is not None, False, _shape(terms))
+        bound: dict[str, object] = {"task_id": task_id, **_term_values(terms)}
+        if parent is not None:
+            bound["parent"] = parent
+        rows = self._read("count", self._listing(key, terms), True, **bound)
+        return int(rows[0][0])
+
+    def _listing(self, key: tuple[Any, ...], terms: tuple[Term, ...]) -> Prepared:
+        """The prepared query of a listing's shape, built on its first use and kept (two
+        threads building one at once build the same SQL). The shapes callers use are
+        few, but filters can make very many: past MAX_LISTING_SHAPES, a new shape is
+        built for its call alone, so no caller can make the store grow without bound."""
+        prepared = self._listings.get(key)
+        if prepared is None:
+            kind, has_parent, has_after, _ = key
+            slots: dict[str, str | int] = {"task_id": Slot.number(20)}
+            if has_parent:
+                slots["parent"] = Slot.text("parent")
+            if has_after:
+                slots["after"] = Slot.number(21)
+                if not has_parent:
+                    slots["task_again"] = Slot.number(22)
+                    slots["after_node"] = Slot.text("after_node")
+            if kind == "list":
+                slots["limit"] = Slot.number(23)
+            slots.update(_term_slots(terms))
+            build = partial(_listing_query, kind == "count", has_parent, has_after, terms)
+            prepared = Prepared(self.db, build, **slots)
+            if len(self._listings) < MAX_LISTING_SHAPES:
+                self._listings[key] = prepared
+        return prepared
 
     def stamp(self, task_id: int) -> tuple[str, int] | None:
         """What a reply about the task is built from, stamped: the task's digest and the
@@ -525,8 +661,20 @@ class Store:
             "task_id": number(2),
             "node_id": text("node_id"),
         }
-        self._node_by_business = Prepared(self.db, partial(_node_query, False), **ids)
-        self._node_by_project = Prepared(self.db, partial(_node_query, True), **ids)
+        self._node_queries = {
+            (by_project_id, heavy): Prepared(
+                self.db, partial(_node_query, by_project_id, heavy), **ids
+            )
+            for by_project_id in (False, True)
+            for heavy in (False, True)
+        }
+        self._task_queries = {
+            by_project_id: Prepared(
+                self.db, partial(_task_query, by_project_id), biz_id=number(1), task_id=number(2)
+            )
+            for by_project_id in (False, True)
+        }
+        self._listings: dict[tuple[Any, ...], Prepared] = {}
         self._stamp = Prepared(
             self.db,
             lambda task_id: Task.select(
@@ -556,10 +704,11 @@ class Store:
         )
 
 
-def _node_query(by_project_id: bool, biz_id: int, task_id: int, node_id: str) -> Any:
+def _node_query(by_project_id: bool, heavy: bool, biz_id: int, task_id: int, node_id: str) -> Any:
     owner = Project.id == biz_id if by_project_id else Project.bk_biz_id == biz_id
+    columns = _NODE_COLUMNS if heavy else _NODE_COLUMNS[: -len(_NO_HEAVY_COLUMNS)]
     return (
-        Project.select(Project.id, Task.id, *_NODE_COLUMNS)
+        Project.select(Project.id, Task.id, *columns)
         .join(
             Task,
             JOIN.LEFT_OUTER,
@@ -568,6 +717,123 @@ def _node_query(by_project_id: bool, biz_id: int, task_id: int, node_id: str) ->
         .join(Node, JOIN.LEFT_OUTER, on=(Node.task == Task.id) & (Node.node_id == node_id))
         .where(owner)
         .limit(1)
+    )
+
+
+def _task_query(by_project_id: bool, biz_id: int, task_id: int) -> Any:
+    owner = Project.id == biz_id if by_project_id else Project.bk_biz_id == biz_id
+    return (
+        Project.select(Project.id, Task.id)
+        .join(
+            Task,
+            JOIN.LEFT_OUTER,
+            on=(Task.project == Project.id) & (Task.id == task_id) & (Task.deleted == False),  # noqa: E712
+        )
+        .where(owner)
+        .limit(1)
+    )
+
+
+_COMPARE: dict[str, Callable[[Any, Any], Any]] = {
+    "=": operator.eq,
+    "!=": operator.ne,
+    "<": operator.lt,
+    "<=": operator.le,
+    ">": operator.gt,
+    ">=": operator.ge,
+}
+_TERM_COLUMNS: dict[str, Any] = {
+    "state": Node.state,
+    "component_code": Node.component_code,
+    "loop": Node.loop,
+    "retry": Node.retry,
+    "started_at": Node.started_at,
+    "finished_at": Node.finished_at,
+}
+#: A node that has not run has no state stored, and is READY.
+_READY = "READY"
+
+
+def _shape(terms: tuple[Term, ...]) -> tuple[tuple[str, str, bool], ...]:
+    """What of a filter shapes its SQL: each term's column and operator, and whether it
+    compares the state with READY (which a NULL state is)."""
+    return tuple((t.column, t.op, t.column == "state" and t.value == _READY) for t in terms)
+
+
+def _term_slots(terms: tuple[Term, ...]) -> dict[str, str | int]:
+    return {
+        f"term{i}": Slot.text(f"term{i}") if isinstance(t.value, str) else Slot.number(30 + i)
+        for i, t in enumerate(terms)
+        if not (t.column == "state" and t.value == _READY)
+    }
+
+
+def _term_values(terms: tuple[Term, ...]) -> dict[str, object]:
+    return {
+        f"term{i}": t.value
+        for i, t in enumerate(terms)
+        if not (t.column == "state" and t.value == _READY)
+    }
+
+
+def _term_condition(term: Term, value: object) -> Any:
+    column = _TERM_COLUMNS[term.column]
+    if term.column != "state":
+        return _COMPARE[term.op](column, value)
+    if term.value == _READY:
+        ready = column.is_null() | (column == _READY)
+        return ready if term.op == "=" else (column.is_null(False) & (column != _READY))
+    if term.op == "=":
+        return column == value
+    return column.is_null() | (column != value)
+
+
+def _listing_query(
+    count: bool,
+    has_parent: bool,
+    has_after: bool,
+    terms: tuple[Term, ...],
+    task_id: int,
+    parent: str = "",
+    after: int = 0,
+    task_again: int = 0,
+    after_node: str = "",
+    limit: int = 0,
+    **term_values: object,
+) -> Any:
+    condition = Node.task == task_id
+    if has_parent:
+        condition &= Node.parent_node_id == parent
+    for i, term in enumerate(terms):
+        condition &= _term_condition(term, term_values.get(f"term{i}"))
+    if count:
+        return Node.select(fn.COUNT(Node.id)).where(condition)
+    if has_after and has_parent:
+        condition &= Node.position > after
+    elif has_after:
+        anchor = Node.alias("anchor")
+        anchored = anchor.select(anchor.id).where(
+            (anchor.task == task_again) & (anchor.node_id == after_node)
+        )
+        condition &= Node.id > fn.COALESCE(anchored, after)
+    order = (Node.position, Node.id) if has_parent else (Node.id,)
+    return (
+        Node.select(
+            Node.id,
+            Node.position,
+            Node.node_id,
+            Node.path,
+            Node.name,
+            Node.component_code,
+            Node.state,
+            Node.loop,
+            Node.retry,
+            Node.started_at,
+            Node.finished_at,
+        )
+        .where(condition)
+        .order_by(*order)
+        .limit(limit)
     )
 
 

@@ -179,11 +179,11 @@ class App:
         reply = await self._call(route, message, credentials, request)
         etag = canonical.etag_of(reply)
         if not etag:
-            return _json(200, canonical.reply_json(reply), request)
+            return _json(200, canonical.reply_json(reply, message), request)
         tag: Headers = ((b"etag", etag.encode("ascii")),)
         if route.method == "GET" and canonical.matches(request.headers.get("if-none-match"), etag):
             return Response(304, b"", (*_ids(request), *tag))
-        return _json(200, canonical.reply_json(reply), request, tag)
+        return _json(200, canonical.reply_json(reply, message), request, tag)
 
     async def _call(
         self,

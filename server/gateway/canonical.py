@@ -11,6 +11,7 @@ from __future__ import annotations
 import re
 from typing import Any
 
+from bksops.tasknode.v1 import task_node_pb2
 from google.protobuf import descriptor_pool
 from google.protobuf import json_format
 from google.protobuf import message_factory
@@ -23,10 +24,13 @@ from server import errors
 from server.errors import FieldViolation
 from server.gateway.requests import Request
 from server.gateway.routes import Route
+from server.query import SUMMARY_FIELDS
 
 _INTEGER = re.compile(r"[-+]?[0-9]{1,20}")
 #: One entity tag of an If-None-Match list: optionally weak, then quoted.
 _ENTITY_TAG = re.compile(r'(?:W/)?"[^"]*"')
+#: A FieldMask query parameter takes comma-separated paths, as grpc-gateway reads it.
+_FIELD_MASK = "google.protobuf.FieldMask"
 _TRUE = frozenset({"true", "True", "TRUE", "t", "T", "1"})
 _FALSE = frozenset({"false", "False", "FALSE", "f", "F", "0"})
 _INTEGER_TYPES = frozenset(
@@ -76,14 +80,33 @@ def _query_fields(
     fields: list[tuple[str, Any]] = []
     for path, (name, texts) in found.items():
         leaf = path[-1]
-        if leaf.is_repeated:
-            value: Any = [_scalar(leaf, name, text) for text in texts]
+        if leaf.message_type is not None and leaf.message_type.full_name == _FIELD_MASK:
+            value: Any = _field_mask(texts)
+        elif leaf.is_repeated:
+            value = [_scalar(leaf, name, text) for text in texts]
         elif len(texts) > 1:
             raise _bad(name, f"{name} is given {len(texts)} times; it takes one value")
         else:
             value = _scalar(leaf, name, texts[0])
         fields.append((".".join(f.name for f in path), value))
     return _nested(fields)
+
+
+def _field_mask(texts: list[str]) -> str:
+    """FieldMask query values (?read_mask=state,start_time, perhaps repeated) as the mask's
+    proto JSON string: proto or JSON names, each path in lowerCamelCase. A name that is
+    no field stays as it is, for the service to refuse by its path."""
+    paths = [path.strip() for text in texts for path in text.split(",") if path.strip()]
+    return ",".join(".".join(_camel(part) for part in path.split(".")) for path in paths)
+
+
+def _camel(name: str) -> str:
+    head, *rest = name.split("_")
+    return head + "".join(part[:1].upper() + part[1:] for part in rest)
+
+
+#: The JSON names of a summary node (ListTaskNodes' basic view).
+_SUMMARY = {_camel(name) for name in SUMMARY_FIELDS}
 
 
 def _field_path(descriptor: Descriptor, name: str) -> tuple[FieldDescriptor, ...] | None:
@@ -130,9 +153,45 @@ def _bad(name: str, message: str) -> errors.InvalidArgument:
     return errors.InvalidArgument(message, {"fields": name}, [FieldViolation(name, message)])
 
 
-def reply_json(reply: Message) -> Any:
-    """The reply as grpc-gateway prints it."""
-    return json_format.MessageToDict(reply, always_print_fields_with_no_presence=True)
+def reply_json(reply: Message, request: Message | None = None) -> Any:
+    """The reply as grpc-gateway prints it; a partial reply (the request's read_mask,
+    or each batch item's) without the zero values of the fields it was not asked for."""
+    data = json_format.MessageToDict(reply, always_print_fields_with_no_presence=True)
+    if request is not None:
+        _trim(data, request)
+    return data
+
+
+def _trim(data: dict[str, Any], request: Message) -> None:
+    """Drop from data what request's read_mask leaves out (etag stays: it tags the rest)."""
+    if isinstance(request, task_node_pb2.BatchGetTaskNodeDetailsRequest):
+        for item, result in zip(request.requests, data.get("results", ()), strict=False):
+            if isinstance(result, dict) and isinstance(result.get("detail"), dict):
+                _trim(result["detail"], item)
+        return
+    if isinstance(request, task_node_pb2.ListTaskNodesRequest):
+        full = request.view == task_node_pb2.NODE_VIEW_FULL
+        kept = _masked(request.read_mask.paths) if full else _SUMMARY
+        if kept is not None:
+            for node in data.get("nodes", ()):
+                _keep(node, kept)
+        return
+    if isinstance(request, task_node_pb2.GetTaskNodeDetailRequest):
+        kept = _masked(request.read_mask.paths)
+        if kept is not None:
+            _keep(data, kept)
+
+
+def _masked(paths: Any) -> set[str] | None:
+    """The JSON names a read_mask's paths keep (etag too); None to keep everything."""
+    if not paths or list(paths) == ["*"]:
+        return None
+    return {_camel(path) for path in paths} | {"etag"}
+
+
+def _keep(data: dict[str, Any], kept: set[str]) -> None:
+    for key in [key for key in data if key not in kept]:
+        del data[key]
 
 
 def etag_of(reply: Message) -> str:

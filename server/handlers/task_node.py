@@ -12,9 +12,11 @@ from server.auth import current_principal
 from server.cache import DetailCache
 from server.db.nodestore import NodeStore
 from server.interceptors import rich_status
+from server.listing import list_task_nodes
 from server.nodes import Masker
 from server.nodes import read_node_detail
 from server.query import check_batch
+from server.query import parse_list_request
 from server.query import parse_request
 
 #: Errors about the call rather than one of its items: they fail a whole batch, as they
@@ -58,6 +60,13 @@ class TaskNodeServicer(pb_grpc.TaskNodeServiceServicer):
             finally:
                 self.store.end_snapshot()
         return reply
+
+    def ListTaskNodes(
+        self, request: pb.ListTaskNodesRequest, context: grpc.ServicerContext
+    ) -> pb.ListTaskNodesResponse:
+        return list_task_nodes(
+            self.store, parse_list_request(request), self.mask, _principal(), self.cache
+        )
 
     def _read(self, request: pb.GetTaskNodeDetailRequest, principal: Principal) -> pb.NodeDetail:
         return read_node_detail(

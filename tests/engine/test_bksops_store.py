@@ -24,6 +24,7 @@ import httpx
 import pytest
 from bksops.tasknode.v1 import task_node_pb2 as pb
 from bksops.tasknode.v1 import task_node_pb2_grpc as pb_grpc
+from google.protobuf.field_mask_pb2 import FieldMask
 from google.rpc import error_details_pb2
 from grpc_status import rpc_status
 from peewee import MySQLDatabase
@@ -721,3 +722,25 @@ def test_the_legacy_route_answers_a_retried_node_as_bk_sops_does(legacy: Any) ->
         bk_sops.pop(key)
     bk_sops["histories"][0].pop("id")
     assert data == bk_sops
+
+
+def test_a_read_mask_reads_the_engine_too(served: Any) -> None:
+    full = ask(served, "nested", "taken")
+    masked = ask(served, "nested", "taken", read_mask=FieldMask(paths=["state", "outputs"]))
+    assert masked.state == full.state and list(masked.outputs) == list(full.outputs)
+    assert not masked.inputs.fields and masked.etag and masked.etag != full.etag
+
+
+def test_listing_a_tasks_nodes_is_refused_clearly(served: Any) -> None:
+    """The listing reads our own node table; on an engine database it says so instead of
+    running that SQL there."""
+    stub, engine = served
+    entry, _ = node(engine, "nested", "taken")
+    request = pb.ListTaskNodesRequest(
+        bk_biz_id=str(entry["business_id"]), task_id=str(entry["task_id"])
+    )
+    with pytest.raises(grpc.RpcError) as caught:
+        stub.ListTaskNodes(request, timeout=30)
+    code, reason, message = failure(caught.value)
+    assert (code, reason) == (grpc.StatusCode.FAILED_PRECONDITION, "UNSUPPORTED_BY_STORE")
+    assert "ListTaskNodes" in message

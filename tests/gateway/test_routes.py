@@ -117,9 +117,11 @@ def test_the_canonical_route_comes_from_the_http_rule() -> None:
     rule = GET_TASK_NODE_DETAIL.GetOptions().Extensions[annotations_pb2.http]
     routes = canonical_routes()
     batch_get = GET_TASK_NODE_DETAIL.containing_service.methods_by_name["BatchGetTaskNodeDetails"]
+    list_nodes = GET_TASK_NODE_DETAIL.containing_service.methods_by_name["ListTaskNodes"]
     assert [(r.method, r.template.text, r.kind, r.rpc, r.body) for r in routes] == [
         ("GET", rule.get, CANONICAL, GET_TASK_NODE_DETAIL, ""),
         ("POST", "/v1/nodes:batchGet", CANONICAL, batch_get, "*"),
+        ("GET", "/v1/businesses/{bk_biz_id}/tasks/{task_id}/nodes", CANONICAL, list_nodes, ""),
     ]
     assert rule.get == "/v1/businesses/{bk_biz_id}/tasks/{task_id}/nodes/{node_id}"
 

@@ -2,6 +2,7 @@ import datetime
 
 from bksops.tasknode.v1 import json_value_pb2 as _json_value_pb2
 from google.api import annotations_pb2 as _annotations_pb2
+from google.protobuf import field_mask_pb2 as _field_mask_pb2
 from google.protobuf import timestamp_pb2 as _timestamp_pb2
 from google.rpc import status_pb2 as _status_pb2
 from google.protobuf.internal import containers as _containers
@@ -12,6 +13,12 @@ from collections.abc import Iterable as _Iterable, Mapping as _Mapping
 from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 
 DESCRIPTOR: _descriptor.FileDescriptor
+
+class NodeView(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    NODE_VIEW_UNSPECIFIED: _ClassVar[NodeView]
+    NODE_VIEW_BASIC: _ClassVar[NodeView]
+    NODE_VIEW_FULL: _ClassVar[NodeView]
 
 class Scope(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
@@ -36,6 +43,9 @@ class NodeState(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     NODE_STATE_ROLLING_BACK: _ClassVar[NodeState]
     NODE_STATE_ROLL_BACK_SUCCESS: _ClassVar[NodeState]
     NODE_STATE_ROLL_BACK_FAILED: _ClassVar[NodeState]
+NODE_VIEW_UNSPECIFIED: NodeView
+NODE_VIEW_BASIC: NodeView
+NODE_VIEW_FULL: NodeView
 SCOPE_UNSPECIFIED: Scope
 SCOPE_CMDB_BIZ: Scope
 SCOPE_PROJECT: Scope
@@ -56,7 +66,7 @@ NODE_STATE_ROLL_BACK_SUCCESS: NodeState
 NODE_STATE_ROLL_BACK_FAILED: NodeState
 
 class GetTaskNodeDetailRequest(_message.Message):
-    __slots__ = ("bk_biz_id", "task_id", "node_id", "component_code", "subprocess_stack", "loop", "scope", "max_histories")
+    __slots__ = ("bk_biz_id", "task_id", "node_id", "component_code", "subprocess_stack", "loop", "scope", "max_histories", "read_mask")
     BK_BIZ_ID_FIELD_NUMBER: _ClassVar[int]
     TASK_ID_FIELD_NUMBER: _ClassVar[int]
     NODE_ID_FIELD_NUMBER: _ClassVar[int]
@@ -65,6 +75,7 @@ class GetTaskNodeDetailRequest(_message.Message):
     LOOP_FIELD_NUMBER: _ClassVar[int]
     SCOPE_FIELD_NUMBER: _ClassVar[int]
     MAX_HISTORIES_FIELD_NUMBER: _ClassVar[int]
+    READ_MASK_FIELD_NUMBER: _ClassVar[int]
     bk_biz_id: str
     task_id: str
     node_id: str
@@ -73,7 +84,8 @@ class GetTaskNodeDetailRequest(_message.Message):
     loop: int
     scope: Scope
     max_histories: int
-    def __init__(self, bk_biz_id: _Optional[str] = ..., task_id: _Optional[str] = ..., node_id: _Optional[str] = ..., component_code: _Optional[str] = ..., subprocess_stack: _Optional[_Iterable[str]] = ..., loop: _Optional[int] = ..., scope: _Optional[_Union[Scope, str]] = ..., max_histories: _Optional[int] = ...) -> None: ...
+    read_mask: _field_mask_pb2.FieldMask
+    def __init__(self, bk_biz_id: _Optional[str] = ..., task_id: _Optional[str] = ..., node_id: _Optional[str] = ..., component_code: _Optional[str] = ..., subprocess_stack: _Optional[_Iterable[str]] = ..., loop: _Optional[int] = ..., scope: _Optional[_Union[Scope, str]] = ..., max_histories: _Optional[int] = ..., read_mask: _Optional[_Union[_field_mask_pb2.FieldMask, _Mapping]] = ...) -> None: ...
 
 class BatchGetTaskNodeDetailsRequest(_message.Message):
     __slots__ = ("requests",)
@@ -94,6 +106,38 @@ class NodeDetailResult(_message.Message):
     detail: NodeDetail
     error: _status_pb2.Status
     def __init__(self, detail: _Optional[_Union[NodeDetail, _Mapping]] = ..., error: _Optional[_Union[_status_pb2.Status, _Mapping]] = ...) -> None: ...
+
+class ListTaskNodesRequest(_message.Message):
+    __slots__ = ("bk_biz_id", "task_id", "scope", "subprocess_stack", "page_size", "page_token", "filter", "view", "read_mask")
+    BK_BIZ_ID_FIELD_NUMBER: _ClassVar[int]
+    TASK_ID_FIELD_NUMBER: _ClassVar[int]
+    SCOPE_FIELD_NUMBER: _ClassVar[int]
+    SUBPROCESS_STACK_FIELD_NUMBER: _ClassVar[int]
+    PAGE_SIZE_FIELD_NUMBER: _ClassVar[int]
+    PAGE_TOKEN_FIELD_NUMBER: _ClassVar[int]
+    FILTER_FIELD_NUMBER: _ClassVar[int]
+    VIEW_FIELD_NUMBER: _ClassVar[int]
+    READ_MASK_FIELD_NUMBER: _ClassVar[int]
+    bk_biz_id: str
+    task_id: str
+    scope: Scope
+    subprocess_stack: _containers.RepeatedScalarFieldContainer[str]
+    page_size: int
+    page_token: str
+    filter: str
+    view: NodeView
+    read_mask: _field_mask_pb2.FieldMask
+    def __init__(self, bk_biz_id: _Optional[str] = ..., task_id: _Optional[str] = ..., scope: _Optional[_Union[Scope, str]] = ..., subprocess_stack: _Optional[_Iterable[str]] = ..., page_size: _Optional[int] = ..., page_token: _Optional[str] = ..., filter: _Optional[str] = ..., view: _Optional[_Union[NodeView, str]] = ..., read_mask: _Optional[_Union[_field_mask_pb2.FieldMask, _Mapping]] = ...) -> None: ...
+
+class ListTaskNodesResponse(_message.Message):
+    __slots__ = ("nodes", "next_page_token", "total_size")
+    NODES_FIELD_NUMBER: _ClassVar[int]
+    NEXT_PAGE_TOKEN_FIELD_NUMBER: _ClassVar[int]
+    TOTAL_SIZE_FIELD_NUMBER: _ClassVar[int]
+    nodes: _containers.RepeatedCompositeFieldContainer[NodeDetail]
+    next_page_token: str
+    total_size: int
+    def __init__(self, nodes: _Optional[_Iterable[_Union[NodeDetail, _Mapping]]] = ..., next_page_token: _Optional[str] = ..., total_size: _Optional[int] = ...) -> None: ...
 
 class NodeDetail(_message.Message):
     __slots__ = ("id", "name", "state", "executed", "start_time", "finish_time", "elapsed_seconds", "skip", "retry", "loop", "error_ignorable", "error_ignored", "version", "inputs", "outputs", "ex_data", "histories", "children", "history_id", "component_code", "subprocess_stack", "etag")

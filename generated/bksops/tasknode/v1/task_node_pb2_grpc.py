@@ -45,6 +45,11 @@ class TaskNodeServiceStub:
                 request_serializer=bksops_dot_tasknode_dot_v1_dot_task__node__pb2.BatchGetTaskNodeDetailsRequest.SerializeToString,
                 response_deserializer=bksops_dot_tasknode_dot_v1_dot_task__node__pb2.BatchGetTaskNodeDetailsResponse.FromString,
                 _registered_method=True)
+        self.ListTaskNodes = channel.unary_unary(
+                '/bksops.tasknode.v1.TaskNodeService/ListTaskNodes',
+                request_serializer=bksops_dot_tasknode_dot_v1_dot_task__node__pb2.ListTaskNodesRequest.SerializeToString,
+                response_deserializer=bksops_dot_tasknode_dot_v1_dot_task__node__pb2.ListTaskNodesResponse.FromString,
+                _registered_method=True)
 
 
 class TaskNodeServiceServicer:
@@ -82,6 +87,19 @@ class TaskNodeServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ListTaskNodes(self, request, context):
+        """ListTaskNodes lists the nodes of a task, or the direct children of one
+        sub-process in it, a page at a time, in the task's stored order. Each node
+        is a NodeDetail: with NODE_VIEW_BASIC (the default) only its summary fields
+        (id, name, state, executed, start_time, finish_time, loop, retry,
+        component_code, subprocess_stack) and no etag; with NODE_VIEW_FULL what
+        GetTaskNodeDetail returns for it (without a component_code). The caller
+        must be allowed to read the business, as for GetTaskNodeDetail.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_TaskNodeServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -94,6 +112,11 @@ def add_TaskNodeServiceServicer_to_server(servicer, server):
                     servicer.BatchGetTaskNodeDetails,
                     request_deserializer=bksops_dot_tasknode_dot_v1_dot_task__node__pb2.BatchGetTaskNodeDetailsRequest.FromString,
                     response_serializer=bksops_dot_tasknode_dot_v1_dot_task__node__pb2.BatchGetTaskNodeDetailsResponse.SerializeToString,
+            ),
+            'ListTaskNodes': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListTaskNodes,
+                    request_deserializer=bksops_dot_tasknode_dot_v1_dot_task__node__pb2.ListTaskNodesRequest.FromString,
+                    response_serializer=bksops_dot_tasknode_dot_v1_dot_task__node__pb2.ListTaskNodesResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -151,6 +174,33 @@ class TaskNodeService:
             '/bksops.tasknode.v1.TaskNodeService/BatchGetTaskNodeDetails',
             bksops_dot_tasknode_dot_v1_dot_task__node__pb2.BatchGetTaskNodeDetailsRequest.SerializeToString,
             bksops_dot_tasknode_dot_v1_dot_task__node__pb2.BatchGetTaskNodeDetailsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListTaskNodes(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/bksops.tasknode.v1.TaskNodeService/ListTaskNodes',
+            bksops_dot_tasknode_dot_v1_dot_task__node__pb2.ListTaskNodesRequest.SerializeToString,
+            bksops_dot_tasknode_dot_v1_dot_task__node__pb2.ListTaskNodesResponse.FromString,
             options,
             channel_credentials,
             insecure,
