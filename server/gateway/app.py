@@ -142,7 +142,7 @@ class App:
             )
             if kind == CANONICAL:
                 return await self._canonical(route, request)
-            return _json(200, await self._legacy(route, request), request)
+            return await self._legacy(route, request)
         except errors.ServiceError as exc:
             status = statuses.status_of(exc)
             if isinstance(exc, errors.MethodNotAllowed):
@@ -156,19 +156,25 @@ class App:
             status = statuses.status_of(errors.Internal(INTERNAL))
         return _failure(kind, status, request, extra)
 
-    async def _legacy(self, route: Route, request: Request) -> Any:
+    async def _legacy(self, route: Route, request: Request) -> Response:
+        """The reply in the legacy envelope, with the node's etag as ETag, or only that
+        (304, no body) to a GET whose If-None-Match names it: callers that send none see
+        the envelope they always did."""
         params = legacy.read_params(request)
         credentials = creds.read_credentials(request.headers.get(creds.HEADER), params)
         await self.authenticate(credentials)
         message = legacy.build_request(params)
         reply = await self._call(route, message, credentials, request, raw=True)
         named = bool(message.component_code)
-        data = self.rendered.get(reply, named)
-        if data is None:
+        rendered = self.rendered.get(reply, named)
+        if rendered is None:
             detail = pb.NodeDetail.FromString(reply)
-            data = dumps(legacy.render_detail(detail, named, self.zone))
-            self.rendered.put(reply, named, data)
-        return legacy.success_body(data, request)
+            rendered = (dumps(legacy.render_detail(detail, named, self.zone)), detail.etag)
+            self.rendered.put(reply, named, rendered)
+        data, etag = rendered
+        return _tagged(request, etag) or _json(
+            200, legacy.success_body(data, request), request, _etag_header(etag)
+        )
 
     async def _canonical(self, route: Route, request: Request) -> Response:
         """The reply in proto JSON; with its etag (if it has one) as ETag, or only that
@@ -178,12 +184,9 @@ class App:
         message = canonical.build_request(route, request)
         reply = await self._call(route, message, credentials, request)
         etag = canonical.etag_of(reply)
-        if not etag:
-            return _json(200, canonical.reply_json(reply, message), request)
-        tag: Headers = ((b"etag", etag.encode("ascii")),)
-        if route.method == "GET" and canonical.matches(request.headers.get("if-none-match"), etag):
-            return Response(304, b"", (*_ids(request), *tag))
-        return _json(200, canonical.reply_json(reply, message), request, tag)
+        return _tagged(request, etag) or _json(
+            200, canonical.reply_json(reply, message), request, _etag_header(etag)
+        )
 
     async def _call(
         self,
@@ -253,6 +256,19 @@ def _json(status: int, value: Any, request: Request, extra: Headers = ()) -> Res
         *extra,
     )
     return Response(status, body, headers)
+
+
+def _etag_header(etag: str) -> Headers:
+    """The ETag header of a reply with an etag; none without."""
+    return ((b"etag", etag.encode("ascii")),) if etag else ()
+
+
+def _tagged(request: Request, etag: str) -> Response | None:
+    """304 with no body for a GET whose If-None-Match names etag; None otherwise."""
+    wanted = request.headers.get("if-none-match")
+    if etag and request.method == "GET" and canonical.matches(wanted, etag):
+        return Response(304, b"", (*_ids(request), *_etag_header(etag)))
+    return None
 
 
 def _ids(request: Request) -> Headers:

@@ -81,8 +81,11 @@ def test_errors_carry_no_etag_and_never_304(http: httpx.Client) -> None:
     assert response.status_code == 404 and "etag" not in response.headers
 
 
-def test_legacy_routes_are_unchanged_by_etags(http: httpx.Client) -> None:
+def test_legacy_routes_send_the_etag_and_answer_304_to_it(http: httpx.Client) -> None:
+    """The node's etag, as on the canonical route; callers sending no If-None-Match get the
+    envelope as before, and its data gains no key."""
     canonical = http.get(SEED_PATH, params=SEED_QUERY, headers=AS_DEMO_APP)
+    etag = canonical.headers["etag"]
     params = {
         "bk_biz_id": "2",
         "task_id": "10",
@@ -90,13 +93,27 @@ def test_legacy_routes_are_unchanged_by_etags(http: httpx.Client) -> None:
         "subprocess_stack": f'["{SEED_QUERY["subprocessStack"]}"]',
         "component_code": "job_fast_execute_script",
     }
-    for if_none_match in (None, canonical.headers["etag"], "*"):
-        headers = dict(AS_DEMO_APP)
-        if if_none_match:
-            headers["if-none-match"] = if_none_match
-        response = http.get(
-            "/api/c/compapi/v2/sops/get_task_node_detail/", params=params, headers=headers
-        )
-        assert response.status_code == 200 and "etag" not in response.headers
-        data = response.json()["data"]
+    paths = (
+        "/api/c/compapi/v2/sops/get_task_node_detail/",
+        "/api/c/compapi/sops/get_task_node_detail/",
+    )
+    for path in paths:
+        plain = http.get(path, params=params, headers=AS_DEMO_APP)
+        assert plain.status_code == 200 and plain.headers["etag"] == etag
+        data = plain.json()["data"]
         assert data["id"] == SEED_NODE and "etag" not in data
+        for if_none_match in (etag, "*"):
+            headers = {**AS_DEMO_APP, "if-none-match": if_none_match}
+            cached = http.get(path, params=params, headers=headers)
+            assert cached.status_code == 304 and cached.content == b""
+            assert cached.headers["etag"] == etag
+        stale = {**AS_DEMO_APP, "if-none-match": '"0123456789abcdef0123456789abcdef"'}
+        assert http.get(path, params=params, headers=stale).json()["data"] == data
+        # POST is no conditional read: its answer is whole whatever the header says.
+        headers = {**AS_DEMO_APP, "if-none-match": etag}
+        posted = http.post(
+            path,
+            json={**params, "subprocess_stack": [SEED_QUERY["subprocessStack"]]},
+            headers=headers,
+        )
+        assert posted.status_code == 200 and posted.json()["data"] == data

@@ -19,19 +19,19 @@ def test_the_envelope_around_rendered_data_is_byte_exact() -> None:
 
 def test_entries_are_keyed_by_reply_and_variant() -> None:
     cache = RenderedCache(max_bytes=1000)
-    cache.put(b"reply", True, b"named")
-    cache.put(b"reply", False, b"unnamed")
-    assert cache.get(b"reply", True) == b"named"
-    assert cache.get(b"reply", False) == b"unnamed"
+    cache.put(b"reply", True, (b"named", "tag"))
+    cache.put(b"reply", False, (b"unnamed", "tag"))
+    assert cache.get(b"reply", True) == (b"named", "tag")
+    assert cache.get(b"reply", False) == (b"unnamed", "tag")
     assert cache.get(b"other", True) is None
 
 
 def test_the_cache_is_bounded_by_bytes() -> None:
     cache = RenderedCache(max_bytes=1000)
     for n in range(20):
-        cache.put(b"r%03d" % n + b"x" * 60, True, b"y" * 60)
+        cache.put(b"r%03d" % n + b"x" * 60, True, (b"y" * 60, "tag"))
     assert len(cache) == 8  # 8 x 124 bytes fit in 1,000
-    assert cache.get(b"r019" + b"x" * 60, True) == b"y" * 60
+    assert cache.get(b"r019" + b"x" * 60, True) == (b"y" * 60, "tag")
     assert cache.get(b"r000" + b"x" * 60, True) is None
-    cache.put(b"huge", True, b"z" * 200)  # over an eighth of the budget: not kept
+    cache.put(b"huge", True, (b"z" * 200, "tag"))  # over an eighth of the budget: not kept
     assert cache.get(b"huge", True) is None
