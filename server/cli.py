@@ -112,7 +112,7 @@ def _load(config: Config, files: list[str]) -> int:
     ensure_schema(db)
     with db.connection_context():
         for path in files:
-            print(f"{path}: {load_file(db, path)}")
+            print(f"{path}: {load_file(db, path, show_progress=True)}")
     return 0
 
 
