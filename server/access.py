@@ -62,11 +62,16 @@ class AccessLog:
 
     def flush(self) -> None:
         """Write every line noted so far."""
+        batch = self._take()
+        if batch.lines and self.logger.isEnabledFor(logging.INFO):
+            self.logger.info(batch)
+
+    def _take(self) -> _Batch:
+        """The lines noted so far, as one record's message; they are no longer noted."""
         lines = []
         while self._lines:
             lines.append(self._lines.popleft())
-        if lines and self.logger.isEnabledFor(logging.INFO):
-            self.logger.info(_Batch(self, lines))
+        return _Batch(self, lines)
 
     def stop(self) -> None:
         """Stop the writer thread after writing what is left."""

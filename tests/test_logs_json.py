@@ -4,6 +4,7 @@ stable keys, access lines (gRPC and HTTP, served and refused) with their fields.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 import signal
@@ -17,8 +18,10 @@ import grpc
 import httpx
 from bksops.tasknode.v1 import task_node_pb2_grpc as pb_grpc
 
+from server.access import AccessLog
 from server.cli import DEMO_APP
 from server.cli import DEMO_TOKEN
+from server.logs import JsonFormatter
 from tests.conftest import seed_request
 from tests.gateway.test_auth_routes import ESB_V2
 from tests.gateway.test_auth_routes import GRANTED
@@ -136,3 +139,33 @@ def test_a_log_format_it_does_not_know_stops_the_start(tmp_path: Path) -> None:
     assert done.returncode != 0
     assert "TASKNODE_LOG_FORMAT: 'xml' is not one of text, json" in done.stderr
     assert not (tmp_path / "tasknode.db").exists()
+
+
+def test_a_traceback_and_a_batch_of_access_lines_stay_one_object_a_line() -> None:
+    formatter = JsonFormatter(worker=3)
+    try:
+        raise ValueError("bad\nvalue")
+    except ValueError:
+        record = logging.LogRecord(
+            "x", logging.ERROR, __file__, 1, "it\nfailed", (), sys.exc_info()
+        )
+    failed = formatter.format(record)
+    assert "\n" not in failed
+    parsed = json.loads(failed)
+    assert (parsed["message"], parsed["worker"], parsed["trace_id"]) == ("it\nfailed", 3, None)
+    assert "ValueError: bad\nvalue" in parsed["exception"]
+
+    access = AccessLog(flush_seconds=3600)
+    try:
+        access.record("ipv4:1.2.3.4:5", "/a", "app", "-", "OK", 1.5, "r1", "-")
+        access.record("ipv4:1.2.3.4:5", "/b", "app\n", "u", "OK", 2.0, "-", TRACEPARENT)
+        batch = logging.LogRecord("tasknode.access", logging.INFO, __file__, 1, "", (), None)
+        batch.msg = access._take()
+    finally:
+        access.stop()
+    lines = [json.loads(line) for line in formatter.format(batch).split("\n")]
+    assert [(r["method"], r["user"], r["request_id"], r["trace_id"]) for r in lines] == [
+        ("/a", None, "r1", None),
+        ("/b", "u", None, TRACEPARENT),
+    ]
+    assert lines[1]["app"] == "app\n" and "app=app? " in lines[1]["message"]

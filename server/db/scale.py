@@ -34,6 +34,7 @@ from peewee import Field
 from peewee import MySQLDatabase
 from peewee import PostgresqlDatabase
 
+from server import logs
 from server import values
 from server.config import Config
 from server.db.connection import ensure_schema
@@ -440,7 +441,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--database-url", help="default: TASKNODE_DATABASE_URL")
     parser.add_argument("--seed", type=int, default=SEED, help="the random seed (%(default)s)")
     args = parser.parse_args(argv)
-    url = args.database_url or Config.from_env().database_url
+    config = Config.from_env()
+    logs.configure(config)
+    url = args.database_url or config.database_url
     db = open_database(url)
     ensure_schema(db)
     seed(db, args.tasks, args.nodes, args.seed)
