@@ -100,7 +100,7 @@ def prepare(url: str) -> None:
     load_demo_if_empty(config)
     db = open_database(url)
     with db.connection_context():
-        load_document(db, dataset.document())
+        load_document(db, dataset.document(), show_progress=True, label="bench dataset")
 
 
 def request(node_id: str) -> pb.GetTaskNodeDetailRequest:

@@ -6,6 +6,9 @@ their facts to a buffer; a background thread turns the buffer into text every
 FLUSH_SECONDS and writes it as one logging record per batch, to the
 ``tasknode.access`` logger. A line reaches the log at most FLUSH_SECONDS late, and
 stop() writes what is left.
+
+The record's message is the batch itself: its text only when a text formatter asks, and
+for server.logs' JSON formatter one object per line, each field under its key.
 """
 
 from __future__ import annotations
@@ -14,13 +17,20 @@ import logging
 import threading
 import time
 from collections import deque
+from collections.abc import Iterator
+from typing import Any
+
+from server.logs import trace_id
 
 log = logging.getLogger("tasknode.access")
 
 FLUSH_SECONDS = 0.2
 
-#: The gRPC server's line: peer, method, app, user, outcome, milliseconds.
+#: The gRPC server's line: peer, method, app, user, outcome, milliseconds (the request
+#: and trace ids are fields of JSON lines only: the text line stays as it was).
 GRPC_LINE = "access {stamp} {0} {1} app={2} user={3} {4} {5:.1f}ms"
+#: The keys of GRPC_LINE's fields in a JSON line, in the order record() takes them.
+GRPC_KEYS = ("peer", "method", "app", "user", "outcome", "duration_ms", "request_id", "trace_id")
 
 _Line = tuple[float, tuple[object, ...]]
 
@@ -31,10 +41,12 @@ class AccessLog:
     def __init__(
         self,
         template: str = GRPC_LINE,
+        keys: tuple[str, ...] = GRPC_KEYS,
         logger: logging.Logger = log,
         flush_seconds: float = FLUSH_SECONDS,
     ) -> None:
         self.template = template
+        self.keys = keys
         self.logger = logger
         self.flush_seconds = flush_seconds
         self._lines: deque[_Line] = deque()
@@ -50,11 +62,16 @@ class AccessLog:
 
     def flush(self) -> None:
         """Write every line noted so far."""
+        batch = self._take()
+        if batch.lines and self.logger.isEnabledFor(logging.INFO):
+            self.logger.info(batch)
+
+    def _take(self) -> _Batch:
+        """The lines noted so far, as one record's message; they are no longer noted."""
         lines = []
         while self._lines:
             lines.append(self._lines.popleft())
-        if lines and self.logger.isEnabledFor(logging.INFO):
-            self.logger.info("%s", "\n".join(self._format(line) for line in lines))
+        return _Batch(self, lines)
 
     def stop(self) -> None:
         """Stop the writer thread after writing what is left."""
@@ -74,6 +91,30 @@ class AccessLog:
     def _run(self) -> None:
         while not self._stopped.wait(self.flush_seconds):
             self.flush()
+
+
+class _Batch:
+    """A batch of lines as a record's message: text on demand, or entries (server.logs)."""
+
+    def __init__(self, log: AccessLog, lines: list[_Line]) -> None:
+        self.log = log
+        self.lines = lines
+
+    def __str__(self) -> str:
+        return "\n".join(self.log._format(line) for line in self.lines)
+
+    def entries(self) -> Iterator[tuple[float, str, dict[str, Any]]]:
+        """Each line's time, text and fields by key; "-" (none) is null."""
+        for line in self.lines:
+            moment, values = line
+            fields: dict[str, Any] = {
+                key: None if value == "-" else value
+                for key, value in zip(self.log.keys, values, strict=False)
+            }
+            if "duration_ms" in fields:
+                fields["duration_ms"] = round(fields["duration_ms"], 3)
+            fields["trace_id"] = trace_id(fields.get("trace_id"))
+            yield moment, self.log._format(line), fields
 
 
 def _word(text: str) -> str:

@@ -12,6 +12,7 @@ from importlib import resources
 from types import FrameType
 
 from server import admin
+from server import logs
 from server import metrics
 from server import tls
 from server.app import SERVICE_NAME
@@ -77,10 +78,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     config = Config.from_env()
-    logging.basicConfig(
-        level=config.log_level.upper(),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
+    logs.configure(config)
     try:
         if args.command == "serve":
             return _serve(config, demo=args.demo)
@@ -102,7 +100,10 @@ def main(argv: list[str] | None = None) -> int:
         CannotListen,
         tls.TLSError,
     ) as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        if config.log_format == "json":
+            log.error("%s", exc)
+        else:
+            print(f"error: {exc}", file=sys.stderr)
         return 2
 
 
@@ -111,7 +112,7 @@ def _load(config: Config, files: list[str]) -> int:
     ensure_schema(db)
     with db.connection_context():
         for path in files:
-            print(f"{path}: {load_file(db, path)}")
+            print(f"{path}: {load_file(db, path, show_progress=True)}")
     return 0
 
 
@@ -225,13 +226,13 @@ def _serve_calls(config: Config, demo: bool, count: int, metrics_url: str) -> in
         config.database_url,
     )
     if demo:
-        print(
+        _tell(
+            config,
             "\nTry it (demo app credentials, granted business 2):\n"
             f"  .venv/bin/grpcurl {_grpcurl_transport(config)}"
             f" -H 'x-bkapi-authorization: {_json(DEMO_APP)}' \\\n"
             f"    -d '{_json(DEMO_NODE)}' \\\n"
             f"    {address} {SERVICE_NAME}/GetTaskNodeDetail\n",
-            flush=True,
         )
     if http_url:
         _announce_shim(config, http_url, "in-process", examples=demo)
@@ -253,7 +254,16 @@ def _announce_shim(config: Config, shim_url: str, calling: str, examples: bool) 
     for every route (as the demo app)."""
     log.info("HTTP/JSON shim on %s, calling gRPC %s", shim_url, calling)
     if examples:
-        print(banner(DEMO_APP, shim_url, config.gateway_prefix, _cacert(config)), flush=True)
+        _tell(config, banner(DEMO_APP, shim_url, config.gateway_prefix, _cacert(config)))
+
+
+def _tell(config: Config, text: str) -> None:
+    """Print text for the person who started serve; in JSON, log it, so that every
+    line the process writes is one object."""
+    if config.log_format == "json":
+        log.info("%s", text.strip("\n"))
+    else:
+        print(text, flush=True)
 
 
 def _gateway(config: Config) -> int:

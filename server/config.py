@@ -60,6 +60,9 @@ class Config:
     auth_failures_per_minute: int = 30
     #: Logging level name.
     log_level: str = "INFO"
+    #: How log lines are written: "text" for people, "json" for one object per line
+    #: (server.logs).
+    log_format: str = "text"
     #: host:port serving Prometheus metrics on /metrics (the sum of every worker
     #: process); port 0 picks a free one; empty serves none.
     metrics_addr: str = ""

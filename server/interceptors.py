@@ -141,6 +141,18 @@ class _ServiceCallInterceptor(HandlerRewriter):
         raise NotImplementedError
 
 
+def _ids(context: grpc.ServicerContext) -> tuple[str, str]:
+    """The call's request id (the shim's, for a call it makes) and the caller's
+    traceparent, for JSON access lines: "-" for none."""
+    request_id = traceparent = "-"
+    for key, value in context.invocation_metadata() or ():
+        if key == "x-bkapi-request-id" and isinstance(value, str):
+            request_id = value[:64]
+        elif key == "traceparent" and isinstance(value, str):
+            traceparent = value[:128]
+    return request_id, traceparent
+
+
 class ServiceInterceptor(_ServiceCallInterceptor):
     """Wraps each unary TaskNodeService handler; see the module docstring."""
 
@@ -192,6 +204,7 @@ class ServiceInterceptor(_ServiceCallInterceptor):
                     principal.username if principal else "-",
                     outcome,
                     seconds * 1000,
+                    *_ids(context),
                 )
                 current_principal.reset(reset)
                 in_flight.dec()

@@ -30,6 +30,7 @@ from multiprocessing.process import BaseProcess
 from multiprocessing.queues import Queue
 from typing import Any
 
+from server import logs
 from server import metrics
 from server.app import CannotListen
 from server.config import Config
@@ -154,10 +155,7 @@ def _run_worker(
     from server.app import create_server  # imported here: a fresh interpreter
     from server.gateway.local import serve_shim
 
-    logging.basicConfig(
-        level=config.log_level.upper(),
-        format=f"%(asctime)s %(levelname)s %(name)s[{index}]: %(message)s",
-    )
+    logs.configure(config, worker=index)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the parent, which stops us
     _die_with_parent()
     if core is not None:

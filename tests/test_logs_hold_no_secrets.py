@@ -120,12 +120,14 @@ class Run:
         self.process.stdout.close()
 
 
-@pytest.fixture
-def env(tmp_path: Path) -> dict[str, str]:
-    """The environment of a run on a SQLite file, on free ports, with two gRPC workers."""
+@pytest.fixture(params=["text", "json"])
+def env(tmp_path: Path, request: pytest.FixtureRequest) -> dict[str, str]:
+    """The environment of a run on a SQLite file, on free ports, with two gRPC workers,
+    logging in each format."""
     inherited = {k: v for k, v in os.environ.items() if not k.startswith("TASKNODE_")}
     return {
         **inherited,
+        "TASKNODE_LOG_FORMAT": request.param,
         "TASKNODE_DATABASE_URL": f"sqlite:///{tmp_path / 'tasknode.db'}",
         "TASKNODE_GRPC_ADDR": "127.0.0.1:0",
         "TASKNODE_HTTP_ADDR": "127.0.0.1:0",
@@ -166,6 +168,16 @@ def grpc_reason(channel: grpc.Channel, header: str) -> str:
         assert status is not None and status.details[0].Unpack(info)
         return info.reason
     return "OK"
+
+
+def messages(output: str) -> str:
+    """The text of a JSON run's lines, each line's message and traceback on lines of its
+    own, as a text run prints them; every line must be one JSON object."""
+    texts = []
+    for line in output.splitlines():
+        record = json.loads(line)
+        texts += [record["message"], *([record["exception"]] if "exception" in record else [])]
+    return "".join(f"{text}\n" for text in texts)
 
 
 def test_a_run_logs_who_failed_and_who_called_but_no_secret(env: dict[str, str], run: Run) -> None:
@@ -233,6 +245,8 @@ def test_a_run_logs_who_failed_and_who_called_but_no_secret(env: dict[str, str],
         if piece in output
     ]
     assert leaks == [], output
+    if env["TASKNODE_LOG_FORMAT"] == "json":
+        output = messages(output)
     calls = 1 + len(ROUTES)  # each attempt once over gRPC, once on every HTTP route
     for reason in ("CREDENTIALS_INVALID", "USER_UNVERIFIED"):
         failed = rf"authentication failed: app='{APP}' {PEER} reason={reason}\n"

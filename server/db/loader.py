@@ -30,6 +30,7 @@ from server.db.models import ComponentSchema
 from server.db.models import Node
 from server.db.models import Project
 from server.db.models import Task
+from server.progress import Progress
 
 FORMAT = "tasknode-import/1"
 #: Engine state names, from the contract's NodeState (without the NODE_STATE_ prefix).
@@ -65,7 +66,7 @@ class LoadReport:
         )
 
 
-def load_file(db: Database, path: str | Path) -> LoadReport:
+def load_file(db: Database, path: str | Path, show_progress: bool = False) -> LoadReport:
     """Load the import file at path (see load_document)."""
     try:
         text = Path(path).read_text(encoding="utf-8")
@@ -75,13 +76,20 @@ def load_file(db: Database, path: str | Path) -> LoadReport:
         document = values.loads(text)
     except (ValueError, RecursionError) as exc:
         raise LoadError(f"{path}: not valid JSON: {exc}") from exc
-    return load_document(db, document)
+    return load_document(db, document, show_progress, label=str(path))
 
 
-def load_document(db: Database, document: Any) -> LoadReport:
-    """Check the whole document, then write it in one transaction."""
+def load_document(
+    db: Database, document: Any, show_progress: bool = False, label: str = "loading"
+) -> LoadReport:
+    """Check the whole document, then write it in one transaction.
+
+    show_progress: draw a bar of the task rows (tasks, nodes, attempts) written, when
+    stderr is a terminal (server.progress)."""
     plan = _plan(document)
     report = LoadReport()
+    rows = sum(1 + len(task.nodes) + len(task.attempts) for task in plan.tasks)
+    progress = Progress(rows, "rows", label, enabled=None if show_progress else False)
     with db.atomic():
         for row in plan.projects:
             report.projects_written += _upsert(Project, Project.id == row["id"], row)
@@ -99,7 +107,8 @@ def load_document(db: Database, document: Any) -> LoadReport:
                     f"{task.where}.project_id: business/project {task.row['project']} "
                     "is neither in this file nor in the database"
                 )
-            _write_task(task, report)
+            _write_task(task, report, progress)
+    progress.done()
     return report
 
 
@@ -115,10 +124,11 @@ def _upsert(model: Any, where: Any, row: dict[str, Any]) -> int:
     return 1
 
 
-def _write_task(task: _TaskPlan, report: LoadReport) -> None:
+def _write_task(task: _TaskPlan, report: LoadReport, progress: Progress) -> None:
     stored = Task.select(Task.digest).where(Task.id == task.row["id"]).scalar()
     if stored == task.row["digest"]:
         report.tasks_unchanged += 1
+        progress.advance(1 + len(task.nodes) + len(task.attempts))
         return
     Attempt.delete().where(Attempt.task == task.row["id"]).execute()
     Node.delete().where(Node.task == task.row["id"]).execute()
@@ -126,10 +136,13 @@ def _write_task(task: _TaskPlan, report: LoadReport) -> None:
         Task.insert(task.row).execute()
     else:
         Task.update(task.row).where(Task.id == task.row["id"]).execute()
+    progress.advance()
     for batch in _batches(task.nodes):
         Node.insert_many(batch).execute()
+        progress.advance(len(batch))
     for batch in _batches(task.attempts):
         Attempt.insert_many(batch).execute()
+        progress.advance(len(batch))
     report.tasks_written += 1
     report.nodes_written += len(task.nodes)
     report.attempts_written += len(task.attempts)

@@ -26,7 +26,6 @@ import queue
 import random
 import sys
 import threading
-import time
 from collections.abc import Callable
 from typing import Any
 
@@ -35,6 +34,7 @@ from peewee import Field
 from peewee import MySQLDatabase
 from peewee import PostgresqlDatabase
 
+from server import logs
 from server import values
 from server.config import Config
 from server.db.connection import ensure_schema
@@ -45,6 +45,7 @@ from server.db.models import ComponentSchema
 from server.db.models import Node
 from server.db.models import Project
 from server.db.models import Task
+from server.progress import Progress
 
 SEED = 20190117
 #: Rows per INSERT: under SQLite's limit of 32,766 parameters at 21 columns a row.
@@ -375,7 +376,7 @@ def seed(db: Database, tasks: int | None, nodes: int | None, seed_value: int = S
     generator = Generator(seed_value)
     by_tasks = tasks is not None
     target = (tasks if by_tasks else nodes) or 0
-    progress = Progress(target, "tasks" if by_tasks else "nodes")
+    progress = Progress(target, "tasks" if by_tasks else "nodes", "seeding")
     with Writer(db) as writer:
         writer.put(
             [
@@ -399,10 +400,19 @@ def seed(db: Database, tasks: int | None, nodes: int | None, seed_value: int = S
                     ]
                 )
                 pending = []
-                progress.update(made, writer.rows)
+                progress.update(made, _rate(writer.rows, progress.elapsed()))
     settle(db)
-    progress.done(writer.rows)
+    elapsed = progress.elapsed()
+    progress.done(_rate(writer.rows, elapsed))
+    print(
+        f"{writer.rows:,} rows in {elapsed:.1f}s: {writer.rows / elapsed:,.0f} rows/s",
+        file=sys.stderr,
+    )
     return writer.rows
+
+
+def _rate(rows: int, seconds: float) -> str:
+    return f"{rows:,} rows  {rows / max(seconds, 1e-9):,.0f} rows/s"
 
 
 def settle(db: Database) -> None:
@@ -423,45 +433,6 @@ def settle(db: Database) -> None:
             db.execute_sql("ANALYZE")
 
 
-class Progress:
-    """A one-line progress bar on stderr, redrawn at most ten times a second."""
-
-    WIDTH = 30
-
-    def __init__(self, total: int, unit: str) -> None:
-        self.total = max(total, 1)
-        self.unit = unit
-        self.count = 0
-        self.started = time.perf_counter()
-        self.drawn = 0.0
-
-    def update(self, count: int, rows: int) -> None:
-        self.count = count
-        now = time.perf_counter()
-        if now - self.drawn >= 0.1:
-            self.drawn = now
-            self._draw(rows, now)
-
-    def done(self, rows: int) -> None:
-        now = time.perf_counter()
-        self._draw(rows, now)
-        elapsed = now - self.started
-        print(
-            f"\n{rows:,} rows in {elapsed:.1f}s: {rows / elapsed:,.0f} rows/s",
-            file=sys.stderr,
-        )
-
-    def _draw(self, rows: int, now: float) -> None:
-        share = min(self.count / self.total, 1.0)
-        bar = "#" * round(share * self.WIDTH)
-        rate = rows / max(now - self.started, 1e-9)
-        sys.stderr.write(
-            f"\r[{bar:<{self.WIDTH}}] {share:4.0%} {self.count:,}/{self.total:,} {self.unit}"
-            f"  {rows:,} rows  {rate:,.0f} rows/s "
-        )
-        sys.stderr.flush()
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m server.db.scale", description=__doc__)
     size = parser.add_mutually_exclusive_group(required=True)
@@ -470,7 +441,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--database-url", help="default: TASKNODE_DATABASE_URL")
     parser.add_argument("--seed", type=int, default=SEED, help="the random seed (%(default)s)")
     args = parser.parse_args(argv)
-    url = args.database_url or Config.from_env().database_url
+    config = Config.from_env()
+    logs.configure(config)
+    url = args.database_url or config.database_url
     db = open_database(url)
     ensure_schema(db)
     seed(db, args.tasks, args.nodes, args.seed)

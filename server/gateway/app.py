@@ -53,6 +53,8 @@ log = logging.getLogger("tasknode.access.http")
 RENDERED_CACHE_BYTES = 32 * 1024 * 1024
 #: One line per request: client, method, path, status, milliseconds, request id.
 HTTP_LINE = "http {stamp} {0} {1} {2} {3} {4:.1f}ms {5}"
+#: The keys of HTTP_LINE's fields in a JSON line; the trace id is a JSON field only.
+HTTP_KEYS = ("peer", "method", "path", "status", "duration_ms", "request_id", "trace_id")
 errlog = logging.getLogger(__name__)
 
 Scope = dict[str, Any]
@@ -91,7 +93,7 @@ class App:
         self.zone = ZoneInfo(config.time_zone)
         self.max_body_bytes = config.max_body_bytes
         self.authenticate = authenticate
-        self.access = AccessLog(HTTP_LINE, log)
+        self.access = AccessLog(HTTP_LINE, HTTP_KEYS, log)
         self.rendered = RenderedCache(RENDERED_CACHE_BYTES)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -126,6 +128,7 @@ class App:
             response.status,
             seconds * 1000,
             request.request_id,
+            request.trace_id,
         )
         # The route's template, never the path: one series per route, whatever is asked.
         metrics.http_answered(request.method, request.route, response.status, seconds)
