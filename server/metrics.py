@@ -141,24 +141,6 @@ STORE_CONNECTIONS = Gauge(
 )
 
 
-class MethodMetrics:
-    """One gRPC method's metric children, looked up once: what a call records."""
-
-    def __init__(self, method: str) -> None:
-        service, _, name = method.lstrip("/").rpartition("/")
-        self._labels = (service, name)
-        self.seconds = GRPC_SECONDS.labels(service, name)
-        self.in_flight = GRPC_IN_FLIGHT.labels(service, name)
-        self._handled: dict[str, Counter] = {}
-
-    def handled(self, code: str) -> Counter:
-        """The counter of this method's calls that ended with code (a StatusCode name)."""
-        child = self._handled.get(code)
-        if child is None:
-            child = self._handled[code] = GRPC_HANDLED.labels(*self._labels, code)
-        return child
-
-
 class _Children(Generic[M]):
     """A labelled metric's children by label values, looked up once each."""
 
@@ -173,9 +155,25 @@ class _Children(Generic[M]):
         return child
 
 
+class MethodMetrics:
+    """One gRPC method's metric children, looked up once: what a call records."""
+
+    def __init__(self, method: str) -> None:
+        service, _, name = method.lstrip("/").rpartition("/")
+        self._labels = (service, name)
+        self.seconds = GRPC_SECONDS.labels(service, name)
+        self.in_flight = GRPC_IN_FLIGHT.labels(service, name)
+
+    def handled(self, code: str) -> Counter:
+        """The counter of this method's calls that ended with code (a StatusCode name)."""
+        return _grpc_handled(*self._labels, code)
+
+
+_grpc_handled = _Children(GRPC_HANDLED)
 _http_requests = _Children(HTTP_REQUESTS)
 _http_seconds = _Children(HTTP_SECONDS)
 _store_seconds = _Children(STORE_SECONDS)
+_store_failures = _Children(STORE_FAILURES)
 _refused = _Children(REFUSED)
 
 
@@ -188,6 +186,11 @@ def http_answered(method: str, route: str, status: int, seconds: float) -> None:
 def store_read(query: str, seconds: float) -> None:
     """Record one store read of the named query."""
     _store_seconds(query).observe(seconds)
+
+
+def store_failed(query: str) -> None:
+    """Record one store read of the named query that failed."""
+    _store_failures(query).inc()
 
 
 def refused(reason: str) -> None:

@@ -81,9 +81,7 @@ def parse_list_request(request: pb.ListTaskNodesRequest) -> ListQuery:
     biz_id = _decimal_id(request.bk_biz_id, "bk_biz_id", bad)
     task_id = _decimal_id(request.task_id, "task_id", bad)
     stack = _stack(tuple(request.subprocess_stack), bad)
-    scope = request.scope
-    if scope not in SCOPES:
-        bad.append(FieldViolation("scope", f"scope {scope} is not a known Scope"))
+    by_project_id = _by_project_id(request.scope, bad)
     view = request.view
     if view not in VIEWS:
         bad.append(FieldViolation("view", f"view {view} is not a known NodeView"))
@@ -110,7 +108,7 @@ def parse_list_request(request: pb.ListTaskNodesRequest) -> ListQuery:
     assert biz_id is not None and task_id is not None
     return ListQuery(
         biz_id=biz_id,
-        by_project_id=scope == pb.SCOPE_PROJECT,
+        by_project_id=by_project_id,
         task_id=task_id,
         subprocess_stack=stack,
         terms=terms,
@@ -119,6 +117,13 @@ def parse_list_request(request: pb.ListTaskNodesRequest) -> ListQuery:
         page_token=request.page_token,
         fields=fields,
     )
+
+
+def _by_project_id(scope: int, bad: list[FieldViolation]) -> bool:
+    """Whether scope names businesses by project id, after noting in bad an unknown one."""
+    if scope not in SCOPES:
+        bad.append(FieldViolation("scope", f"scope {scope} is not a known Scope"))
+    return scope == pb.SCOPE_PROJECT
 
 
 def _stack(stack: tuple[str, ...], bad: list[FieldViolation]) -> tuple[str, ...]:
@@ -162,16 +167,14 @@ def parse_request(request: pb.GetTaskNodeDetailRequest) -> NodeQuery:
     max_histories = request.max_histories if request.HasField("max_histories") else None
     if max_histories is not None and max_histories < 0:
         bad.append(FieldViolation("max_histories", "max_histories must be 0 or more"))
-    scope = request.scope
-    if scope not in SCOPES:
-        bad.append(FieldViolation("scope", f"scope {scope} is not a known Scope"))
+    by_project_id = _by_project_id(request.scope, bad)
     fields = read_mask(request, bad) if request.HasField("read_mask") else None
     if bad:
         raise _invalid(bad)
     assert biz_id is not None and task_id is not None
     return NodeQuery(
         biz_id=biz_id,
-        by_project_id=scope == pb.SCOPE_PROJECT,
+        by_project_id=by_project_id,
         task_id=task_id,
         node_id=node_id,
         component_code=component_code,

@@ -328,7 +328,7 @@ class Store:
         try:
             return self._read_retrying(work, snapshot)
         except (errors.StoreUnavailable, errors.DeadlineExceeded):
-            metrics.STORE_FAILURES.labels(name).inc()
+            metrics.store_failed(name)
             raise
         finally:
             metrics.store_read(name, time.perf_counter() - started)
