@@ -84,8 +84,10 @@ class Config:
     http_request_timeout_seconds: float = 20.0
     #: HTTP connections open at once per process; beyond it a new one is closed at once.
     max_http_connections: int = 1000
-    #: Where the shim run on its own (python -m server gateway) finds gRPC, as host:port;
-    #: empty means grpc_addr.
+    #: Where the shim run on its own (python -m server gateway) finds gRPC: host:port, or
+    #: several replicas (a comma list of IP address:port, an ipv4:/ipv6: list, a DNS name
+    #: with a record per replica) it spreads calls over and retries reads on
+    #: (server.channels); empty means grpc_addr.
     grpc_target: str = ""
     #: PEM files of the certificate (chain) and unencrypted private key both servers
     #: present: set both to serve gRPC and HTTP over TLS; empty serves plaintext.

@@ -1,0 +1,141 @@
+"""Several replicas: a replica SIGKILLed under load costs callers with the client service
+config no read, over gRPC or through the HTTP shim.
+
+Two real `python -m server serve` processes on two ports over one database; callers
+on threads (bench.replica_kill's load generator) read the demo node over one channel
+to both. One replica is stopped (SIGSTOP) while calls pile up on it, then SIGKILLed:
+the calls it holds die mid-call. A bare round_robin channel without the retry policy
+runs beside, and loses calls: the kill did drop calls in flight, and the config is
+what saves them.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import re
+import time
+from collections.abc import Callable
+
+import pytest
+from bksops.tasknode.v1 import task_node_pb2 as pb
+from google.protobuf import descriptor_pool
+
+from bench import replica_kill
+from bench.replica_kill import Replica
+from server import channels
+from server.config import Config
+
+#: Calls/s per caller thread, and threads: a few hundred calls/s in all.
+RATE = 50
+THREADS = 6
+#: How long the victim is stopped before it is killed, calls piling up on it.
+STOPPED_SECONDS = 0.3
+#: Seconds of load before the kill, and after it on the survivor.
+BEFORE_SECONDS = 1.0
+AFTER_SECONDS = 1.5
+#: Calls answered after the kill that show the survivor serving every caller (a few
+#: each; the machine may be loaded, so no more is asked).
+SURVIVOR_ANSWERS = 5 * THREADS
+
+
+def test_the_service_config_retries_every_read_of_the_service_on_unavailable_only() -> None:
+    config = json.loads(channels.service_config())
+    assert config["loadBalancingConfig"] == [{"round_robin": {}}]
+    (method_config,) = config["methodConfig"]
+    service = descriptor_pool.Default().FindServiceByName("bksops.tasknode.v1.TaskNodeService")
+    # Every method is a read: a new method must be added here, or get a config of its own.
+    assert sorted(name["method"] for name in method_config["name"]) == sorted(
+        method.name for method in service.methods
+    )
+    assert {name["service"] for name in method_config["name"]} == {service.full_name}
+    assert method_config["retryPolicy"]["retryableStatusCodes"] == ["UNAVAILABLE"]
+    assert pb.DESCRIPTOR.package == "bksops.tasknode.v1"
+
+
+@pytest.mark.parametrize(
+    ("spec", "target"),
+    [
+        ("127.0.0.1:5001", "127.0.0.1:5001"),
+        ("127.0.0.1:5001, 127.0.0.1:5002", "ipv4:127.0.0.1:5001,127.0.0.1:5002"),
+        ("[::1]:5001,[::1]:5002", "ipv6:[::1]:5001,[::1]:5002"),
+        ("ipv4:10.0.0.1:1,10.0.0.2:1", "ipv4:10.0.0.1:1,10.0.0.2:1"),
+        ("dns:///tasknode.internal:50051", "dns:///tasknode.internal:50051"),
+    ],
+)
+def test_targets(spec: str, target: str) -> None:
+    assert channels.channel_target(spec) == target
+
+
+@pytest.mark.parametrize("spec", ["a.internal:1,b.internal:1", "127.0.0.1:1,[::1]:1", "1.2.3.4,"])
+def test_a_list_gRPC_cannot_resolve_is_refused(spec: str) -> None:
+    with pytest.raises(channels.BadTarget):
+        channels.channel_target(spec)
+
+
+def kill_one_under_load(
+    first: Replica,
+    second: Replica,
+    call: Callable[[], None],
+    bare: Callable[[], None] | None = None,
+) -> tuple[replica_kill.Tally, replica_kill.Tally | None, int]:
+    """Readers through call (and bare, if given) while first is stopped, then killed:
+    (what call's readers saw, what bare's saw, calls answered after the kill)."""
+    replica_kill.warm_up(call, [first, second])
+    with (
+        replica_kill.load(call, THREADS, RATE) as tally,
+        replica_kill.load(bare, 2, RATE) if bare else contextlib.nullcontext() as bare_tally,
+    ):
+        time.sleep(BEFORE_SECONDS)
+        assert first.served and second.served, "round_robin sends calls to both"
+        replica_kill.stop_then_kill(first, STOPPED_SECONDS)
+        killed = tally.mark()
+        time.sleep(AFTER_SECONDS)
+        after = tally.mark().calls - killed.calls
+    return tally, bare_tally, after
+
+
+def report(what: str, tally: replica_kill.Tally, after: int | None = None) -> None:
+    survivor = "" if after is None else f" {after} answered in the {AFTER_SECONDS:g} s after it,"
+    print(
+        f"\n{what}: {tally.calls} calls, failed {dict(tally.failed) or 0},{survivor}"
+        f" longest call {tally.longest * 1000:.0f} ms (the victim was stopped"
+        f" {STOPPED_SECONDS * 1000:.0f} ms first)"
+    )
+
+
+def test_a_replica_killed_mid_call_costs_no_read(demo_config: Config) -> None:
+    with (
+        replica_kill.replica(demo_config.database_url) as first,
+        replica_kill.replica(demo_config.database_url) as second,
+    ):
+        both = f"{first.address},{second.address}"
+        without_retries = [("grpc.lb_policy_name", "round_robin"), ("grpc.enable_retries", 0)]
+        with (
+            replica_kill.grpc_reads(both) as call,
+            replica_kill.grpc_reads(both, without_retries) as bare,
+        ):
+            tally, bare_tally, after = kill_one_under_load(first, second, call, bare)
+    report("gRPC with the service config", tally, after)
+    assert bare_tally is not None
+    report("gRPC, round_robin without retries", bare_tally)
+    assert tally.failed == {}, tally.failed
+    assert after >= SURVIVOR_ANSWERS, "the survivor keeps answering"
+    assert bare_tally.failed.get("UNAVAILABLE"), "the kill dropped calls in flight"
+    assert set(bare_tally.failed) == {"UNAVAILABLE"}, bare_tally.failed
+
+
+def test_http_callers_of_a_shim_over_two_replicas_see_no_failed_request(
+    demo_config: Config,
+) -> None:
+    with (
+        replica_kill.replica(demo_config.database_url) as first,
+        replica_kill.replica(demo_config.database_url) as second,
+        replica_kill.shim(f"{first.address},{second.address}") as shim,
+        replica_kill.http_reads(shim.address) as call,
+    ):
+        assert re.fullmatch(r"http://127\.0\.0\.1:\d+", shim.address)
+        tally, _, after = kill_one_under_load(first, second, call)
+    report("HTTP through the shim", tally, after)
+    assert tally.failed == {}, tally.failed
+    assert after >= SURVIVOR_ANSWERS, "the survivor keeps answering"
