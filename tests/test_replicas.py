@@ -14,8 +14,11 @@ from __future__ import annotations
 import contextlib
 import json
 import re
+import subprocess
+import sys
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 import pytest
 from bksops.tasknode.v1 import task_node_pb2 as pb
@@ -24,6 +27,8 @@ from google.protobuf import descriptor_pool
 from bench import replica_kill
 from bench.replica_kill import Replica
 from server import channels
+from server.app import create_server
+from server.cli import load_demo_if_empty
 from server.config import Config
 
 #: Calls/s per caller thread, and threads: a few hundred calls/s in all.
@@ -37,6 +42,7 @@ AFTER_SECONDS = 1.5
 #: Calls answered after the kill that show the survivor serving every caller (a few
 #: each; the machine may be loaded, so no more is asked).
 SURVIVOR_ANSWERS = 5 * THREADS
+README = Path(__file__).resolve().parent.parent / "README.md"
 
 
 def test_the_service_config_retries_every_read_of_the_service_on_unavailable_only() -> None:
@@ -139,3 +145,38 @@ def test_http_callers_of_a_shim_over_two_replicas_see_no_failed_request(
     report("HTTP through the shim", tally, after)
     assert tally.failed == {}, tally.failed
     assert after >= SURVIVOR_ANSWERS, "the survivor keeps answering"
+
+
+def readme_block(language: str) -> str:
+    """The first ```language block of the README's "Several replicas" section."""
+    section = README.read_text(encoding="utf-8").split("\n## Several replicas\n", 1)[1]
+    section = section.split("\n## ", 1)[0]
+    return section.split(f"```{language}\n", 1)[1].split("```", 1)[0]
+
+
+def test_the_readme_shows_the_service_config_in_use() -> None:
+    assert json.loads(readme_block("json")) == json.loads(channels.service_config())
+
+
+def test_the_readme_python_example_works(sqlite_config: Config) -> None:
+    load_demo_if_empty(sqlite_config)
+    servers = [create_server(sqlite_config) for _ in range(2)]
+    for server in servers:
+        server.start()
+    try:
+        addresses = ",".join(f"127.0.0.1:{server.port}" for server in servers)
+        example = readme_block("python")
+        assert "127.0.0.1:50051,127.0.0.1:50052" in example
+        code = example.replace("127.0.0.1:50051,127.0.0.1:50052", addresses)
+        result = subprocess.run(
+            [sys.executable, "-c", code],
+            cwd=README.parent,
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
+    finally:
+        for server in servers:
+            server.stop(None)
+    assert (result.returncode, result.stdout, result.stderr) == (0, "NODE_STATE_FINISHED\n", "")
