@@ -66,6 +66,17 @@ def channel_target(spec: str) -> str:
     return f"{families.pop()}:{','.join(addresses)}"
 
 
+def tls_name(target: str) -> str:
+    """The name a replica's certificate must carry for target (a channel_target), when
+    gRPC's own choice will not do: a list of addresses has no host of its own (gRPC
+    would check the whole list against the certificate), so its first address's host
+    stands for every replica. Empty for any other target: gRPC checks its host."""
+    if not target.startswith(("ipv4:", "ipv6:")) or "," not in target:
+        return ""
+    first = target.split(":", 1)[1].split(",", 1)[0]
+    return first.rpartition(":")[0].strip("[]")
+
+
 def _family(address: str, spec: str) -> str:
     """ipv4 or ipv6, for an address:port of a list ([host]:port for IPv6)."""
     host, _, port = address.rpartition(":")

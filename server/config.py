@@ -99,6 +99,10 @@ class Config:
     #: PEM file of the CA(s) the shim trusts for its gRPC target; set, the shim calls
     #: over TLS. In `serve` it defaults to tls_cert_file, the server's own certificate.
     grpc_target_ca_file: str = ""
+    #: The name the certificates of the replicas grpc_target lists must carry (each may
+    #: carry more); empty: the host of the list's first address. A single host:port or
+    #: DNS name is checked against its own host and needs none.
+    grpc_target_tls_name: str = ""
     #: PEM files of the certificate and key the shim presents to a gRPC server that
     #: requires client certificates.
     grpc_client_cert_file: str = ""

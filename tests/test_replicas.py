@@ -73,6 +73,20 @@ def test_targets(spec: str, target: str) -> None:
     assert channels.channel_target(spec) == target
 
 
+@pytest.mark.parametrize(
+    ("target", "name"),
+    [
+        ("ipv4:10.0.0.1:50051,10.0.0.2:50051", "10.0.0.1"),
+        ("ipv6:[::1]:5001,[::2]:5001", "::1"),
+        ("10.0.0.1:50051", ""),
+        ("ipv4:10.0.0.1:50051", ""),
+        ("dns:///tasknode.internal:50051", ""),
+    ],
+)
+def test_the_tls_name_of_a_list_is_its_first_host(target: str, name: str) -> None:
+    assert channels.tls_name(target) == name
+
+
 @pytest.mark.parametrize("spec", ["a.internal:1,b.internal:1", "127.0.0.1:1,[::1]:1", "1.2.3.4,"])
 def test_a_list_gRPC_cannot_resolve_is_refused(spec: str) -> None:
     with pytest.raises(channels.BadTarget):

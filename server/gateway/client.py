@@ -14,6 +14,7 @@ from google.protobuf.message import Message
 from google.rpc import status_pb2
 from grpc_status import rpc_status
 
+from server import channels
 from server import errors
 from server.app import method_path
 from server.channels import channel_options
@@ -83,9 +84,12 @@ class Backend:
         credentials: grpc.ChannelCredentials | None = None,
         timeout: float = CALL_TIMEOUT_SECONDS,
         connections: int = DEFAULT_CONNECTIONS,
+        tls_name: str = "",
     ) -> None:
         self.target = target
         self._channel_target = channel_target(target)
+        #: The name every replica's certificate must carry (server.channels.tls_name).
+        self.tls_name = tls_name or channels.tls_name(self._channel_target)
         self.credentials = credentials
         self.timeout = timeout
         self.connections = max(1, connections)
@@ -139,6 +143,8 @@ class Backend:
         options = [("grpc.use_local_subchannel_pool", 1), *channel_options()]
         if self.credentials is None:
             return grpc.aio.insecure_channel(self._channel_target, options=options)
+        if self.tls_name:
+            options.append(("grpc.ssl_target_name_override", self.tls_name))
         return grpc.aio.secure_channel(self._channel_target, self.credentials, options=options)
 
     def _status(self, exc: grpc.aio.AioRpcError) -> status_pb2.Status:
