@@ -20,6 +20,11 @@ from functools import cache
 from importlib import resources
 from typing import Any
 
+#: Bytes of a call's request kept for retries (grpc.per_rpc_retry_buffer_size): a call
+#: whose request is larger is never retried. gRPC keeps 256 KiB; a batch of 1,000
+#: requests can be larger, up to the server's limit (TASKNODE_MAX_RECEIVE_MESSAGE_BYTES,
+#: 1 MiB by default), so twice that.
+RETRY_BUFFER_BYTES = 2 * 1024 * 1024
 #: gRPC's name-resolver schemes: a target starting with one is passed through as it is.
 SCHEMES = ("dns:", "ipv4:", "ipv6:", "unix:", "unix-abstract:", "vsock:")
 
@@ -41,11 +46,13 @@ def channel_options() -> list[tuple[str, Any]]:
     every address the target resolves to, and retries of the reads. Retries are on by
     default in grpcio; the option says so anyway, since without it the retry policy
     would be silently ignored. A service config from DNS (TXT records) is not used:
-    this one is the contract the README documents."""
+    this one is the contract the README documents. Requests up to RETRY_BUFFER_BYTES
+    are retried."""
     return [
         ("grpc.service_config", service_config()),
         ("grpc.enable_retries", 1),
         ("grpc.service_config_disable_resolution", 1),
+        ("grpc.per_rpc_retry_buffer_size", RETRY_BUFFER_BYTES),
     ]
 
 

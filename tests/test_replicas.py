@@ -18,10 +18,13 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable
+from collections.abc import Iterator
 from pathlib import Path
 
+import grpc
 import pytest
 from bksops.tasknode.v1 import task_node_pb2 as pb
+from bksops.tasknode.v1 import task_node_pb2_grpc as pb_grpc
 from google.protobuf import descriptor_pool
 
 from bench import replica_kill
@@ -124,6 +127,27 @@ def report(what: str, tally: replica_kill.Tally, after: int | None = None) -> No
     )
 
 
+@contextlib.contextmanager
+def big_batches(target: str) -> Iterator[Callable[[], None]]:
+    """A BatchGetTaskNodeDetails call of a request over gRPC's default retry buffer (256
+    KiB), on a channel of its own with the service config: its calls alternate between
+    the replicas, so one of any two is on the victim. Its items are refused at once (a
+    stack deeper than 32), so that it costs the servers little; the call itself is OK."""
+    stack = [f"node{i:028x}" for i in range(1000)]
+    item = pb.GetTaskNodeDetailRequest(bk_biz_id="2", task_id="10", node_id=stack[0])
+    item.subprocess_stack.extend(stack)
+    request = pb.BatchGetTaskNodeDetailsRequest(requests=[item] * 10)
+    assert request.ByteSize() > 300 * 1024
+    options = [*channels.channel_options(), ("grpc.use_local_subchannel_pool", 1)]
+    with grpc.insecure_channel(channels.channel_target(target), options=options) as channel:
+        method = pb_grpc.TaskNodeServiceStub(channel).BatchGetTaskNodeDetails
+
+        def call() -> None:
+            method(request, metadata=replica_kill.AUTH, timeout=10)
+
+        yield call
+
+
 def test_a_replica_killed_mid_call_costs_no_read(demo_config: Config) -> None:
     with (
         replica_kill.replica(demo_config.database_url) as first,
@@ -134,12 +158,17 @@ def test_a_replica_killed_mid_call_costs_no_read(demo_config: Config) -> None:
         with (
             replica_kill.grpc_reads(both) as call,
             replica_kill.grpc_reads(both, without_retries) as bare,
+            big_batches(both) as batch,
+            replica_kill.load(batch, 1) as batches,
         ):
             tally, bare_tally, after = kill_one_under_load(first, second, call, bare)
     report("gRPC with the service config", tally, after)
     assert bare_tally is not None
     report("gRPC, round_robin without retries", bare_tally)
+    report("gRPC, batches of 300 KiB with the service config", batches)
     assert tally.failed == {}, tally.failed
+    assert batches.failed == {}, batches.failed
+    assert batches.calls > 0
     assert after >= SURVIVOR_ANSWERS, "the survivor keeps answering"
     assert bare_tally.failed.get("UNAVAILABLE"), "the kill dropped calls in flight"
     assert set(bare_tally.failed) == {"UNAVAILABLE"}, bare_tally.failed
