@@ -259,12 +259,8 @@ def warm_up(call: Callable[[], None], replicas: list[Replica], seconds: float = 
         time.sleep(0.05)
 
 
-def stop_then_kill(victim: Replica, stopped: float) -> None:
-    """SIGSTOP the replica, let calls pile up on it for stopped seconds, then SIGKILL it:
-    the calls it holds die mid-call. With stopped 0, a plain SIGKILL."""
-    if stopped:
-        victim.process.send_signal(19)  # SIGSTOP
-        time.sleep(stopped)
+def kill(victim: Replica) -> None:
+    """SIGKILL the replica and wait for it to be gone."""
     victim.process.kill()
     victim.process.wait(10)
 
@@ -293,7 +289,7 @@ def main() -> int:
                     start = tally.mark()
                     time.sleep(half)
                     before = tally.mark()
-                    stop_then_kill(first, 0)
+                    kill(first)
                     time.sleep(half)
                     after = tally.mark()
             print(

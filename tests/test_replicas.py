@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import json
 import re
+import signal
 import subprocess
 import sys
 import time
@@ -37,14 +38,16 @@ from server.config import Config
 #: Calls/s per caller thread, and threads: a few hundred calls/s in all.
 RATE = 50
 THREADS = 6
-#: How long the victim is stopped before it is killed, calls piling up on it.
-STOPPED_SECONDS = 0.3
-#: Seconds of load before the kill, and after it on the survivor.
+#: The victim is stopped until no caller has been answered for this long (each has a
+#: call stuck on it), at most STOPPED_SECONDS, then killed.
+QUIET_SECONDS = 0.3
+STOPPED_SECONDS = 5.0
+#: Seconds of load before the kill.
 BEFORE_SECONDS = 1.0
-AFTER_SECONDS = 1.5
 #: Calls answered after the kill that show the survivor serving every caller (a few
-#: each; the machine may be loaded, so no more is asked).
-SURVIVOR_ANSWERS = 5 * THREADS
+#: each), and the most seconds they may take (the machine may be loaded).
+SURVIVOR_ANSWERS = 10 * THREADS
+AFTER_SECONDS_AT_MOST = 30.0
 README = Path(__file__).resolve().parent.parent / "README.md"
 
 
@@ -111,19 +114,35 @@ def kill_one_under_load(
     ):
         time.sleep(BEFORE_SECONDS)
         assert first.served and second.served, "round_robin sends calls to both"
-        replica_kill.stop_then_kill(first, STOPPED_SECONDS)
+        stop_until_stuck(first, [tally, *([bare_tally] if bare_tally else [])])
         killed = tally.mark()
-        time.sleep(AFTER_SECONDS)
-        after = tally.mark().calls - killed.calls
+        limit = time.monotonic() + AFTER_SECONDS_AT_MOST
+        while tally.calls - killed.calls < SURVIVOR_ANSWERS and time.monotonic() < limit:
+            time.sleep(0.05)
+        after = tally.calls - killed.calls
     return tally, bare_tally, after
 
 
+def stop_until_stuck(victim: Replica, tallies: list[replica_kill.Tally]) -> None:
+    """SIGSTOP victim; once the tallies' callers have had no answer for QUIET_SECONDS (each
+    has a call on the victim: round_robin sends every caller's calls to both in turn), or
+    after STOPPED_SECONDS, SIGKILL it: the calls it holds die mid-call."""
+    victim.process.send_signal(signal.SIGSTOP)
+    limit = time.monotonic() + STOPPED_SECONDS
+    seen, since = sum(t.calls for t in tallies), time.monotonic()
+    while time.monotonic() < limit and time.monotonic() - since < QUIET_SECONDS:
+        time.sleep(0.02)
+        if sum(t.calls for t in tallies) != seen:
+            seen, since = sum(t.calls for t in tallies), time.monotonic()
+    replica_kill.kill(victim)
+
+
 def report(what: str, tally: replica_kill.Tally, after: int | None = None) -> None:
-    survivor = "" if after is None else f" {after} answered in the {AFTER_SECONDS:g} s after it,"
+    survivor = "" if after is None else f" {after} answered after the kill,"
     print(
         f"\n{what}: {tally.calls} calls, failed {dict(tally.failed) or 0},{survivor}"
-        f" longest call {tally.longest * 1000:.0f} ms (the victim was stopped"
-        f" {STOPPED_SECONDS * 1000:.0f} ms first)"
+        f" longest call {tally.longest * 1000:.0f} ms (the victim was stopped first, until"
+        f" its callers had waited {QUIET_SECONDS * 1000:.0f} ms)"
     )
 
 
