@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
-import os
 import re
 import subprocess
 import sys
@@ -44,6 +43,7 @@ from server.cli import DEMO_APP
 from server.cli import DEMO_NODE
 from server.cli import load_demo_if_empty
 from server.config import Config
+from tests.processes import running_server
 
 AUTH = (("x-bkapi-authorization", json.dumps(DEMO_APP)),)
 READY = re.compile(r"serving \S+ on (127\.0\.0\.1:\d+) in 1 process")
@@ -55,58 +55,29 @@ LEGACY_PATH = "/api/c/compapi/v2/sops/get_task_node_detail/"
 WARM_UP_SECONDS = 1.0
 
 
-@dataclass
 class Replica:
-    """A running `python -m server ...` process; its output is read on a thread, which
-    counts the GetTaskNodeDetail calls it logged as answered OK."""
+    """A running `python -m server ...` process, its address, and the GetTaskNodeDetail
+    calls it has logged as answered OK (its output is read on a thread: tests.processes)."""
 
     process: subprocess.Popen[str]
     address: str
-    served: int = 0
-    output: list[str] = field(default_factory=list)
 
-    def read(self) -> None:
-        assert self.process.stdout is not None
-        for line in self.process.stdout:
-            if SERVED.search(line):
-                self.served += 1
-            elif len(self.output) < 200:
-                self.output.append(line)
+    def __init__(self) -> None:
+        self.served = 0
+
+    def count(self, line: str) -> None:
+        if SERVED.search(line):
+            self.served += 1
 
 
 @contextlib.contextmanager
 def running(args: list[str], env: dict[str, str], ready: re.Pattern[str]) -> Iterator[Replica]:
     """python -m server <args> with env added, once a line matches ready (its group 1 is
     the address); killed at the end if still running."""
-    process = subprocess.Popen(
-        [sys.executable, "-m", "server", *args],
-        env={**os.environ, **env},
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
-    assert process.stdout is not None
-    seen = []
-    for line in process.stdout:
-        seen.append(line)
-        found = ready.search(line)
-        if found:
-            break
-    else:
-        process.wait(10)
-        process.stdout.close()
-        raise RuntimeError("".join(seen))
-    replica = Replica(process, found.group(1))
-    reader = threading.Thread(target=replica.read, daemon=True)
-    reader.start()
-    try:
+    replica = Replica()
+    with running_server(args, env, ready, replica.count) as (process, found):
+        replica.process, replica.address = process, found.group(1)
         yield replica
-    finally:
-        if process.poll() is None:
-            process.kill()
-        process.wait(10)
-        reader.join(10)
-        process.stdout.close()
 
 
 def replica(database_url: str) -> contextlib.AbstractContextManager[Replica]:
