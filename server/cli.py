@@ -18,6 +18,7 @@ from server import tls
 from server.app import SERVICE_NAME
 from server.app import CannotListen
 from server.app import create_server
+from server.channels import BadTarget
 from server.config import Config
 from server.db.apps import AppExists
 from server.db.apps import AppNotFound
@@ -98,6 +99,7 @@ def main(argv: list[str] | None = None) -> int:
         AppNotFound,
         AppExists,
         CannotListen,
+        BadTarget,
         tls.TLSError,
     ) as exc:
         if config.log_format == "json":

@@ -84,8 +84,10 @@ class Config:
     http_request_timeout_seconds: float = 20.0
     #: HTTP connections open at once per process; beyond it a new one is closed at once.
     max_http_connections: int = 1000
-    #: Where the shim run on its own (python -m server gateway) finds gRPC, as host:port;
-    #: empty means grpc_addr.
+    #: Where the shim run on its own (python -m server gateway) finds gRPC: host:port, or
+    #: several replicas (a comma list of IP address:port, an ipv4:/ipv6: list, a DNS name
+    #: with a record per replica) it spreads calls over and retries reads on
+    #: (server.channels); empty means grpc_addr.
     grpc_target: str = ""
     #: PEM files of the certificate (chain) and unencrypted private key both servers
     #: present: set both to serve gRPC and HTTP over TLS; empty serves plaintext.
@@ -97,6 +99,10 @@ class Config:
     #: PEM file of the CA(s) the shim trusts for its gRPC target; set, the shim calls
     #: over TLS. In `serve` it defaults to tls_cert_file, the server's own certificate.
     grpc_target_ca_file: str = ""
+    #: The name the certificates of the replicas grpc_target lists must carry (each may
+    #: carry more); empty: the host of the list's first address. A single host:port or
+    #: DNS name is checked against its own host and needs none.
+    grpc_target_tls_name: str = ""
     #: PEM files of the certificate and key the shim presents to a gRPC server that
     #: requires client certificates.
     grpc_client_cert_file: str = ""

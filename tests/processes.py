@@ -6,7 +6,10 @@ import os
 import re
 import subprocess
 import sys
+import threading
 from collections.abc import Callable
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 
 def start_server(
@@ -36,3 +39,33 @@ def start_server(
     process.wait(10)
     process.stdout.close()
     raise AssertionError("".join(lines))
+
+
+@contextmanager
+def running_server(
+    args: list[str],
+    env: dict[str, str],
+    ready: re.Pattern[str],
+    on_line: Callable[[str], None] = lambda line: None,
+) -> Iterator[tuple[subprocess.Popen[str], re.Match[str]]]:
+    """start_server, then its output handed to on_line on a thread, so that it never
+    blocks on a full pipe: (the process, the match of ready). Killed at the end if it
+    still runs."""
+    process, found = start_server(args, env, ready)
+    assert process.stdout is not None
+    output = process.stdout
+
+    def read() -> None:
+        for line in output:
+            on_line(line)
+
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
+    try:
+        yield process, found
+    finally:
+        if process.poll() is None:
+            process.kill()
+        process.wait(10)
+        reader.join(10)
+        output.close()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import ipaddress
 import json
@@ -215,8 +216,14 @@ def test_mtls_serves_only_clients_the_ca_signed(
             assert refused.value.code() is grpc.StatusCode.UNAVAILABLE
 
 
-@pytest.mark.parametrize("mtls", [False, True], ids=["tls", "mtls"])
-def test_shim_serves_https_and_calls_grpc_over_tls(demo: Config, pki: Pki, mtls: bool) -> None:
+@pytest.mark.parametrize(
+    ("mtls", "replicas"), [(False, 1), (True, 1), (True, 2)], ids=["tls", "mtls", "mtls-2"]
+)
+def test_shim_serves_https_and_calls_grpc_over_tls(
+    demo: Config, pki: Pki, mtls: bool, replicas: int
+) -> None:
+    """With two replicas the target is a list of addresses, which has no host for gRPC
+    to check the certificates against: the first address's host stands for both."""
     config = tls_config(demo, pki, mtls)
     client_cert, client_key = pki.client if mtls else ("", "")
     shim_config = replace(
@@ -225,9 +232,10 @@ def test_shim_serves_https_and_calls_grpc_over_tls(demo: Config, pki: Pki, mtls:
         grpc_client_cert_file=client_cert,
         grpc_client_key_file=client_key,
     )
-    with serving(config) as server:
+    with contextlib.ExitStack() as stack:
+        servers = [stack.enter_context(serving(config)) for _ in range(replicas)]
         http = HttpServer(
-            App(shim_config, f"127.0.0.1:{server.port}"),
+            App(shim_config, ",".join(f"127.0.0.1:{server.port}" for server in servers)),
             "127.0.0.1:0",
             grace=1,
             tls=server_key_pair(config),

@@ -87,7 +87,9 @@ class App:
         self, config: Config, target: str | Caller, authenticate: Authenticate = accept_everyone
     ) -> None:
         self.backend: Caller = (
-            Backend(target, channel_credentials(config)) if isinstance(target, str) else target
+            Backend(target, channel_credentials(config), tls_name=config.grpc_target_tls_name)
+            if isinstance(target, str)
+            else target
         )
         self.router = Router([*legacy_routes(config.gateway_prefix), *canonical_routes()])
         self.zone = ZoneInfo(config.time_zone)

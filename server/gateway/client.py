@@ -14,8 +14,11 @@ from google.protobuf.message import Message
 from google.rpc import status_pb2
 from grpc_status import rpc_status
 
+from server import channels
 from server import errors
 from server.app import method_path
+from server.channels import channel_options
+from server.channels import channel_target
 from server.gateway.statuses import status_of
 
 #: Seconds a call may take before the shim gives up on it (DEADLINE_EXCEEDED).
@@ -58,6 +61,14 @@ class CallFailed(Exception):
 class Backend:
     """Calls the gRPC server at ``target``, over TLS when given credentials.
 
+    ``target`` may name several replicas (a comma list of addresses, an ``ipv4:`` list,
+    a DNS name with a record per replica: server.channels): each channel then spreads
+    its calls over all of them (round_robin) and a call a replica dropped (killed,
+    draining) is retried on another, as the service config says. Calls do not wait for
+    a replica to become ready (the config's waitForReady is overridden): with none up,
+    an HTTP caller gets its 503 once the retries are spent (about a second), not after
+    the call's whole timeout.
+
     grpc.aio objects belong to the event loop that made them, so the channels are
     opened on first use, inside the HTTP server's loop, and closed on its shutdown.
 
@@ -73,8 +84,12 @@ class Backend:
         credentials: grpc.ChannelCredentials | None = None,
         timeout: float = CALL_TIMEOUT_SECONDS,
         connections: int = DEFAULT_CONNECTIONS,
+        tls_name: str = "",
     ) -> None:
         self.target = target
+        self._channel_target = channel_target(target)
+        #: The name every replica's certificate must carry (server.channels.tls_name).
+        self.tls_name = tls_name or channels.tls_name(self._channel_target)
         self.credentials = credentials
         self.timeout = timeout
         self.connections = max(1, connections)
@@ -93,7 +108,7 @@ class Backend:
         """See Caller.call; the server sees this process as the peer."""
         try:
             return await self._callable(method, raw)(
-                request, timeout=self.timeout, metadata=tuple(metadata)
+                request, timeout=self.timeout, metadata=tuple(metadata), wait_for_ready=False
             )
         except grpc.aio.AioRpcError as exc:
             raise CallFailed(self._status(exc)) from None
@@ -125,10 +140,12 @@ class Backend:
 
     def _open(self) -> grpc.aio.Channel:
         # Channels to one target share one connection unless each has its own pool.
-        options = [("grpc.use_local_subchannel_pool", 1)]
+        options = [("grpc.use_local_subchannel_pool", 1), *channel_options()]
         if self.credentials is None:
-            return grpc.aio.insecure_channel(self.target, options=options)
-        return grpc.aio.secure_channel(self.target, self.credentials, options=options)
+            return grpc.aio.insecure_channel(self._channel_target, options=options)
+        if self.tls_name:
+            options.append(("grpc.ssl_target_name_override", self.tls_name))
+        return grpc.aio.secure_channel(self._channel_target, self.credentials, options=options)
 
     def _status(self, exc: grpc.aio.AioRpcError) -> status_pb2.Status:
         """The server's own status when it sent one; else a domain error naming the backend.
