@@ -86,6 +86,7 @@ FLOOD_SETTINGS: tuple[tuple[str, dict[str, str]], ...] = (
 LEGIT_LOADS = (h2.Load(1, 1), h2.Load(16, 1))
 #: The overhead step: the server with metrics served (multiprocess mode) and tracing on with
 #: sampling off (no call recorded: h2load sends no traceparent), against both off.
+OVERHEAD_REPEATS = 3
 OVERHEAD_OFF = "metrics and tracing off"
 OVERHEAD_ON = "metrics and tracing on, sampling off"
 OVERHEAD_SETTINGS: tuple[tuple[str, dict[str, str]], ...] = (
@@ -413,11 +414,12 @@ def print_auth_flood(rows: list[FloodRow], seconds: float) -> None:
 
 def measure_overhead(env: dict[str, str], body: Path, seconds: float) -> dict[str, Row]:
     """GetTaskNodeDetail at 16 in flight on a fresh server of each of OVERHEAD_SETTINGS,
-    back to back, REPEATS times in turn: each setting's best run (see best_runs)."""
+    back to back, OVERHEAD_REPEATS times, the order turned round each time (a machine
+    growing busier must not favour the first): each setting's best run (see best_runs)."""
     best: dict[str, Row] = {}
     log = WORK / "overhead-server.log"
-    for _ in range(REPEATS):
-        for setting, extra in OVERHEAD_SETTINGS:
+    for repeat in range(OVERHEAD_REPEATS):
+        for setting, extra in OVERHEAD_SETTINGS[:: -1 if repeat % 2 else 1]:
             server = procs.start(
                 [sys.executable, "-m", "server", "serve"], {**env, **extra}, log, "serving"
             )
@@ -436,7 +438,7 @@ def print_overhead(rows: dict[str, Row]) -> None:
     print(
         "\nmetrics and traces: the server with /metrics served and tracing on (sampling off: "
         "TASKNODE_TRACES_SAMPLE_RATIO=0) against both off, 16 in flight, "
-        f"best of {REPEATS} runs each\n"
+        f"best of {OVERHEAD_REPEATS} runs each\n"
     )
     print_table(list(rows.values()))
     on, off = rows[OVERHEAD_ON], rows[OVERHEAD_OFF]
