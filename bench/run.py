@@ -7,13 +7,15 @@ twice, and prints calls/s, p50/p99, server CPU per call and the ratios the
 performance targets are set in; then the legacy shim with wrk, a node with 1,000
 earlier attempts, BatchGetTaskNodeDetails with 100 requests a call at 16 in flight
 against single calls, 3,200 calls in flight with a probe, a flood of callers sending
-wrong secrets, and, in process, a state-and-times read_mask read of a node with
+wrong secrets, the server with metrics and tracing on (sampling off) against both
+off, and, in process, a state-and-times read_mask read of a node with
 large inputs and outputs against its full reply (bench.read_mask) and the first
 and last pages of ListTaskNodes on a task of 100,000 nodes (bench.list_nodes).
 Every figure of the real server is checked against its own count of OK replies
 (its access log).
 
-    .venv/bin/python -m bench.run [--seconds 10] [--only auth-flood|read-mask|list-nodes]
+    .venv/bin/python -m bench.run [--seconds 10]
+        [--only auth-flood|read-mask|list-nodes|overhead]
 """
 
 from __future__ import annotations
@@ -82,6 +84,22 @@ FLOOD_SETTINGS: tuple[tuple[str, dict[str, str]], ...] = (
 )
 #: Loads of the legitimate caller, with and without the flood.
 LEGIT_LOADS = (h2.Load(1, 1), h2.Load(16, 1))
+#: The overhead step: the server with metrics served (multiprocess mode) and tracing on with
+#: sampling off (no call recorded: h2load sends no traceparent), against both off.
+OVERHEAD_REPEATS = 3
+OVERHEAD_OFF = "metrics and tracing off"
+OVERHEAD_ON = "metrics and tracing on, sampling off"
+OVERHEAD_SETTINGS: tuple[tuple[str, dict[str, str]], ...] = (
+    (OVERHEAD_OFF, {"TASKNODE_METRICS_ADDR": "", "TASKNODE_TRACES_EXPORTER": "none"}),
+    (
+        OVERHEAD_ON,
+        {
+            "TASKNODE_METRICS_ADDR": "127.0.0.1:0",
+            "TASKNODE_TRACES_EXPORTER": "console",
+            "TASKNODE_TRACES_SAMPLE_RATIO": "0",
+        },
+    ),
+)
 
 
 @dataclass(frozen=True)
@@ -189,7 +207,9 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--seconds", type=float, default=10)
     parser.add_argument(
-        "--only", choices=["auth-flood", "read-mask", "list-nodes"], help="run this step alone"
+        "--only",
+        choices=["auth-flood", "read-mask", "list-nodes", "overhead"],
+        help="run this step alone",
     )
     args = parser.parse_args()
     if args.only == "read-mask":  # in process, on a database of its own
@@ -215,6 +235,9 @@ def main() -> int:
     body = h2.grpc_body(request(dataset.NODE_3).SerializeToString(), WORK / "body.bin")
     if args.only == "auth-flood":
         print_auth_flood(measure_auth_flood(env, body, args.seconds), args.seconds)
+        return 0
+    if args.only == "overhead":
+        print_overhead(measure_overhead(env, body, args.seconds))
         return 0
     runs: list[Row] = []
     log = WORK / "server.log"
@@ -245,6 +268,7 @@ def main() -> int:
     finally:
         procs.stop(server)
     flood = measure_auth_flood(env, body, args.seconds)
+    overhead = measure_overhead(env, body, args.seconds)
     rows = best_runs(runs)
     print(
         f"\nreply: {len(reply)} bytes; node with 3 earlier attempts; "
@@ -289,6 +313,7 @@ def main() -> int:
     print(f"server peak RSS (all processes): {rss:.0f} MiB")
     print(f"after the storm: calls answered OK, median {after_storm_ms:.2f} ms")
     print_auth_flood(flood, args.seconds)
+    print_overhead(overhead)
     print()
     read_mask.print_rows(read_mask.measure(READ_MASK_SECONDS, READ_MASK_KIB), READ_MASK_KIB)
     print()
@@ -384,6 +409,42 @@ def print_auth_flood(rows: list[FloodRow], seconds: float) -> None:
     print(
         "(CREDENTIALS_INVALID: hashed and found wrong; CREDENTIAL_CHECKS_THROTTLED: refused "
         "unhashed; peak RSS is the server processes' high-water mark so far)"
+    )
+
+
+def measure_overhead(env: dict[str, str], body: Path, seconds: float) -> dict[str, Row]:
+    """GetTaskNodeDetail at 16 in flight on a fresh server of each of OVERHEAD_SETTINGS,
+    back to back, OVERHEAD_REPEATS times, the order turned round each time (a machine
+    growing busier must not favour the first): each setting's best run (see best_runs)."""
+    best: dict[str, Row] = {}
+    log = WORK / "overhead-server.log"
+    for repeat in range(OVERHEAD_REPEATS):
+        for setting, extra in OVERHEAD_SETTINGS[:: -1 if repeat % 2 else 1]:
+            server = procs.start(
+                [sys.executable, "-m", "server", "serve"], {**env, **extra}, log, "serving"
+            )
+            try:
+                pids = procs.tree(server.pid)
+                reply_bytes(GRPC_ADDR, dataset.NODE_3)
+                row = measure(setting, GRPC_ADDR, body, LOADS[1], seconds, pids, log)
+            finally:
+                procs.stop(server)
+            if setting not in best or row.run.per_second > best[setting].run.per_second:
+                best[setting] = row
+    return best
+
+
+def print_overhead(rows: dict[str, Row]) -> None:
+    print(
+        "\nmetrics and traces: the server with /metrics served and tracing on (sampling off: "
+        "TASKNODE_TRACES_SAMPLE_RATIO=0) against both off, 16 in flight, "
+        f"best of {OVERHEAD_REPEATS} runs each\n"
+    )
+    print_table(list(rows.values()))
+    on, off = rows[OVERHEAD_ON], rows[OVERHEAD_OFF]
+    print(
+        f"on / off: {on.run.per_second / off.run.per_second:.3f} of the calls/s (target >= 0.9), "
+        f"{on.cpu_us_per_call / off.cpu_us_per_call:.3f} of the CPU per call"
     )
 
 

@@ -25,6 +25,7 @@ from grpc_health.v1 import health_pb2
 from grpc_health.v1 import health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from server import traces
 from server.access import AccessLog
 from server.auth import Authenticator
 from server.auth import StoredTokenVerifier
@@ -133,6 +134,7 @@ class Server:
         """
         drained = self.drain(grace, *alongside)
         self.access.stop()
+        traces.shutdown()  # export the spans still batched: os._exit runs no atexit hook
         if drained:
             self.store.close()
         log.info("stopped")

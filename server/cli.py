@@ -15,6 +15,7 @@ from server import admin
 from server import logs
 from server import metrics
 from server import tls
+from server import traces
 from server.app import SERVICE_NAME
 from server.app import CannotListen
 from server.app import create_server
@@ -145,8 +146,9 @@ def load_demo_if_empty(config: Config) -> bool:
 
 
 def _serve(config: Config, demo: bool) -> int:
-    # Bad TLS settings fail here, before the database or any port is touched.
+    # Bad TLS and trace settings fail here, before the database or any port is touched.
     tls.server_credentials(config)
+    traces.check(config)
     if demo:
         load_demo_if_empty(config)
     count = worker_count(config)
@@ -190,6 +192,7 @@ def _serve_calls(config: Config, demo: bool, count: int, metrics_url: str) -> in
 
         wait = workers.watch
     else:
+        traces.configure(config)
         server = create_server(config)
         server.start()
         port = server.port
@@ -274,6 +277,7 @@ def _gateway(config: Config) -> int:
         print("error: TASKNODE_HTTP_ADDR is empty: nothing to serve", file=sys.stderr)
         return 2
     target = config.grpc_target or config.grpc_addr
+    traces.configure(config)
     # One process: it serves its own metrics (its HTTP requests; the calls are gRPC's).
     metrics_url = _serve_metrics(config.metrics_addr, None) if config.metrics_addr else ""
     http = start_shim(config, target)
@@ -290,6 +294,7 @@ def _gateway(config: Config) -> int:
     signal.signal(signal.SIGINT, stop)
     stopping.wait()
     http.stop()
+    traces.shutdown()
     log.info("stopped")
     return 0
 

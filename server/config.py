@@ -63,6 +63,13 @@ class Config:
     #: How log lines are written: "text" for people, "json" for one object per line
     #: (server.logs).
     log_format: str = "text"
+    #: Where each process's spans go (server.traces): "none" (no tracing at all),
+    #: "console" (stdout, for a look) or "otlp" (OTLP over gRPC, to
+    #: OTEL_EXPORTER_OTLP_ENDPOINT or OTEL_EXPORTER_OTLP_TRACES_ENDPOINT).
+    traces_exporter: str = "none"
+    #: Share of traces recorded among calls whose caller sent no traceparent (a caller's
+    #: sampled flag decides for its own calls): 1 all, 0 none ("sampling off").
+    traces_sample_ratio: float = 1.0
     #: host:port serving Prometheus metrics on /metrics (the sum of every worker
     #: process); port 0 picks a free one; empty serves none.
     metrics_addr: str = ""

@@ -5,7 +5,8 @@ no request are the caller's error, not grpcio's INTERNAL), the deadline check, o
 store session (database connection) per call, turning domain errors into rich gRPC
 statuses (code, ErrorInfo, BadRequest, bounded in size), the one catch-all that
 keeps stray exceptions from reaching callers as UNKNOWN, and the access log line
-(with the app and user), and the call's metrics beside it (server.metrics).
+(with the app and user), and the call's metrics beside it (server.metrics); when
+tracing, the call's server span around all of it (server.traces).
 
 AuthInterceptor checks the caller's credentials and makes the Principal current.
 Health and reflection pass through both, open to all.
@@ -24,9 +25,11 @@ from google.protobuf.message import DecodeError
 from google.rpc import error_details_pb2
 from google.rpc import status_pb2
 from grpc_status import rpc_status
+from opentelemetry.trace import Span
 
 from server import errors
 from server import metrics
+from server import traces
 from server.access import AccessLog
 from server.auth import Authenticator
 from server.auth import current_principal
@@ -141,16 +144,30 @@ class _ServiceCallInterceptor(HandlerRewriter):
         raise NotImplementedError
 
 
-def _ids(context: grpc.ServicerContext) -> tuple[str, str]:
-    """The call's request id (the shim's, for a call it makes) and the caller's
-    traceparent, for JSON access lines: "-" for none."""
-    request_id = traceparent = "-"
+def _ids(context: grpc.ServicerContext) -> tuple[str, str | None]:
+    """The call's request id (the shim's, for a call it makes; "-" for none) and the
+    caller's traceparent (None for none)."""
+    request_id, traceparent = "-", None
     for key, value in context.invocation_metadata() or ():
         if key == "x-bkapi-request-id" and isinstance(value, str):
             request_id = value[:64]
         elif key == "traceparent" and isinstance(value, str):
-            traceparent = value[:128]
+            traceparent = value
     return request_id, traceparent
+
+
+#: The codes that are the server's failure, not the caller's: a span ending with one is
+#: an error (OpenTelemetry's semantic conventions for gRPC servers).
+SERVER_FAULTS = frozenset(
+    {
+        grpc.StatusCode.UNKNOWN,
+        grpc.StatusCode.DEADLINE_EXCEEDED,
+        grpc.StatusCode.UNIMPLEMENTED,
+        grpc.StatusCode.INTERNAL,
+        grpc.StatusCode.UNAVAILABLE,
+        grpc.StatusCode.DATA_LOSS,
+    }
+)
 
 
 class ServiceInterceptor(_ServiceCallInterceptor):
@@ -177,22 +194,32 @@ class ServiceInterceptor(_ServiceCallInterceptor):
     def _wrap(self, inner: Behaviour, method: str, parse: Parse | None = None) -> Behaviour:
         measured = metrics.MethodMetrics(method)
         in_flight = measured.in_flight
+        service, _, name = method[1:].partition("/")
 
-        def call(request: Any, context: grpc.ServicerContext) -> Any:
+        def served(
+            request: Any,
+            context: grpc.ServicerContext,
+            request_id: str,
+            trace_id: str,
+            span: Span | None,
+        ) -> Any:
             started = time.perf_counter()
             in_flight.inc()
-            outcome = code = "OK"
+            outcome = "OK"
+            code = grpc.StatusCode.OK
             # Refused callers have no principal; the app code they claimed still names them.
             claimed = "-"
             reset = current_principal.set(None)
             try:
                 return self._run(inner, request, context, parse)
             except errors.ServiceError as exc:
-                code = exc.code.name
-                outcome = f"{code}/{exc.reason}"
+                code = exc.code
+                outcome = f"{code.name}/{exc.reason}"
                 claimed = exc.metadata.get("appCode", "")[:64] or "-"
                 if isinstance(exc, REFUSALS):
                     metrics.refused(exc.reason)
+                if span is not None and code in SERVER_FAULTS:
+                    traces.failed(span, exc.reason)
                 context.abort_with_status(to_status(exc))
             finally:
                 seconds = time.perf_counter() - started
@@ -204,12 +231,29 @@ class ServiceInterceptor(_ServiceCallInterceptor):
                     principal.username if principal else "-",
                     outcome,
                     seconds * 1000,
-                    *_ids(context),
+                    request_id,
+                    trace_id,
                 )
                 current_principal.reset(reset)
                 in_flight.dec()
-                measured.handled(code).inc()
+                measured.handled(code.name).inc()
                 measured.seconds.observe(seconds)
+                if span is not None:
+                    span.set_attribute("rpc.grpc.status_code", code.value[0])
+
+        def call(request: Any, context: grpc.ServicerContext) -> Any:
+            request_id, traceparent = _ids(context)
+            tracer = traces.tracer_for(traceparent)
+            if tracer is None:  # no span object at all
+                trace_id = traces.trace_id_of(traceparent) or "-"
+                return served(request, context, request_id, trace_id, None)
+            with traces.server_span(
+                tracer,
+                method[1:],
+                traceparent,
+                **{"rpc.system": "grpc", "rpc.service": service, "rpc.method": name},
+            ) as span:
+                return served(request, context, request_id, traces.id_of(span), span)
 
         return call
 

@@ -18,6 +18,7 @@ from typing import Any
 from typing import Protocol
 from typing import TypeGuard
 
+from server import traces
 from server.config import Config
 
 FORMATS = ("text", "json")
@@ -60,13 +61,11 @@ def configure(config: Config, worker: int | None = None) -> None:
     logging.basicConfig(level=level, handlers=[handler], force=True)
 
 
-def trace_id(legacy: str | None) -> str | None:
-    """The id a line carries as trace_id: today the legacy envelope's trace id (the
-    caller's traceparent, or the shim's fresh id) where there is one.
-
-    The seam for OpenTelemetry: once calls have spans, this returns the current span's
-    trace id, and the legacy id only when there is no span."""
-    return legacy or None
+def trace_id(given: str | None) -> str | None:
+    """The id a line carries as trace_id: the one its record was given (an access line's,
+    noted during its call), else the trace id of the span current where the record is
+    written (a line logged while serving a call, when tracing), else none."""
+    return given or traces.current_trace_id()
 
 
 def rfc3339(seconds: float) -> str:

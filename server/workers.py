@@ -32,6 +32,7 @@ from typing import Any
 
 from server import logs
 from server import metrics
+from server import traces
 from server.app import CannotListen
 from server.config import Config
 
@@ -156,6 +157,7 @@ def _run_worker(
     from server.gateway.local import serve_shim
 
     logs.configure(config, worker=index)
+    traces.configure(config)  # here, in the process that serves: its own provider and thread
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the parent, which stops us
     _die_with_parent()
     if core is not None:

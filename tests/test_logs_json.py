@@ -30,7 +30,8 @@ from tests.processes import start_server
 from tests.raw_grpc import raw_call
 
 GET_DETAIL = "/bksops.tasknode.v1.TaskNodeService/GetTaskNodeDetail"
-TRACEPARENT = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
+TRACE_ID = "4bf92f3577b34da6a3ce929d0e0e4736"
+TRACEPARENT = f"00-{TRACE_ID}-00f067aa0ba902b7-01"
 KEYS = {"time", "level", "logger", "message", "trace_id"}
 
 
@@ -98,9 +99,11 @@ def test_every_line_of_a_json_run_is_an_object_with_the_stable_keys(tmp_path: Pa
         assert datetime.fromisoformat(record["time"]).tzinfo is not None, record
     grpc_lines = [r for r in records if r["logger"] == "tasknode.access"]
     http_lines = [r for r in records if r["logger"] == "tasknode.access.http"]
-    served = [r for r in grpc_lines if r["outcome"] == "OK" and r["trace_id"] == TRACEPARENT]
-    assert len(served) == 1, grpc_lines
-    assert served[0]["method"] == GET_DETAIL
+    # The caller's trace id: its own call, and the shim's call for its request.
+    traced_calls = [r for r in grpc_lines if r["outcome"] == "OK" and r["trace_id"] == TRACE_ID]
+    assert len(traced_calls) == 2, grpc_lines
+    served = [r for r in traced_calls if r["request_id"] is None]
+    assert len(served) == 1 and served[0]["method"] == GET_DETAIL, traced_calls
     assert (served[0]["app"], served[0]["user"]) == ("esb_test", "admin")
     assert served[0]["peer"].startswith("ipv4:127.0.0.1:")
     assert isinstance(served[0]["duration_ms"], float)
@@ -111,10 +114,11 @@ def test_every_line_of_a_json_run_is_an_object_with_the_stable_keys(tmp_path: Pa
     assert len(malformed) == 1 and malformed[0]["app"] is None, grpc_lines
     answered = {(r["path"].split("?")[0], r["status"]) for r in http_lines}
     assert {(ESB_V2, 200), ("/no/such/route", 404)} <= answered, http_lines
-    traced = [r for r in http_lines if r["trace_id"] == TRACEPARENT]
+    traced = [r for r in http_lines if r["trace_id"] == TRACE_ID]
     assert len(traced) == 1 and traced[0]["status"] == 200, http_lines
-    # The shim's call to gRPC carries its request id: the two lines of one request meet.
-    assert traced[0]["request_id"] in {r["request_id"] for r in grpc_lines}, grpc_lines
+    # The shim's call to gRPC carries its request id and the caller's trace: the two lines
+    # of one request meet.
+    assert traced[0]["request_id"] in {r["request_id"] for r in traced_calls}, grpc_lines
     assert all(re.fullmatch(r"[0-9a-f]{32}", r["request_id"]) for r in http_lines), http_lines
 
 

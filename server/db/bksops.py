@@ -129,7 +129,7 @@ class BksopsStore(Store):
         raise _unlisted()
 
     def business_of_project(self, project_id: int) -> int | None:
-        rows = self._rows(self._sql_project_business, False, project_id)
+        rows = self._rows("business_of_project", self._sql_project_business, False, project_id)
         if not rows or not rows[0][1] or rows[0][0] is None or int(rows[0][0]) < 0:
             return None
         return int(rows[0][0])
@@ -144,16 +144,16 @@ class BksopsStore(Store):
         UnsupportedEngine for a task of the legacy engine. Always whole (heavy or not):
         the engine keeps a node's data in rows of their own, read when it is built."""
         if by_project_id:
-            projects = self._rows(self._sql_project, True, biz_id)
+            projects = self._rows("project", self._sql_project, True, biz_id)
         else:
-            projects = self._rows(self._sql_business, True, biz_id, True)
+            projects = self._rows("business", self._sql_business, True, biz_id, True)
         if not projects:
             scope = "project" if by_project_id else "cmdb_biz"
             raise errors.BusinessNotFound(
                 f"project({biz_id}) with scope({scope}) does not exist.",
                 {"bkBizId": str(biz_id), "scope": scope},
             )
-        tasks = self._rows(self._sql_task, True, task_id, projects[0][0])
+        tasks = self._rows("task", self._sql_task, True, task_id, projects[0][0])
         where = {"bkBizId": str(biz_id), "taskId": str(task_id)}
         if not tasks:
             raise errors.TaskNotFound(f"task {task_id} of business {biz_id} does not exist", where)
@@ -196,7 +196,7 @@ class BksopsStore(Store):
             ex_data=None,
             renamed=tree.renamed.get(node_id, ()),
         )
-        states = self._rows(self._sql_state, True, node_id)
+        states = self._rows("state", self._sql_state, True, node_id)
         if not states:
             return row
         state, version, loop, retry, skip, ignored, started, archived = states[0]
@@ -210,7 +210,7 @@ class BksopsStore(Store):
             started_at=_micros(started),
             finished_at=_micros(archived),
         )
-        data = self._rows(self._sql_data, True, node_id)
+        data = self._rows("data", self._sql_data, True, node_id)
         if not data:
             # The engine keeps no data for events and gateways: bk-sops answers empty.
             return row._replace(inputs="{}", outputs="{}", ex_data="")
@@ -226,7 +226,7 @@ class BksopsStore(Store):
         )
 
     def attempts(self, task_id: int, node_id: str, loop: int) -> list[AttemptRow]:
-        rows = self._rows(self._sql_histories, True, node_id, loop)
+        rows = self._rows("attempts", self._sql_histories, True, node_id, loop)
         found = []
         for id_, loop_, retry, skip, version, started, archived, isz, osz, ins, outs in rows:
             where = f"history {id_}"
@@ -267,12 +267,13 @@ class BksopsStore(Store):
                 _micros(archived),
             )
             for child, state, loop, retry, skip, ignored, version, started, archived in self._rows(
-                self._sql_children, True, node_id
+                "children", self._sql_children, True, node_id
             )
         ]
 
-    def _rows(self, sql: str, snapshot: bool, *params: object) -> list[tuple[Any, ...]]:
-        return self.read(lambda: list(self.db.execute_sql(sql, params).fetchall()), snapshot)
+    def _rows(self, name: str, sql: str, snapshot: bool, *params: object) -> list[tuple[Any, ...]]:
+        """The rows of sql, read as the query name (its metrics and span)."""
+        return self.read(lambda: list(self.db.execute_sql(sql, params).fetchall()), snapshot, name)
 
     def _tree(self, snapshot_id: int | None, task_id: int) -> _Tree:
         """The task's tree, parsed once per snapshot and kept."""
@@ -285,7 +286,7 @@ class BksopsStore(Store):
             if tree is not None:
                 self._trees.move_to_end(snapshot_id)
                 return tree
-        rows = self._rows(self._sql_snapshot, True, snapshot_id)
+        rows = self._rows("tree", self._sql_snapshot, True, snapshot_id)
         if not rows:
             raise errors.TaskNotFound(
                 f"task {task_id} has no pipeline tree", {"taskId": str(task_id)}
@@ -312,7 +313,7 @@ class BksopsStore(Store):
         if info.kind not in ("ServiceActivity", SUBPROCESS):
             return {}
         context = dict(tree.constants.get("", {}))
-        for key, kind, serializer, value in self._rows(self._sql_context, True, root_id):
+        for key, kind, serializer, value in self._rows("context", self._sql_context, True, root_id):
             if kind == PLAIN_CONTEXT and serializer == "json":
                 try:
                     context[_unwrap(key)] = json.loads(value)

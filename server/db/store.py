@@ -38,6 +38,7 @@ from playhouse.pool import PooledDatabase
 
 from server import errors
 from server import metrics
+from server import traces
 from server import values
 from server.config import Config
 from server.db.models import Attempt
@@ -252,6 +253,8 @@ class Store:
     def __init__(self, db: Database, timeout: float = Config.store_timeout_seconds) -> None:
         self.db = db
         self.timeout = timeout
+        #: The database's kind, as the spans of its queries name it.
+        self.system = _system(db)
         self._this = _ThisCall(getattr(db, "interrupt", _cannot_interrupt))
         self._prepare()
         _watchdog.start()
@@ -310,7 +313,8 @@ class Store:
     def read(self, work: Callable[[], T], snapshot: bool = False, name: str = "other") -> T:
         """work's result, run on the call's connection; inside the call's read snapshot
         if snapshot, which begins at its first use. Its time is recorded as a query
-        named name (server.metrics), failed or not.
+        named name (server.metrics), failed or not, and, when the call's span is
+        recorded, as a child span of its own (server.traces).
 
         The queries that build a reply (node, attempts, children, schema) all read one
         snapshot, so a call never mixes a node from before an import with its attempts
@@ -325,13 +329,18 @@ class Store:
         failure is the caller's answer. work must therefore only read.
         """
         started = time.perf_counter()
+        span = traces.query_span(name, self.system)
         try:
             return self._read_retrying(work, snapshot)
-        except (errors.StoreUnavailable, errors.DeadlineExceeded):
+        except (errors.StoreUnavailable, errors.DeadlineExceeded) as exc:
             metrics.store_failed(name)
+            if span is not None:
+                traces.failed(span, exc.reason)
             raise
         finally:
             metrics.store_read(name, time.perf_counter() - started)
+            if span is not None:
+                span.end()
 
     def _read_retrying(self, work: Callable[[], T], snapshot: bool) -> T:
         call = self._this.call
@@ -876,6 +885,15 @@ def _children_query(task_id: int, node_id: str) -> Any:
         )
         .order_by(Node.position)
     )
+
+
+def _system(db: Database) -> str:
+    """OpenTelemetry's name (db.system.name) for db's kind of database."""
+    if isinstance(db, PostgresqlDatabase):
+        return "postgresql"
+    if isinstance(db, MySQLDatabase):
+        return "mysql"
+    return "sqlite"
 
 
 def _snapshot_statement(db: Database) -> str:

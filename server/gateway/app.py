@@ -23,6 +23,7 @@ from google.rpc import status_pb2
 
 from server import errors
 from server import metrics
+from server import traces
 from server.access import AccessLog
 from server.auth import Credentials
 from server.config import Config
@@ -107,6 +108,31 @@ class App:
     async def _http(self, scope: Scope, receive: Receive, send: Send) -> None:
         started = time.perf_counter()
         request = Request.from_scope(scope)
+        traceparent = request.headers.get("traceparent")
+        tracer = traces.tracer_for(traceparent)
+        if tracer is None:  # no span object at all
+            await self._answer(request, receive, send, started)
+            return
+        with traces.server_span(
+            tracer,
+            request.method,
+            traceparent,
+            **{"http.request.method": request.method},
+        ) as span:
+            request.trace_id = traces.id_of(span)
+            status = await self._answer(request, receive, send, started)
+            if request.route != "none":
+                span.update_name(f"{request.method} {request.route}")
+                span.set_attribute("http.route", request.route)
+            if status is not None:
+                span.set_attribute("http.response.status_code", status)
+                if status >= 500:
+                    traces.failed(span, str(status))
+
+    async def _answer(
+        self, request: Request, receive: Receive, send: Send, started: float
+    ) -> int | None:
+        """Answer request, log it and count it: its status, or None if the client left."""
         metrics.HTTP_IN_FLIGHT.inc()
         try:
             response = await self._respond(request, receive)
@@ -119,7 +145,7 @@ class App:
             )
             await send({"type": "http.response.body", "body": response.body})
         except Disconnected:
-            return
+            return None
         finally:
             metrics.HTTP_IN_FLIGHT.dec()
         seconds = time.perf_counter() - started
@@ -134,6 +160,7 @@ class App:
         )
         # The route's template, never the path: one series per route, whatever is asked.
         metrics.http_answered(request.method, request.route, response.status, seconds)
+        return response.status
 
     async def _respond(self, request: Request, receive: Receive) -> Response:
         kind = self.router.kind_for(request.path)
@@ -202,6 +229,9 @@ class App:
         raw: bool = False,
     ) -> Any:
         metadata = [*creds.metadata(credentials), ("x-bkapi-request-id", request.request_id)]
+        traceparent = traces.outgoing(request.headers.get("traceparent"), request.trace_id)
+        if traceparent is not None:
+            metadata.append(("traceparent", traceparent))
         return await self.backend.call(route.rpc, message, metadata, raw, request.peer)
 
     async def _lifespan(self, receive: Receive, send: Send) -> None:

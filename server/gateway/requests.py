@@ -8,7 +8,6 @@ exception of the parser's.
 from __future__ import annotations
 
 import json
-import re
 import uuid
 from collections.abc import Awaitable
 from collections.abc import Callable
@@ -18,15 +17,12 @@ from typing import Any
 from urllib.parse import parse_qsl
 
 from server import errors
+from server import traces
 from server import values
 from server.errors import FieldViolation
 
 #: More query parameters than this is an attack or a bug, not a request.
 MAX_QUERY_FIELDS = 256
-#: A traceparent longer than this, or with other than printable ASCII, is ignored: a tracing
-#: header must never break a request (W3C Trace Context says to restart the trace).
-MAX_TRACEPARENT = 256
-_PRINTABLE = re.compile(r"[\x20-\x7e]+")
 
 Receive = Callable[[], Awaitable[dict[str, Any]]]
 
@@ -49,6 +45,7 @@ class Request:
     #: The client as gRPC names a peer ("ipv4:10.0.0.1:5000", "ipv6:[::1]:5000"), or "-".
     peer: str
     request_id: str
+    #: The trace id (32 hex digits) the legacy envelope, Sops-Trace-Id and the logs show.
     trace_id: str
     body: bytes = b""
     #: The route's path variables, decoded.
@@ -156,10 +153,9 @@ def _too_large(limit: int) -> errors.PayloadTooLarge:
 
 
 def _trace_id(traceparent: str | None) -> str:
-    """The caller's traceparent, verbatim as bk-sops keeps it, or a fresh id."""
-    if traceparent and len(traceparent) <= MAX_TRACEPARENT and _PRINTABLE.fullmatch(traceparent):
-        return traceparent
-    return uuid.uuid4().hex
+    """The trace id of the caller's traceparent, or a fresh one (32 hex digits either way);
+    when tracing, the request's span has the same (server.gateway.app)."""
+    return traces.trace_id_of(traceparent) or uuid.uuid4().hex
 
 
 def show(value: values.JSON) -> str:

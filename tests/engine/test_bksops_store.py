@@ -27,8 +27,10 @@ from bksops.tasknode.v1 import task_node_pb2_grpc as pb_grpc
 from google.protobuf.field_mask_pb2 import FieldMask
 from google.rpc import error_details_pb2
 from grpc_status import rpc_status
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from peewee import MySQLDatabase
 
+from server import traces
 from server import values
 from server.app import Server
 from server.app import create_server
@@ -744,3 +746,19 @@ def test_listing_a_tasks_nodes_is_refused_clearly(served: Any) -> None:
     code, reason, message = failure(caught.value)
     assert (code, reason) == (grpc.StatusCode.FAILED_PRECONDITION, "UNSUPPORTED_BY_STORE")
     assert "ListTaskNodes" in message
+
+
+def test_each_engine_query_is_a_span_named_by_what_it_reads(served: Any) -> None:
+    exporter = InMemorySpanExporter()
+    traces.configure(Config(), exporter)
+    try:
+        ask(served, "services", "ok")
+    finally:
+        traces.shutdown()
+    found = exporter.get_finished_spans()
+    (call,) = [s for s in found if s.name.endswith("/GetTaskNodeDetail")]
+    assert call.context is not None
+    queries = {s.name for s in found if s.parent and s.parent.span_id == call.context.span_id}
+    # The task's tree may be cached from an earlier test: it is read once per snapshot.
+    assert {"store business", "store task", "store state", "store data"} <= queries, queries
+    assert "store other" not in queries

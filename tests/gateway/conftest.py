@@ -20,11 +20,14 @@ from server.gateway.client import Caller
 from server.gateway.local import LocalBackend
 from server.gateway.protocol import Limits
 from server.gateway.runner import HttpServer
+from server.traces import trace_id_of
 
 #: The seed document's credentials: the demo database's app and token.
 SEED_APP = {"bk_app_code": "esb_test", "bk_app_secret": "xxx", "bk_token": "xxx"}
-#: A W3C traceparent, echoed as trace_id: it keeps golden files free of random ids.
-TRACEPARENT = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
+#: A W3C traceparent, whose trace id is the trace_id of the answer: it keeps golden files
+#: free of random ids.
+TRACE_ID = "4bf92f3577b34da6a3ce929d0e0e4736"
+TRACEPARENT = f"00-{TRACE_ID}-00f067aa0ba902b7-01"
 HEX32 = re.compile(r"[0-9a-f]{32}")
 
 
@@ -101,7 +104,8 @@ def exchange(response: httpx.Response) -> dict[str, Any]:
     request_id = response.headers["x-bkapi-request-id"]
     trace_id = response.headers["sops-trace-id"]
     assert HEX32.fullmatch(request_id), request_id
-    assert trace_id == request.headers.get("traceparent") or HEX32.fullmatch(trace_id)
+    continued = trace_id_of(request.headers.get("traceparent"))
+    assert trace_id == continued if continued else HEX32.fullmatch(trace_id), trace_id
     body = response.json()
     if isinstance(body, dict) and "request_id" in body:
         assert (body["request_id"], body["trace_id"]) == (request_id, trace_id)

@@ -9,6 +9,7 @@ from google.protobuf import json_format
 
 from tests.conftest import SEED_NODE
 from tests.conftest import seed_request
+from tests.gateway.conftest import TRACE_ID
 from tests.gateway.conftest import exchange
 from tests.gateway.conftest import without_live_times
 from tests.gateway.test_canonical import AS_DEMO_APP
@@ -65,7 +66,7 @@ def test_the_get_route_sends_the_etag_and_answers_304_to_it(http: httpx.Client) 
         assert cached.status_code == 304, if_none_match
         assert cached.content == b"" and cached.headers["etag"] == etag
         assert "content-type" not in cached.headers
-        assert cached.headers["sops-trace-id"] == AS_DEMO_APP["traceparent"]
+        assert cached.headers["sops-trace-id"] == TRACE_ID
     stale = {**AS_DEMO_APP, "if-none-match": '"0123456789abcdef0123456789abcdef"'}
     response = http.get(SEED_PATH, params=SEED_QUERY, headers=stale)
     assert response.status_code == 200 and response.json()["id"] == SEED_NODE

@@ -13,7 +13,9 @@ from server.gateway.examples import SEED_BODY
 from tests.conftest import ALL_APP
 from tests.conftest import SEED_NODE
 from tests.conftest import SEED_PARENT
+from tests.gateway.conftest import HEX32
 from tests.gateway.conftest import SEED_APP
+from tests.gateway.conftest import TRACE_ID
 from tests.gateway.conftest import TRACEPARENT
 from tests.gateway.conftest import exchange
 from tests.gateway.conftest import without_live_times
@@ -289,9 +291,9 @@ def test_the_header_wins_over_credential_parameters(http: httpx.Client) -> None:
 
 def test_trace_id_follows_traceparent_else_is_fresh(http: httpx.Client) -> None:
     traced = seed_get(http, ESB_V2)
-    assert traced.json()["trace_id"] == TRACEPARENT == traced.headers["sops-trace-id"]
+    assert traced.json()["trace_id"] == TRACE_ID == traced.headers["sops-trace-id"]
     fresh = [http.get(ESB_V2, params=SEED_BODY) for _ in range(2)]
     ids = [(r.json()["trace_id"], r.json()["request_id"]) for r in fresh]
     assert len({i for pair in ids for i in pair}) == 4
     garbled = http.get(ESB_V2, params=SEED_BODY, headers={"traceparent": "x" * 300})
-    assert garbled.json()["trace_id"] != "x" * 300
+    assert HEX32.fullmatch(garbled.json()["trace_id"])

@@ -261,13 +261,15 @@ def test_pipelined_requests_are_answered_before_the_garbage_after_them(
     shim: HttpServer, case: str
 ) -> None:
     garbage, status, message = GARBAGE[case]
-    requests = [get(SEED_QUERY, f"traceparent: pipelined-{i}") for i in range(3)]
+    requests = [
+        get(SEED_QUERY, f"traceparent: 00-{i + 1:032x}-00f067aa0ba902b7-01") for i in range(3)
+    ]
     with connect(shim) as sock:
         sock.sendall(b"".join(requests) + garbage)
         answer = read_to_end(sock)
     *answered, refused = responses(answer)
     assert [(s, h["sops-trace-id"]) for s, h, _ in answered] == [
-        (200, f"pipelined-{i}") for i in range(3)
+        (200, f"{i + 1:032x}") for i in range(3)
     ]
     assert all(json.loads(body)["result"] for _, _, body in answered)
     assert refusal(answer[answer.rindex(b"HTTP/1.1 ") :]) == (status, message)
