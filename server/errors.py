@@ -34,6 +34,7 @@ The HTTP status follows from ``code`` (grpc-gateway's mapping, in the shim).
      +-- MethodNotAllowed           UNIMPLEMENTED      3540000  (HTTP 405)
      +-- PayloadTooLarge            RESOURCE_EXHAUSTED 3540000  (HTTP 413)
      +-- Overloaded                 RESOURCE_EXHAUSTED 3555000  (HTTP 429)
+     +-- TooManyStreams             RESOURCE_EXHAUSTED 3555000  (HTTP 429)
 
 The last four, and RouteNotFound, are raised only by the HTTP shim (server.gateway):
 the gRPC backend cannot be reached, the HTTP request itself is refused, or the
@@ -260,6 +261,15 @@ class Overloaded(ServiceError):
 
     code = grpc.StatusCode.RESOURCE_EXHAUSTED
     reason = "OVERLOADED"
+    legacy_code = 3555000
+
+
+class TooManyStreams(ServiceError):
+    """The process has as many watch streams open as it allows (config.watch_max_streams);
+    another process, or a retry later, may take the stream."""
+
+    code = grpc.StatusCode.RESOURCE_EXHAUSTED
+    reason = "TOO_MANY_WATCH_STREAMS"
     legacy_code = 3555000
 
 
