@@ -38,6 +38,9 @@ from google.rpc import status_pb2
 
 from server import errors
 from server import metrics
+from grpc_reflection.v1alpha import reflection
+
+from server.app import SERVICE_NAME
 from server.app import CannotListen
 from server.app import Server
 from server.config import Config
@@ -267,6 +270,8 @@ class WatchServer:
             ]
         )
         pb_grpc.add_TaskNodeServiceServicer_to_server(self.servicer, aio)
+        # grpcurl finds the streams' messages here too, with no .proto at hand.
+        reflection.enable_server_reflection((SERVICE_NAME, reflection.SERVICE_NAME), aio)
         credentials = server_credentials(self.config)
         try:
             if credentials is None:
