@@ -35,11 +35,10 @@ from bksops.tasknode.v1 import task_node_pb2 as pb
 from bksops.tasknode.v1 import task_node_pb2_grpc as pb_grpc
 from google.protobuf.timestamp_pb2 import Timestamp
 from google.rpc import status_pb2
+from grpc_reflection.v1alpha import reflection
 
 from server import errors
 from server import metrics
-from grpc_reflection.v1alpha import reflection
-
 from server.app import SERVICE_NAME
 from server.app import CannotListen
 from server.app import Server

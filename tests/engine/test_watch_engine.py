@@ -14,9 +14,9 @@ from pathlib import Path
 from typing import Any
 
 import grpc
-from playhouse import db_url
 from bksops.tasknode.v1 import task_node_pb2 as pb
 from bksops.tasknode.v1 import task_node_pb2_grpc as pb_grpc
+from playhouse import db_url
 
 from server.config import Config
 from server.watch.service import serve_watch
