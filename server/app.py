@@ -226,7 +226,7 @@ def create_server(config: Config, reuse_port: bool = False) -> Server:
     # replies are built afresh each time.
     cached = config.reply_cache_mb and not config.bksops_database_url
     cache = DetailCache(config.reply_cache_mb * 1024 * 1024) if cached else None
-    servicer = TaskNodeServicer(store, Masker(config.secret_keywords), cache)
+    servicer = TaskNodeServicer(store, Masker(config.secret_keywords), cache, config.watch_listen())
     task_node_pb2_grpc.add_TaskNodeServiceServicer_to_server(servicer, server)
     health_servicer = health.HealthServicer(
         experimental_non_blocking=True, experimental_thread_pool=own_threads

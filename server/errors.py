@@ -35,6 +35,7 @@ The HTTP status follows from ``code`` (grpc-gateway's mapping, in the shim).
      +-- PayloadTooLarge            RESOURCE_EXHAUSTED 3540000  (HTTP 413)
      +-- Overloaded                 RESOURCE_EXHAUSTED 3555000  (HTTP 429)
      +-- TooManyStreams             RESOURCE_EXHAUSTED 3555000  (HTTP 429)
+     +-- WatchElsewhere             UNIMPLEMENTED      3540000  (HTTP 501)
 
 The last four, and RouteNotFound, are raised only by the HTTP shim (server.gateway):
 the gRPC backend cannot be reached, the HTTP request itself is refused, or the
@@ -271,6 +272,15 @@ class TooManyStreams(ServiceError):
     code = grpc.StatusCode.RESOURCE_EXHAUSTED
     reason = "TOO_MANY_WATCH_STREAMS"
     legacy_code = 3555000
+
+
+class WatchElsewhere(ServiceError):
+    """A watch stream asked of the unary server: the streams are served on the watch
+    address (server.watch), named in the metadata as watchAddr."""
+
+    code = grpc.StatusCode.UNIMPLEMENTED
+    reason = "WATCH_ON_WATCH_ADDR"
+    legacy_code = 3540000
 
 
 class CredentialChecksThrottled(ServiceError):

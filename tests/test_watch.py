@@ -326,3 +326,21 @@ def test_draining_ends_streams_unavailable_with_the_token_to_resume(
     status.details[0].Unpack(info)
     assert info.reason == "SHUTTING_DOWN"
     assert info.metadata["resumeToken"] == token
+
+
+def test_the_unary_server_says_where_the_streams_are(
+    watching: tuple[Server, WatchServer, grpc.Channel],
+) -> None:
+    server, _, _ = watching
+    with (
+        grpc.insecure_channel(f"127.0.0.1:{server.port}") as channel,
+        pytest.raises(grpc.RpcError) as caught,
+    ):
+        next(_stub(channel).WatchTaskNode(_node_request(), metadata=_meta(), timeout=10))
+    assert caught.value.code() == grpc.StatusCode.UNIMPLEMENTED
+    status = rpc_status.from_call(caught.value)
+    assert status is not None
+    info = error_details_pb2.ErrorInfo()
+    status.details[0].Unpack(info)
+    assert info.reason == "WATCH_ON_WATCH_ADDR"
+    assert info.metadata["watchAddr"] == "127.0.0.1:0"

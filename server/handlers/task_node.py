@@ -12,6 +12,7 @@ from server.auth import current_principal
 from server.cache import DetailCache
 from server.db.nodestore import NodeStore
 from server.interceptors import rich_status
+from server.interceptors import to_status
 from server.listing import list_task_nodes
 from server.nodes import Masker
 from server.nodes import authorize
@@ -29,10 +30,34 @@ CALL_ERRORS = (errors.StoreUnavailable, errors.DeadlineExceeded, errors.Internal
 class TaskNodeServicer(pb_grpc.TaskNodeServiceServicer):
     """The servicer; errors are raised as domain errors and mapped by the interceptor."""
 
-    def __init__(self, store: NodeStore, mask: Masker, cache: DetailCache | None) -> None:
+    def __init__(
+        self, store: NodeStore, mask: Masker, cache: DetailCache | None, watch_addr: str = ""
+    ) -> None:
         self.store = store
         self.mask = mask
         self.cache = cache
+        self.watch_addr = watch_addr
+
+    def WatchTaskNode(
+        self, request: pb.WatchTaskNodeRequest, context: grpc.ServicerContext
+    ) -> None:
+        """Streams are not served here (a thread each): the call says where they are."""
+        self._elsewhere(context)
+
+    def WatchTask(self, request: pb.WatchTaskRequest, context: grpc.ServicerContext) -> None:
+        """As WatchTaskNode: the call says where streams are served."""
+        self._elsewhere(context)
+
+    def _elsewhere(self, context: grpc.ServicerContext) -> None:
+        where = self.watch_addr or "nowhere: the watch server is off (TASKNODE_WATCH_ADDR)"
+        context.abort_with_status(
+            to_status(
+                errors.WatchElsewhere(
+                    f"watch streams are served on the watch address, {where}",
+                    {"watchAddr": self.watch_addr},
+                )
+            )
+        )
 
     def GetTaskNodeDetail(
         self, request: pb.GetTaskNodeDetailRequest, context: grpc.ServicerContext

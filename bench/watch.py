@@ -1,0 +1,200 @@
+"""The watch step of make bench: 10, 1,000 and 10,000 open WatchTaskNode streams on one server.
+
+For each count, one server process (`serve`, TASKNODE_GRPC_PROCESSES=1) and one caller
+process (bench.watch_clients) holding that many streams on one node; while they are
+open, a writer re-imports the node's task CHANGES times, one change every
+CHANGE_SECONDS. Printed per count: store queries per second while the streams are
+open (the server's own tasknode_store_query_duration_seconds count, all queries),
+the server's resident memory per stream (RSS with the streams open, less RSS before
+any was opened, over the count), and change-to-delivery latency: from the writer's
+commit to each stream's receipt of the changed detail, p50 and p99 over every stream
+and change; p99 should stay within TASKNODE_WATCH_INTERVAL + 50 ms.
+
+    .venv/bin/python -m bench.run --only watch
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import httpx
+from prometheus_client.parser import text_string_to_metric_families
+
+from bench import procs
+from bench.watch_clients import NODE
+from bench.watch_clients import TASK
+from server.cli import load_demo_if_empty
+from server.config import Config
+from server.db.connection import open_database
+from server.db.loader import FORMAT
+from server.db.loader import load_document
+
+COUNTS = (10, 1_000, 10_000)
+CHANGES = 8
+CHANGE_SECONDS = 1.0
+INTERVAL = 0.25
+GRPC_ADDR = "127.0.0.1:50161"
+WATCH_ADDR = "127.0.0.1:50162"
+METRICS_ADDR = "127.0.0.1:50163"
+
+
+@dataclass(frozen=True)
+class WatchRow:
+    streams: int
+    queries_per_second: float
+    kib_per_stream: float
+    p50_ms: float
+    p99_ms: float
+    delivered: int
+    expected: int
+    errors: dict[str, int]
+
+
+def document(version: int) -> dict[str, Any]:
+    """Task TASK of business 2 (the demo data's) with the watched node at version."""
+    return {
+        "format": FORMAT,
+        "projects": [],
+        "components": [],
+        "tasks": [
+            {
+                "id": TASK,
+                "project_id": 1,  # the demo's project of business 2
+                "name": "watch bench",
+                "nodes": [
+                    {
+                        "id": NODE,
+                        "name": "watched",
+                        "type": "ServiceActivity",
+                        "inputs": {"round": version},
+                        "outputs": {},
+                        "execution": {
+                            "state": "RUNNING",
+                            "version": f"v{version}",
+                            "start_time": "2024-05-01T10:00:00+08:00",
+                        },
+                    }
+                ],
+            }
+        ],
+    }
+
+
+def _rss_kib(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+    return 0
+
+
+def _queries() -> float:
+    text = httpx.get(f"http://{METRICS_ADDR}/metrics", timeout=10).text
+    return sum(
+        sample.value
+        for family in text_string_to_metric_families(text)
+        if family.name == "tasknode_store_query_duration_seconds"
+        for sample in family.samples
+        if sample.name.endswith("_count")
+    )
+
+
+def measure_one(count: int, work: Path) -> WatchRow:
+    url = f"sqlite:///{work / 'watch.db'}"
+    load_demo_if_empty(Config(database_url=url))
+    db = open_database(url)
+    with db.connection_context():
+        load_document(db, document(0))
+    db.close()
+    env = {
+        **os.environ,
+        "TASKNODE_DATABASE_URL": url,
+        "TASKNODE_GRPC_ADDR": GRPC_ADDR,
+        "TASKNODE_WATCH_ADDR": WATCH_ADDR,
+        "TASKNODE_METRICS_ADDR": METRICS_ADDR,
+        "TASKNODE_HTTP_ADDR": "",
+        "TASKNODE_GRPC_PROCESSES": "1",
+        "TASKNODE_WATCH_INTERVAL": str(INTERVAL),
+        "TASKNODE_WATCH_MAX_STREAMS": str(max(COUNTS)),
+        "TASKNODE_AUTH_CACHE_SECONDS": "3600",
+    }
+    server = procs.start(
+        [sys.executable, "-m", "server", "serve"], env, work / "watch-server.log", "serving"
+    )
+    out = work / f"watch-{count}.json"
+    try:
+        time.sleep(1)
+        before_kib = _rss_kib(server.pid)
+        clients = subprocess.Popen(
+            [sys.executable, "-m", "bench.watch_clients", WATCH_ADDR, str(count), str(out)],
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        assert clients.stdout is not None
+        if clients.stdout.readline().strip() != "ready":
+            raise RuntimeError("the watch clients did not open their streams")
+        time.sleep(1)
+        open_kib = _rss_kib(server.pid)
+        queries, started = _queries(), time.monotonic()
+        written: dict[str, float] = {}
+        db = open_database(url)
+        for version in range(1, CHANGES + 1):
+            time.sleep(CHANGE_SECONDS)
+            with db.connection_context():
+                load_document(db, document(version))
+            written[f"v{version}"] = time.time()
+        time.sleep(CHANGE_SECONDS)
+        per_second = (_queries() - queries) / (time.monotonic() - started)
+        db.close()
+        clients.send_signal(signal.SIGTERM)
+        clients.wait(120)
+    finally:
+        procs.stop(server)
+    result = json.loads(out.read_text())
+    latencies = [
+        (received - written[version]) * 1000
+        for version, times in result["receipts"].items()
+        if version in written
+        for received in times
+    ]
+    latencies.sort()
+    return WatchRow(
+        streams=count,
+        queries_per_second=per_second,
+        kib_per_stream=(open_kib - before_kib) / count,
+        p50_ms=statistics.median(latencies) if latencies else float("nan"),
+        p99_ms=latencies[int(len(latencies) * 0.99) - 1] if latencies else float("nan"),
+        delivered=len(latencies),
+        expected=count * CHANGES,
+        errors=result["errors"],
+    )
+
+
+def measure(work: Path) -> list[WatchRow]:
+    work.mkdir(parents=True, exist_ok=True)
+    return [measure_one(count, work) for count in COUNTS]
+
+
+def print_rows(rows: list[WatchRow]) -> None:
+    print(
+        f"watch streams on one server process, one node changed {CHANGES} times "
+        f"(TASKNODE_WATCH_INTERVAL {INTERVAL:g} s; target p99 <= {INTERVAL * 1000 + 50:.0f} ms)"
+    )
+    print(
+        f"{'streams':>8} {'store queries/s':>16} {'KiB/stream':>11} {'p50 ms':>8} {'p99 ms':>8}"
+        f" {'delivered':>12}  errors"
+    )
+    for row in rows:
+        print(
+            f"{row.streams:>8,} {row.queries_per_second:>16.1f} {row.kib_per_stream:>11.1f}"
+            f" {row.p50_ms:>8.1f} {row.p99_ms:>8.1f} {row.delivered:>6,}/{row.expected:<6,}"
+            f"  {row.errors or '-'}"
+        )
