@@ -5,8 +5,9 @@ process (bench.watch_clients) holding that many streams on one node; while they 
 open, a writer re-imports the node's task CHANGES times, one change every
 CHANGE_SECONDS. Printed per count: store queries per second while the streams are
 open (the server's own tasknode_store_query_duration_seconds count, all queries),
-the server's resident memory per stream (RSS with the streams open, less RSS before
-any was opened, over the count), and change-to-delivery latency: from the writer's
+the server's resident memory (RSS) with the streams open, and per stream (that RSS
+less the RSS before any was opened, over the count: at 10 streams mostly the fixed
+cost of the first), and change-to-delivery latency: from the writer's
 commit to each stream's receipt of the changed detail, p50 and p99 over every stream
 and change; p99 should stay within TASKNODE_WATCH_INTERVAL + 50 ms.
 
@@ -52,6 +53,7 @@ class WatchRow:
     streams: int
     queries_per_second: float
     kib_per_stream: float
+    rss_mib: float
     p50_ms: float
     p99_ms: float
     delivered: int
@@ -170,6 +172,7 @@ def measure_one(count: int, work: Path) -> WatchRow:
         streams=count,
         queries_per_second=per_second,
         kib_per_stream=(open_kib - before_kib) / count,
+        rss_mib=open_kib / 1024,
         p50_ms=statistics.median(latencies) if latencies else float("nan"),
         p99_ms=latencies[int(len(latencies) * 0.99) - 1] if latencies else float("nan"),
         delivered=len(latencies),
@@ -189,12 +192,13 @@ def print_rows(rows: list[WatchRow]) -> None:
         f"(TASKNODE_WATCH_INTERVAL {INTERVAL:g} s; target p99 <= {INTERVAL * 1000 + 50:.0f} ms)"
     )
     print(
-        f"{'streams':>8} {'store queries/s':>16} {'KiB/stream':>11} {'p50 ms':>8} {'p99 ms':>8}"
-        f" {'delivered':>12}  errors"
+        f"{'streams':>8} {'store queries/s':>16} {'RSS MiB':>8} {'KiB/stream':>11}"
+        f" {'p50 ms':>8} {'p99 ms':>8} {'delivered':>14}  errors"
     )
     for row in rows:
         print(
-            f"{row.streams:>8,} {row.queries_per_second:>16.1f} {row.kib_per_stream:>11.1f}"
-            f" {row.p50_ms:>8.1f} {row.p99_ms:>8.1f} {row.delivered:>6,}/{row.expected:<6,}"
+            f"{row.streams:>8,} {row.queries_per_second:>16.1f} {row.rss_mib:>8.0f}"
+            f" {row.kib_per_stream:>11.1f} {row.p50_ms:>8.1f} {row.p99_ms:>8.1f}"
+            f" {row.delivered:>7,}/{row.expected:<7,}"
             f"  {row.errors or '-'}"
         )

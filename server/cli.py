@@ -194,13 +194,15 @@ def _serve_calls(config: Config, demo: bool, count: int, metrics_url: str) -> in
         server = create_server(config)
         server.start()
         port = server.port
-        http: HttpServer | None = None
-        if config.http_addr:
-            http = serve_shim(config, server)
-            http_url = http.url
         watch = serve_watch(config, server)
+        watch_target = ""
         if watch is not None:
             watch_port = watch.port
+            watch_target = f"{config.grpc_addr.rsplit(':', 1)[0]}:{watch_port}"
+        http: HttpServer | None = None
+        if config.http_addr:
+            http = serve_shim(config, server, watch_target=watch_target)
+            http_url = http.url
 
         # The handler only notes the signal: the main thread drains, outside the handler.
         received: list[signal.Signals] = []

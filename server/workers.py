@@ -172,8 +172,8 @@ def _run_worker(
     try:
         server = create_server(config, reuse_port=True)
         server.start()
-        shim = serve_shim(config, server, reuse_port=True) if http else None
         watch = serve_watch(config, server, reuse_port=True)
+        shim = serve_shim(config, server, reuse_port=True) if http else None
     except Exception as exc:
         ready.put(f"worker {index}: {exc}")
         raise SystemExit(2) from exc

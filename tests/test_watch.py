@@ -7,6 +7,7 @@ it. The watch server polls every 0.05 s, heartbeats every 0.3 s.
 from __future__ import annotations
 
 import dataclasses
+import json
 import socket
 import struct
 import threading
@@ -15,6 +16,7 @@ from collections.abc import Iterator
 from typing import Any
 
 import grpc
+import httpx
 import pytest
 from bksops.tasknode.v1 import task_node_pb2 as pb
 from bksops.tasknode.v1 import task_node_pb2_grpc as pb_grpc
@@ -27,6 +29,10 @@ from h2.settings import SettingCodes
 from server.app import Server
 from server.app import create_server
 from server.config import Config
+from server.gateway.app import App
+from server.gateway.local import LocalBackend
+from server.gateway.protocol import Limits
+from server.gateway.runner import HttpServer
 from server.watch.service import WatchServer
 from server.watch.service import serve_watch
 from tests import documents
@@ -73,8 +79,6 @@ def _stub(channel: grpc.Channel, app: dict[str, str] = ALL_APP) -> pb_grpc.TaskN
 
 
 def _meta(app: dict[str, str] = ALL_APP) -> list[tuple[str, str]]:
-    import json
-
     return [("x-bkapi-authorization", json.dumps(app))]
 
 
@@ -344,3 +348,100 @@ def test_the_unary_server_says_where_the_streams_are(
     status.details[0].Unpack(info)
     assert info.reason == "WATCH_ON_WATCH_ADDR"
     assert info.metadata["watchAddr"] == "127.0.0.1:0"
+
+
+@pytest.fixture
+def shim(watching: tuple[Server, WatchServer, grpc.Channel]) -> Iterator[httpx.Client]:
+    """An HTTP client of the shim in front of the watching server (in-process, as serve)."""
+    server, watch, _ = watching
+    config = Config(grpc_addr="127.0.0.1:0")
+    app = App(
+        config,
+        LocalBackend(server.handlers, server.workers),
+        watch_target=f"127.0.0.1:{watch.port}",
+    )
+    http = HttpServer(app, "127.0.0.1:0", grace=1, limits=Limits.of(config))
+    http.start()
+    try:
+        with httpx.Client(
+            base_url=http.url, timeout=10, headers={"X-Bkapi-Authorization": json.dumps(ALL_APP)}
+        ) as client:
+            yield client
+    finally:
+        http.stop()
+
+
+NODE_PATH = f"/v1/businesses/{documents.BUSINESS}/tasks/{TASK}/nodes/step"
+
+
+def test_http_streams_newline_delimited_json_as_grpc_gateway_does(
+    watching: tuple[Server, WatchServer, grpc.Channel], shim: httpx.Client
+) -> None:
+    server = watching[0]
+    with shim.stream("GET", NODE_PATH + ":watch") as answer:
+        assert answer.status_code == 200
+        assert answer.headers["content-type"] == "application/x-ndjson"
+        lines = answer.iter_lines()
+        first = json.loads(next(lines))["result"]
+        assert first["detail"]["version"] == "r0" and first["resumeToken"]
+        documents.load(server.store.db, revision(1))
+        for line in lines:
+            result = json.loads(line)["result"]
+            if "detail" in result:
+                assert result["detail"]["version"] == "r1"
+                break
+
+
+def test_http_streams_server_sent_events_and_resumes_from_last_event_id(
+    watching: tuple[Server, WatchServer, grpc.Channel], shim: httpx.Client
+) -> None:
+    server = watching[0]
+    events = {"Accept": "text/event-stream"}
+    with shim.stream("GET", NODE_PATH + ":watch", headers=events) as answer:
+        assert answer.headers["content-type"] == "text/event-stream"
+        lines = answer.iter_lines()
+        token = next(lines).removeprefix("id: ")
+        assert json.loads(next(lines).removeprefix("data: "))["detail"]["version"] == "r0"
+    documents.load(server.store.db, revision(1))
+    with shim.stream(
+        "GET", NODE_PATH + ":watch", headers={**events, "Last-Event-ID": token}
+    ) as answer:
+        lines = answer.iter_lines()
+        next(lines)
+        assert json.loads(next(lines).removeprefix("data: "))["detail"]["version"] == "r1"
+
+
+def test_http_watch_errors_are_answered_as_the_get_is(shim: httpx.Client) -> None:
+    answer = shim.get(f"/v1/businesses/{documents.BUSINESS}/tasks/{TASK}/nodes/missing:watch")
+    assert answer.status_code == 404
+    assert answer.json()["details"][0]["reason"] == "NODE_NOT_FOUND"
+
+
+def test_http_long_poll_answers_at_the_change_or_unchanged_at_the_end_of_the_wait(
+    watching: tuple[Server, WatchServer, grpc.Channel], shim: httpx.Client
+) -> None:
+    server = watching[0]
+    etag = shim.get(NODE_PATH).headers["etag"]
+    started = time.monotonic()
+    unchanged = shim.get(NODE_PATH, params={"wait": "0.5", "version": etag})
+    assert time.monotonic() - started >= 0.5
+    assert unchanged.status_code == 200 and unchanged.json()["version"] == "r0"
+    threading.Timer(0.5, documents.load, (server.store.db, revision(1))).start()
+    started = time.monotonic()
+    changed = shim.get(NODE_PATH, params={"wait": "8s", "version": etag})
+    assert time.monotonic() - started < 5
+    assert changed.json()["version"] == "r1" and changed.headers["etag"] != etag
+
+
+def test_http_streams_beyond_the_limit_are_refused_429(
+    watching: tuple[Server, WatchServer, grpc.Channel], shim: httpx.Client
+) -> None:
+    stub = _stub(watching[2])
+    streams = [stub.WatchTaskNode(_node_request(), metadata=_meta(), timeout=10) for _ in range(3)]
+    for stream in streams:
+        next(stream)
+    answer = shim.get(NODE_PATH + ":watch")
+    assert answer.status_code == 429
+    assert answer.json()["details"][0]["reason"] == "TOO_MANY_WATCH_STREAMS"
+    for stream in streams:
+        stream.cancel()

@@ -61,15 +61,18 @@ class Mailbox:
         self.scope = scope
         self.event = asyncio.Event()
         self.detail: pb.NodeDetail | None = None
+        self.wire: bytes | None = None
         self.nodes: dict[str, ListedRow] = {}
         self.token = ""
         self.error: errors.ServiceError | None = None
         #: Messages replaced by newer ones before the stream wrote them.
         self.coalesced = 0
 
-    def put_detail(self, detail: pb.NodeDetail, token: str) -> None:
+    def put_detail(self, detail: pb.NodeDetail, token: str, wire: bytes | None = None) -> None:
+        """Pending: detail, resumable at token; wire, if given, is the whole message
+        serialized once for every stream it goes to."""
         self.coalesced += self.detail is not None
-        self.detail, self.token = detail, token
+        self.detail, self.token, self.wire = detail, token, wire
         self.event.set()
 
     def put_nodes(self, rows: list[ListedRow], token: str) -> None:
@@ -266,11 +269,18 @@ class Hub:
             view = self._tasks.get(task_id, _Task()).views.get(query)
             if view is None:
                 return out
+            wires: dict[str, tuple[str, bytes]] = {}  # by scope: one per view in practice
             for mailbox, etag in view.sent.items():
                 if etag != detail.etag:
                     view.sent[mailbox] = detail.etag
-                    token = tokens.node_token(mailbox.scope, detail.etag)
-                    out.append((mailbox, lambda m=mailbox, t=token: m.put_detail(detail, t)))  # type: ignore[misc]
+                    if mailbox.scope not in wires:
+                        token = tokens.node_token(mailbox.scope, detail.etag)
+                        message = pb.WatchTaskNodeResponse(detail=detail, resume_token=token)
+                        wires[mailbox.scope] = token, message.SerializeToString()
+                    token, wire = wires[mailbox.scope]
+                    out.append(
+                        (mailbox, lambda m=mailbox, t=token, w=wire: m.put_detail(detail, t, w))  # type: ignore[misc]
+                    )
         return out
 
 

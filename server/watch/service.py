@@ -32,7 +32,7 @@ from typing import Any
 
 import grpc
 from bksops.tasknode.v1 import task_node_pb2 as pb
-from bksops.tasknode.v1 import task_node_pb2_grpc as pb_grpc
+from google.protobuf.message import Message
 from google.protobuf.timestamp_pb2 import Timestamp
 from google.rpc import status_pb2
 from grpc_reflection.v1alpha import reflection
@@ -62,7 +62,7 @@ OPEN_TASK = f"/{_SERVICE.full_name}/WatchTask"
 OPEN_SECONDS = 30.0
 
 
-class WatchServicer(pb_grpc.TaskNodeServiceServicer):
+class WatchServicer:
     """The two streaming methods; see the module docstring."""
 
     def __init__(self, server: Server, config: Config, hub: Hub) -> None:
@@ -77,7 +77,7 @@ class WatchServicer(pb_grpc.TaskNodeServiceServicer):
 
     async def WatchTaskNode(
         self, request: pb.WatchTaskNodeRequest, context: grpc.aio.ServicerContext
-    ) -> AsyncIterator[pb.WatchTaskNodeResponse]:
+    ) -> AsyncIterator[pb.WatchTaskNodeResponse | bytes]:
         await self._admit(context)
         with metrics.watch_stream("WatchTaskNode"), self._counted():
             query, detail = await self._opened(OPEN_NODE, request, context)
@@ -94,8 +94,11 @@ class WatchServicer(pb_grpc.TaskNodeServiceServicer):
             try:
                 async for _ in self._waiting(mailbox, context):
                     if mailbox.detail is not None:
-                        shown, mailbox.detail = mailbox.detail, None
-                        yield pb.WatchTaskNodeResponse(detail=shown, resume_token=mailbox.token)
+                        shown, wire = mailbox.detail, mailbox.wire
+                        mailbox.detail = mailbox.wire = None
+                        yield wire or pb.WatchTaskNodeResponse(
+                            detail=shown, resume_token=mailbox.token
+                        )
                     else:
                         yield pb.WatchTaskNodeResponse(
                             heartbeat_time=_now(), resume_token=mailbox.token
@@ -229,6 +232,11 @@ async def _abort_status(context: grpc.aio.ServicerContext, status: status_pb2.St
 _CODES = {code.value[0]: code.value for code in grpc.StatusCode}
 
 
+def _wire(message: bytes | Message) -> bytes:
+    """A message's bytes; a message the Hub serialized once for all its streams is bytes."""
+    return message if isinstance(message, bytes) else message.SerializeToString()
+
+
 def _now() -> Timestamp:
     now = Timestamp()
     now.GetCurrentTime()
@@ -268,7 +276,20 @@ class WatchServer:
                 ("grpc.max_receive_message_length", self.config.max_receive_message_bytes),
             ]
         )
-        pb_grpc.add_TaskNodeServiceServicer_to_server(self.servicer, aio)
+        streams: dict[str, grpc.RpcMethodHandler] = {
+            "WatchTaskNode": grpc.unary_stream_rpc_method_handler(
+                self.servicer.WatchTaskNode,
+                request_deserializer=pb.WatchTaskNodeRequest.FromString,
+                response_serializer=_wire,
+            ),
+            "WatchTask": grpc.unary_stream_rpc_method_handler(
+                self.servicer.WatchTask,
+                request_deserializer=pb.WatchTaskRequest.FromString,
+                response_serializer=_wire,
+            ),
+        }
+        # Only the streams: the unary methods are the sync server's (UNIMPLEMENTED here).
+        aio.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE_NAME, streams),))
         # grpcurl finds the streams' messages here too, with no .proto at hand.
         reflection.enable_server_reflection((SERVICE_NAME, reflection.SERVICE_NAME), aio)
         credentials = server_credentials(self.config)
