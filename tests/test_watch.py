@@ -25,6 +25,7 @@ from grpc_status import rpc_status
 from h2.config import H2Configuration
 from h2.connection import H2Connection
 from h2.settings import SettingCodes
+from prometheus_client import REGISTRY
 
 from server.app import Server
 from server.app import create_server
@@ -89,6 +90,24 @@ def _node_request(token: str = "") -> pb.WatchTaskNodeRequest:
         ),
         resume_token=token,
     )
+
+
+def _queries(name: str) -> float:
+    """Store reads of kind name so far in this process (server.metrics)."""
+    value = REGISTRY.get_sample_value(
+        "tasknode_store_query_duration_seconds_count", {"query": name}
+    )
+    return value or 0.0
+
+
+def _opened(stub: pb_grpc.TaskNodeServiceStub, count: int) -> list[Any]:
+    """count WatchTaskNode streams of the step node, each past its first message."""
+    streams = [
+        stub.WatchTaskNode(_node_request(), metadata=_meta(), timeout=10) for _ in range(count)
+    ]
+    for stream in streams:
+        next(stream)
+    return streams
 
 
 def _details(stream: Any, count: int) -> list[pb.WatchTaskNodeResponse]:
@@ -228,9 +247,7 @@ def test_streams_beyond_the_limit_are_refused_resource_exhausted(
 ) -> None:
     _, _, channel = watching
     stub = _stub(channel)
-    streams = [stub.WatchTaskNode(_node_request(), metadata=_meta(), timeout=10) for _ in range(3)]
-    for stream in streams:
-        next(stream)
+    streams = _opened(stub, 3)
     with pytest.raises(grpc.RpcError) as caught:
         next(stub.WatchTaskNode(_node_request(), metadata=_meta(), timeout=10))
     assert caught.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
@@ -247,13 +264,16 @@ def test_one_poll_per_interval_whatever_the_number_of_streams(
 ) -> None:
     _, watch, channel = watching
     stub = _stub(channel)
-    streams = [stub.WatchTaskNode(_node_request(), metadata=_meta(), timeout=10) for _ in range(3)]
-    for stream in streams:
-        next(stream)
+    streams = _opened(stub, 3)
+    stamps, reads = _queries("watch_stamps"), _queries("node")
     before, started = watch.hub.polls, time.monotonic()
     time.sleep(1.0)
-    polls = (watch.hub.polls - before) / (time.monotonic() - started)
+    seconds = time.monotonic() - started
+    polls = (watch.hub.polls - before) / seconds
     assert polls <= 1 / INTERVAL + 1
+    # One statement a poll for all the streams, and no node read while nothing changes.
+    assert (_queries("watch_stamps") - stamps) / seconds <= 1 / INTERVAL + 1
+    assert _queries("node") == reads
     for stream in streams:
         stream.cancel()
 
@@ -437,9 +457,7 @@ def test_http_streams_beyond_the_limit_are_refused_429(
     watching: tuple[Server, WatchServer, grpc.Channel], shim: httpx.Client
 ) -> None:
     stub = _stub(watching[2])
-    streams = [stub.WatchTaskNode(_node_request(), metadata=_meta(), timeout=10) for _ in range(3)]
-    for stream in streams:
-        next(stream)
+    streams = _opened(stub, 3)
     answer = shim.get(NODE_PATH + ":watch")
     assert answer.status_code == 429
     assert answer.json()["details"][0]["reason"] == "TOO_MANY_WATCH_STREAMS"

@@ -168,6 +168,20 @@ _NODE_COLUMNS = (
     Node.outputs,
     Node.ex_data,
 )
+#: The columns of a ListedRow, in its order.
+_LISTED_COLUMNS = (
+    Node.id,
+    Node.position,
+    Node.node_id,
+    Node.path,
+    Node.name,
+    Node.component_code,
+    Node.state,
+    Node.loop,
+    Node.retry,
+    Node.started_at,
+    Node.finished_at,
+)
 #: The heavy columns' values in a row read without them (find_node(heavy=False)).
 _NO_HEAVY_COLUMNS = ("{}", "{}", None)
 
@@ -864,24 +878,7 @@ def _listing_query(
         )
         condition &= Node.id > fn.COALESCE(anchored, after)
     order = (Node.position, Node.id) if has_parent else (Node.id,)
-    return (
-        Node.select(
-            Node.id,
-            Node.position,
-            Node.node_id,
-            Node.path,
-            Node.name,
-            Node.component_code,
-            Node.state,
-            Node.loop,
-            Node.retry,
-            Node.started_at,
-            Node.finished_at,
-        )
-        .where(condition)
-        .order_by(*order)
-        .limit(limit)
-    )
+    return Node.select(*_LISTED_COLUMNS).where(condition).order_by(*order).limit(limit)
 
 
 def _rows_of(query: Any) -> list[tuple[Any, ...]]:
@@ -900,20 +897,7 @@ def _stamps_query(task_ids: list[int]) -> Any:
 def _summaries_query(task_ids: list[int]) -> Any:
     """Every node of the tasks as ListedRow holds it, after its task id, in stored order."""
     return (
-        Node.select(
-            Node.task,
-            Node.id,
-            Node.position,
-            Node.node_id,
-            Node.path,
-            Node.name,
-            Node.component_code,
-            Node.state,
-            Node.loop,
-            Node.retry,
-            Node.started_at,
-            Node.finished_at,
-        )
+        Node.select(Node.task, *_LISTED_COLUMNS)
         .where(Node.task.in_(task_ids))
         .order_by(Node.task, Node.id)
     )
