@@ -9,7 +9,10 @@ the server's resident memory (RSS) with the streams open, and per stream (that R
 less the RSS before any was opened, over the count: at 10 streams mostly the fixed
 cost of the first), and change-to-delivery latency: from the writer's
 commit to each stream's receipt of the changed detail, p50 and p99 over every stream
-and change; p99 should stay within TASKNODE_WATCH_INTERVAL + 50 ms.
+and change (p99 should stay within TASKNODE_WATCH_INTERVAL + 50 ms); how many of the
+CHANGES x streams details were delivered (level-triggered: a stream behind may get
+a later one instead), how many streams got the last change, and how many seconds
+after its write the last of them did.
 
     .venv/bin/python -m bench.run --only watch
 """
@@ -22,6 +25,7 @@ import signal
 import statistics
 import subprocess
 import sys
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -43,6 +47,8 @@ COUNTS = (10, 1_000, 10_000)
 CHANGES = 8
 CHANGE_SECONDS = 1.0
 INTERVAL = 0.25
+#: The longest the caller process is given to receive the last change on every stream.
+CONVERGE_SECONDS = 60.0
 GRPC_ADDR = "127.0.0.1:50161"
 WATCH_ADDR = "127.0.0.1:50162"
 METRICS_ADDR = "127.0.0.1:50163"
@@ -58,6 +64,10 @@ class WatchRow:
     p99_ms: float
     delivered: int
     expected: int
+    #: Streams that received the last change (level-triggered: every one should), and
+    #: how long after its write the last of them did (NaN: not within CONVERGE_SECONDS).
+    converged: int
+    converge_seconds: float
     errors: dict[str, int]
 
 
@@ -89,6 +99,22 @@ def document(version: int) -> dict[str, Any]:
             }
         ],
     }
+
+
+def _line(process: subprocess.Popen[str], expected: str, seconds: float) -> bool:
+    """Whether process prints the line expected within seconds."""
+    assert process.stdout is not None
+    found = threading.Event()
+
+    def read() -> None:
+        assert process.stdout is not None
+        for line in process.stdout:
+            if line.strip() == expected:
+                found.set()
+                return
+
+    threading.Thread(target=read, daemon=True).start()
+    return found.wait(seconds)
 
 
 def _rss_kib(pid: int) -> int:
@@ -136,7 +162,10 @@ def measure_one(count: int, work: Path) -> WatchRow:
         time.sleep(1)
         before_kib = _rss_kib(server.pid)
         clients = subprocess.Popen(
-            [sys.executable, "-m", "bench.watch_clients", WATCH_ADDR, str(count), str(out)],
+            [
+                *(sys.executable, "-m", "bench.watch_clients", WATCH_ADDR, str(count)),
+                *(f"v{CHANGES}", str(out)),
+            ],
             stdout=subprocess.PIPE,
             text=True,
         )
@@ -156,6 +185,9 @@ def measure_one(count: int, work: Path) -> WatchRow:
         time.sleep(CHANGE_SECONDS)
         per_second = (_queries() - queries) / (time.monotonic() - started)
         db.close()
+        last_write = time.monotonic()
+        converged = _line(clients, "converged", CONVERGE_SECONDS)
+        converge_seconds = time.monotonic() - last_write + CHANGE_SECONDS
         clients.send_signal(signal.SIGTERM)
         clients.wait(120)
     finally:
@@ -177,6 +209,8 @@ def measure_one(count: int, work: Path) -> WatchRow:
         p99_ms=latencies[int(len(latencies) * 0.99) - 1] if latencies else float("nan"),
         delivered=len(latencies),
         expected=count * CHANGES,
+        converged=len(result["receipts"].get(f"v{CHANGES}", ())),
+        converge_seconds=converge_seconds if converged else float("nan"),
         errors=result["errors"],
     )
 
@@ -193,12 +227,14 @@ def print_rows(rows: list[WatchRow]) -> None:
     )
     print(
         f"{'streams':>8} {'store queries/s':>16} {'RSS MiB':>8} {'KiB/stream':>11}"
-        f" {'p50 ms':>8} {'p99 ms':>8} {'delivered':>14}  errors"
+        f" {'p50 ms':>8} {'p99 ms':>8} {'delivered':>14} {'got last':>8} {'after s':>7}"
+        "  errors"
     )
     for row in rows:
         print(
             f"{row.streams:>8,} {row.queries_per_second:>16.1f} {row.rss_mib:>8.0f}"
             f" {row.kib_per_stream:>11.1f} {row.p50_ms:>8.1f} {row.p99_ms:>8.1f}"
-            f" {row.delivered:>7,}/{row.expected:<7,}"
+            f" {row.delivered:>7,}/{row.expected:<7,} {row.converged:>8,}"
+            f" {row.converge_seconds:>7.1f}"
             f"  {row.errors or '-'}"
         )

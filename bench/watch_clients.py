@@ -1,10 +1,11 @@
 """The watch step's callers (bench.watch): many WatchTaskNode streams from one process.
 
-    python -m bench.watch_clients TARGET COUNT OUT.json
+    python -m bench.watch_clients TARGET COUNT FINAL OUT.json
 
 Opens COUNT streams on TARGET (over 1 connection per 100 streams) with grpc.aio, prints
-"ready" once every stream has its first message, and records when each later detail
-arrives, by version. On SIGTERM (or stdin closing) it writes OUT.json:
+"ready" once every stream has its first message, records when each later detail
+arrives, by version, and prints "converged" once every stream has received version
+FINAL. On SIGTERM it writes OUT.json:
 {"receipts": {version: [epoch seconds, ...]}, "heartbeats": n, "errors": {code: n}}.
 """
 
@@ -29,11 +30,12 @@ NODE = "watchbench"
 TASK = 901
 
 
-async def main(target: str, count: int, out: str) -> None:
+async def main(target: str, count: int, final: str, out: str) -> None:
     receipts: dict[str, list[float]] = defaultdict(list)
     errors: Counter[str] = Counter()
     heartbeats = 0
     opened = 0
+    finished = 0
     all_open = asyncio.Event()
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -48,7 +50,7 @@ async def main(target: str, count: int, out: str) -> None:
     )
 
     async def one(index: int) -> None:
-        nonlocal opened, heartbeats
+        nonlocal opened, heartbeats, finished
         stub = pb_grpc.TaskNodeServiceStub(channels[index % len(channels)])
         first = True
         try:
@@ -61,10 +63,15 @@ async def main(target: str, count: int, out: str) -> None:
                         all_open.set()
                 elif message.HasField("detail"):
                     receipts[message.detail.version].append(now)
+                    if message.detail.version == final:
+                        finished += 1
+                        if finished == count:
+                            print("converged", flush=True)
                 else:
                     heartbeats += 1
         except grpc.aio.AioRpcError as exc:
-            errors[exc.code().name] += 1
+            if not stop.is_set():  # not the end of the run cancelling it
+                errors[exc.code().name] += 1
             if first:
                 opened += 1
                 if opened == count:
@@ -88,4 +95,4 @@ async def main(target: str, count: int, out: str) -> None:
 
 
 if __name__ == "__main__":
-    asyncio.run(main(sys.argv[1], int(sys.argv[2]), sys.argv[3]))
+    asyncio.run(main(sys.argv[1], int(sys.argv[2]), sys.argv[3], sys.argv[4]))

@@ -39,6 +39,7 @@ from grpc_reflection.v1alpha import reflection
 
 from server import errors
 from server import metrics
+from server.app import PENDING_CALLS_LIMIT
 from server.app import SERVICE_NAME
 from server.app import CannotListen
 from server.app import Server
@@ -197,8 +198,9 @@ class WatchServicer:
                 yield None
                 continue
             mailbox.event.clear()
-            try:
-                await asyncio.wait_for(mailbox.event.wait(), self.heartbeat)
+            try:  # asyncio.timeout, not wait_for: no task per wait for 10^4 streams
+                async with asyncio.timeout(self.heartbeat):
+                    await mailbox.event.wait()
             except TimeoutError:
                 yield None
 
@@ -274,6 +276,10 @@ class WatchServer:
                 ("grpc.so_reuseport", int(self.reuse_port)),
                 ("grpc.max_send_message_length", self.config.max_send_message_bytes),
                 ("grpc.max_receive_message_length", self.config.max_receive_message_bytes),
+                # grpc-core CANCELs calls beyond 1,000 waiting to be taken in (at random up
+                # to 3,000): thousands of streams opening at once would lose some so.
+                ("grpc.server.max_pending_requests", PENDING_CALLS_LIMIT),
+                ("grpc.server.max_pending_requests_hard_limit", PENDING_CALLS_LIMIT),
             ]
         )
         streams: dict[str, grpc.RpcMethodHandler] = {
