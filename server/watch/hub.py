@@ -216,6 +216,8 @@ class Hub:
                 reread: list[tuple[int, NodeQuery]] = []
                 for task_id, task in self._tasks.items():
                     state = changes.get(task_id)
+                    if state is None and task.stamp is _UNSEEN:
+                        continue  # watched since this poll began: read by the next one
                     changed = state is not None
                     if state is not None:
                         task.stamp, task.rows = state.stamp, state.nodes
