@@ -92,6 +92,15 @@ def _node_request(token: str = "") -> pb.WatchTaskNodeRequest:
     )
 
 
+def error_info(error: grpc.RpcError) -> error_details_pb2.ErrorInfo:
+    """The ErrorInfo of a failed call's google.rpc.Status."""
+    status = rpc_status.from_call(error)
+    assert status is not None
+    info = error_details_pb2.ErrorInfo()
+    status.details[0].Unpack(info)
+    return info
+
+
 def _queries(name: str) -> float:
     """Store reads of kind name so far in this process (server.metrics)."""
     value = REGISTRY.get_sample_value(
@@ -208,10 +217,7 @@ def test_auth_and_errors_are_those_of_get_task_node_detail(
     with pytest.raises(grpc.RpcError) as caught:
         next(stub.WatchTaskNode(request, metadata=_meta(), timeout=10))
     assert caught.value.code() == grpc.StatusCode.NOT_FOUND
-    status = rpc_status.from_call(caught.value)
-    assert status is not None
-    info = error_details_pb2.ErrorInfo()
-    status.details[0].Unpack(info)
+    info = error_info(caught.value)
     assert info.reason == "NODE_NOT_FOUND"
 
 
@@ -344,10 +350,7 @@ def test_draining_ends_streams_unavailable_with_the_token_to_resume(
         for _ in stream:
             pass
     assert caught.value.code() == grpc.StatusCode.UNAVAILABLE
-    status = rpc_status.from_call(caught.value)
-    assert status is not None
-    info = error_details_pb2.ErrorInfo()
-    status.details[0].Unpack(info)
+    info = error_info(caught.value)
     assert info.reason == "SHUTTING_DOWN"
     assert info.metadata["resumeToken"] == token
 
@@ -362,10 +365,7 @@ def test_the_unary_server_says_where_the_streams_are(
     ):
         next(_stub(channel).WatchTaskNode(_node_request(), metadata=_meta(), timeout=10))
     assert caught.value.code() == grpc.StatusCode.UNIMPLEMENTED
-    status = rpc_status.from_call(caught.value)
-    assert status is not None
-    info = error_details_pb2.ErrorInfo()
-    status.details[0].Unpack(info)
+    info = error_info(caught.value)
     assert info.reason == "WATCH_ON_WATCH_ADDR"
     assert info.metadata["watchAddr"] == "127.0.0.1:0"
 

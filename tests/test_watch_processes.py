@@ -13,8 +13,6 @@ from contextlib import contextmanager
 import grpc
 import pytest
 from bksops.tasknode.v1 import task_node_pb2_grpc as pb_grpc
-from google.rpc import error_details_pb2
-from grpc_status import rpc_status
 
 from server.config import Config
 from server.db.connection import open_database
@@ -22,6 +20,7 @@ from tests import documents
 from tests.conftest import ALL_APP
 from tests.processes import start_server
 from tests.test_watch import _node_request
+from tests.test_watch import error_info
 from tests.test_watch import revision
 
 WATCH_PORT = re.compile(r"serving the watch streams on [0-9.]+:(\d+)")
@@ -66,10 +65,7 @@ def test_sigterm_ends_a_stream_resumable_on_another_process(demo_config: Config)
                 for _ in stream:
                     pass
         assert caught.value.code() == grpc.StatusCode.UNAVAILABLE
-        status = rpc_status.from_call(caught.value)
-        assert status is not None
-        info = error_details_pb2.ErrorInfo()
-        status.details[0].Unpack(info)
+        info = error_info(caught.value)
         assert info.reason == "SHUTTING_DOWN"
         assert info.metadata["resumeToken"] == token
         assert first.wait(20) == 0
