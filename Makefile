@@ -76,7 +76,7 @@ seed-large: $(VENV)/.installed  ## generate TASKS tasks (~90 nodes each) into an
 	TASKNODE_DATABASE_URL='$(or $(TASKNODE_DATABASE_URL),sqlite:///var/scale.db)' \
 	  $(PY) -m server.db.scale --tasks $(or $(TASKS),1000)
 
-bench: $(VENV)/.installed  ## the service against its stack's ceiling: h2load and wrk, ~10 min (BENCH_SECONDS=10)
+bench: $(VENV)/.installed  ## the service against its stack's ceiling: h2load and wrk, ~12 min (BENCH_SECONDS=10)
 	command -v h2load >/dev/null && command -v wrk >/dev/null \
 	  || { echo "installing h2load and wrk (Debian: nghttp2-client, wrk)"; \
 	       $$(command -v sudo) apt-get install -y -q nghttp2-client wrk; }

@@ -10,12 +10,13 @@ against single calls, 3,200 calls in flight with a probe, a flood of callers sen
 wrong secrets, the server with metrics and tracing on (sampling off) against both
 off, and, in process, a state-and-times read_mask read of a node with
 large inputs and outputs against its full reply (bench.read_mask) and the first
-and last pages of ListTaskNodes on a task of 100,000 nodes (bench.list_nodes).
+and last pages of ListTaskNodes on a task of 100,000 nodes (bench.list_nodes), and
+10 to 10,000 open watch streams while a writer changes their node (bench.watch).
 Every figure of the real server is checked against its own count of OK replies
 (its access log).
 
     .venv/bin/python -m bench.run [--seconds 10]
-        [--only auth-flood|read-mask|list-nodes|overhead]
+        [--only auth-flood|read-mask|list-nodes|overhead|watch]
 """
 
 from __future__ import annotations
@@ -41,6 +42,7 @@ from bench import list_nodes
 from bench import overload
 from bench import procs
 from bench import read_mask
+from bench import watch
 from bench import wrk
 from server.cli import DEMO_APP
 from server.cli import load_demo_if_empty
@@ -53,6 +55,7 @@ WORK = ROOT / "var" / "bench"
 GRPC_ADDR = "127.0.0.1:50151"
 CEILING_ADDR = "127.0.0.1:50152"
 HTTP_ADDR = "127.0.0.1:8151"
+WATCH_ADDR = "127.0.0.1:50153"
 METHOD = "/bksops.tasknode.v1.TaskNodeService/GetTaskNodeDetail"
 BATCH_METHOD = "/bksops.tasknode.v1.TaskNodeService/BatchGetTaskNodeDetails"
 #: Requests in each BatchGetTaskNodeDetails call of the batch step, and its load.
@@ -208,7 +211,7 @@ def main() -> int:
     parser.add_argument("--seconds", type=float, default=10)
     parser.add_argument(
         "--only",
-        choices=["auth-flood", "read-mask", "list-nodes", "overhead"],
+        choices=["auth-flood", "read-mask", "list-nodes", "overhead", "watch"],
         help="run this step alone",
     )
     args = parser.parse_args()
@@ -218,6 +221,9 @@ def main() -> int:
     if args.only == "list-nodes":  # in process, on a database of its own
         list_nodes.print_rows(list_nodes.measure(LIST_NODES, LIST_CALLS), LIST_NODES)
         return 0
+    if args.only == "watch":  # a server and a caller process per count, a database of its own
+        watch.print_rows(watch.measure(WORK / "watch"))
+        return 0
     WORK.mkdir(parents=True, exist_ok=True)
     url = f"sqlite:///{WORK / 'bench.db'}"
     prepare(url)
@@ -226,6 +232,8 @@ def main() -> int:
         "TASKNODE_DATABASE_URL": url,
         "TASKNODE_GRPC_ADDR": GRPC_ADDR,
         "TASKNODE_HTTP_ADDR": HTTP_ADDR,
+        # Not the default (the port after gRPC's): that is the ceiling server's.
+        "TASKNODE_WATCH_ADDR": WATCH_ADDR,
     }
     print(
         f"machine: {os.cpu_count()} cores, {platform.processor() or platform.machine()}, "
@@ -318,6 +326,8 @@ def main() -> int:
     read_mask.print_rows(read_mask.measure(READ_MASK_SECONDS, READ_MASK_KIB), READ_MASK_KIB)
     print()
     list_nodes.print_rows(list_nodes.measure(LIST_NODES, LIST_CALLS), LIST_NODES)
+    print()
+    watch.print_rows(watch.measure(WORK / "watch"))
     return 0
 
 

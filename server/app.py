@@ -228,7 +228,7 @@ def create_server(config: Config, reuse_port: bool = False) -> Server:
     # replies are built afresh each time.
     cached = config.reply_cache_mb and not config.bksops_database_url
     cache = DetailCache(config.reply_cache_mb * 1024 * 1024) if cached else None
-    servicer = TaskNodeServicer(store, Masker(config.secret_keywords), cache)
+    servicer = TaskNodeServicer(store, Masker(config.secret_keywords), cache, config.watch_listen())
     task_node_pb2_grpc.add_TaskNodeServiceServicer_to_server(servicer, server)
     health_servicer = health.HealthServicer(
         experimental_non_blocking=True, experimental_thread_pool=own_threads
@@ -260,13 +260,15 @@ def in_process_handlers(
 ) -> dict[str, grpc.RpcMethodHandler]:
     """TaskNodeService's unary handlers by method path, wrapped by interceptors as
     grpcio wraps them (the first outermost), taking a message (or its bytes) and
-    returning a message."""
+    returning a message; for a streaming method, the unary handler that opens it."""
     service = task_node_pb2.DESCRIPTOR.services_by_name["TaskNodeService"]
     handlers = {}
     for method in service.methods:
         path = method_path(method)
+        # A stream's handler here is what opening it reads (server.watch.service).
+        name = f"open_{_snake(method.name)}" if method.server_streaming else method.name
         plain: grpc.RpcMethodHandler = grpc.unary_unary_rpc_method_handler(
-            getattr(servicer, method.name),
+            getattr(servicer, name),
             request_deserializer=message_factory.GetMessageClass(method.input_type).FromString,
         )
 
@@ -278,6 +280,10 @@ def in_process_handlers(
             chain = partial(interceptor.intercept_service, chain)
         handlers[path] = chain(_CallDetails(path))
     return handlers
+
+
+def _snake(name: str) -> str:
+    return "".join(f"_{c.lower()}" if c.isupper() else c for c in name).lstrip("_")
 
 
 class _CallDetails(grpc.HandlerCallDetails):

@@ -38,6 +38,7 @@ from server.gateway.runner import HttpServer
 from server.gateway.runner import start_shim
 from server.gateway.runner import url
 from server.values import loads
+from server.watch.service import serve_watch
 from server.workers import Workers
 from server.workers import worker_count
 
@@ -174,11 +175,13 @@ def _serve_calls(config: Config, demo: bool, count: int, metrics_url: str) -> in
     """Serve gRPC and the shim in count processes until SIGTERM; log where."""
     # The shim runs beside gRPC in each serving process, calling it in-process.
     http_url = ""
+    watch_port = 0
     if count > 1:
         ensure_schema(open_database(config.database_url))  # refuse a bad schema here, once
         workers = Workers(config, count, http=True)
         workers.start()
         port = workers.port
+        watch_port = workers.watch_port
         if workers.http:
             http_url = _url(config, workers.http_port)
 
@@ -196,9 +199,14 @@ def _serve_calls(config: Config, demo: bool, count: int, metrics_url: str) -> in
         server = create_server(config)
         server.start()
         port = server.port
+        watch = serve_watch(config, server)
+        watch_target = ""
+        if watch is not None:
+            watch_port = watch.port
+            watch_target = f"{config.grpc_addr.rsplit(':', 1)[0]}:{watch_port}"
         http: HttpServer | None = None
         if config.http_addr:
-            http = serve_shim(config, server)
+            http = serve_shim(config, server, watch_target=watch_target)
             http_url = http.url
 
         # The handler only notes the signal: the main thread drains, outside the handler.
@@ -216,7 +224,8 @@ def _serve_calls(config: Config, demo: bool, count: int, metrics_url: str) -> in
                 received[0].name,
                 config.shutdown_grace_seconds,
             )
-            server.drain_and_exit(config.shutdown_grace_seconds, *([http.stop] if http else []))
+            alongside = [*([http.stop] if http else []), *([watch.stop] if watch else [])]
+            server.drain_and_exit(config.shutdown_grace_seconds, *alongside)
 
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)
@@ -239,6 +248,8 @@ def _serve_calls(config: Config, demo: bool, count: int, metrics_url: str) -> in
             f"    -d '{_json(DEMO_NODE)}' \\\n"
             f"    {address} {SERVICE_NAME}/GetTaskNodeDetail\n",
         )
+    if watch_port:
+        log.info("serving the watch streams on %s:%d", host, watch_port)
     if http_url:
         _announce_shim(config, http_url, "in-process", examples=demo)
     if metrics_url:

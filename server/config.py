@@ -91,6 +91,17 @@ class Config:
     http_request_timeout_seconds: float = 20.0
     #: HTTP connections open at once per process; beyond it a new one is closed at once.
     max_http_connections: int = 1000
+    #: host:port of the grpc.aio server of the watch streams (WatchTaskNode, WatchTask:
+    #: server.watch); port 0 picks a free one; "off" serves none. Empty: grpc_addr's
+    #: host and the port after its own (127.0.0.1:50052), a free one if that is 0.
+    watch_addr: str = ""
+    #: Seconds between two polls of the store for changes of the watched tasks (one
+    #: poll per process, for all its streams).
+    watch_interval: float = 0.25
+    #: Seconds of quiet after which a watch stream is sent a heartbeat message.
+    watch_heartbeat_seconds: float = 15.0
+    #: Watch streams open at once per process; beyond it RESOURCE_EXHAUSTED (HTTP 429).
+    watch_max_streams: int = 10_000
     #: Where the shim run on its own (python -m server gateway) finds gRPC: host:port, or
     #: several replicas (a comma list of IP address:port, an ipv4:/ipv6: list, a DNS name
     #: with a record per replica) it spreads calls over and retries reads on
@@ -114,6 +125,15 @@ class Config:
     #: requires client certificates.
     grpc_client_cert_file: str = ""
     grpc_client_key_file: str = ""
+
+    def watch_listen(self) -> str:
+        """Where the watch streams are served (see watch_addr); empty for nowhere."""
+        if self.watch_addr == "off":
+            return ""
+        if self.watch_addr:
+            return self.watch_addr
+        host, port = self.grpc_addr.rsplit(":", 1)
+        return f"{host}:{int(port) + 1 if int(port) else 0}"
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> Config:

@@ -34,6 +34,8 @@ The HTTP status follows from ``code`` (grpc-gateway's mapping, in the shim).
      +-- MethodNotAllowed           UNIMPLEMENTED      3540000  (HTTP 405)
      +-- PayloadTooLarge            RESOURCE_EXHAUSTED 3540000  (HTTP 413)
      +-- Overloaded                 RESOURCE_EXHAUSTED 3555000  (HTTP 429)
+     +-- TooManyStreams             RESOURCE_EXHAUSTED 3555000  (HTTP 429)
+     +-- WatchElsewhere             UNIMPLEMENTED      3540000  (HTTP 501)
 
 The last four, and RouteNotFound, are raised only by the HTTP shim (server.gateway):
 the gRPC backend cannot be reached, the HTTP request itself is refused, or the
@@ -261,6 +263,24 @@ class Overloaded(ServiceError):
     code = grpc.StatusCode.RESOURCE_EXHAUSTED
     reason = "OVERLOADED"
     legacy_code = 3555000
+
+
+class TooManyStreams(ServiceError):
+    """The process has as many watch streams open as it allows (config.watch_max_streams);
+    another process, or a retry later, may take the stream."""
+
+    code = grpc.StatusCode.RESOURCE_EXHAUSTED
+    reason = "TOO_MANY_WATCH_STREAMS"
+    legacy_code = 3555000
+
+
+class WatchElsewhere(ServiceError):
+    """A watch stream asked of the unary server: the streams are served on the watch
+    address (server.watch), named in the metadata as watchAddr."""
+
+    code = grpc.StatusCode.UNIMPLEMENTED
+    reason = "WATCH_ON_WATCH_ADDR"
+    legacy_code = 3540000
 
 
 class CredentialChecksThrottled(ServiceError):

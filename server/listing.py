@@ -61,7 +61,7 @@ def list_task_nodes(
         key = last.position if parent is not None else last.row_id
         reply.next_page_token = _token(fingerprint, key, last.node_id)
     if not query.full:
-        reply.nodes.extend(_summary(row) for row in page)
+        reply.nodes.extend(summary(row) for row in page)
         return reply
     for row in page:
         node = NodeQuery(
@@ -98,7 +98,7 @@ def _parent(store: NodeStore, query: ListQuery) -> str | None:
     return node.node_id
 
 
-def _summary(row: ListedRow) -> pb.NodeDetail:
+def summary(row: ListedRow) -> pb.NodeDetail:
     """The NODE_VIEW_BASIC NodeDetail of a listed node."""
     detail = pb.NodeDetail(
         id=row.node_id,

@@ -134,6 +134,12 @@ STORE_FAILURES = Counter(
     "Store reads that failed (the database unreachable or refusing), by query.",
     ["query"],
 )
+WATCH_STREAMS = Gauge(
+    "tasknode_watch_streams_open",
+    "Watch streams (WatchTaskNode, WatchTask) open now, by method.",
+    ["grpc_method"],
+    multiprocess_mode="livesum",
+)
 STORE_CONNECTIONS = Gauge(
     "tasknode_store_connections_in_use",
     "Database connections held by calls now (checked out of the pool).",
@@ -181,6 +187,17 @@ def http_answered(method: str, route: str, status: int, seconds: float) -> None:
     """Record one HTTP request answered on route (its template; "none" if none matched)."""
     _http_requests(method, route, str(status)).inc()
     _http_seconds(method, route).observe(seconds)
+
+
+@contextmanager
+def watch_stream(method: str) -> Iterator[None]:
+    """Count a watch stream of method as open while inside."""
+    gauge = WATCH_STREAMS.labels(method)
+    gauge.inc()
+    try:
+        yield
+    finally:
+        gauge.dec()
 
 
 def store_read(query: str, seconds: float) -> None:

@@ -12,7 +12,8 @@ each worker drains its calls in flight (server.app.Server.drain_and_exit). The
 parent also serves the workers' metrics, summed (server.metrics).
 
 With ``http``, each worker also serves the shim on the shared HTTP port, calling
-its own gRPC handlers in-process (server.gateway.local).
+its own gRPC handlers in-process (server.gateway.local); and each serves the watch
+streams (server.watch) on the shared watch port, with a Hub of its own.
 """
 
 from __future__ import annotations
@@ -58,6 +59,13 @@ class Workers:
         self._reserved: list[socket.socket] = []
         self.port = self._reserve_port(config.grpc_addr)
         self.config = dataclasses.replace(config, grpc_addr=_with_port(config.grpc_addr, self.port))
+        self.watch_port = 0
+        watch_addr = config.watch_listen()
+        if watch_addr:
+            self.watch_port = self._reserve_port(watch_addr)
+            self.config = dataclasses.replace(
+                self.config, watch_addr=_with_port(watch_addr, self.watch_port)
+            )
         self.http_port = 0
         if self.http:
             self.http_port = self._reserve_port(config.http_addr)
@@ -155,6 +163,7 @@ def _run_worker(
     """A worker process: pin, serve on the shared port(s), drain on SIGTERM."""
     from server.app import create_server  # imported here: a fresh interpreter
     from server.gateway.local import serve_shim
+    from server.watch.service import serve_watch
 
     logs.configure(config, worker=index)
     traces.configure(config)  # here, in the process that serves: its own provider and thread
@@ -165,6 +174,7 @@ def _run_worker(
     try:
         server = create_server(config, reuse_port=True)
         server.start()
+        watch = serve_watch(config, server, reuse_port=True)
         shim = serve_shim(config, server, reuse_port=True) if http else None
     except Exception as exc:
         ready.put(f"worker {index}: {exc}")
@@ -175,4 +185,5 @@ def _run_worker(
     ready.put("ready")
     stopping.wait()
     log.info("got SIGTERM: draining for up to %.0fs", config.shutdown_grace_seconds)
-    server.drain_and_exit(config.shutdown_grace_seconds, *([shim.stop] if shim else []))
+    alongside = [*([shim.stop] if shim else []), *([watch.stop] if watch else [])]
+    server.drain_and_exit(config.shutdown_grace_seconds, *alongside)

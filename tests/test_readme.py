@@ -9,6 +9,10 @@ from pathlib import Path
 
 import pytest
 
+from server.app import Server
+from server.config import Config
+from server.watch.service import serve_watch
+
 README = Path(__file__).resolve().parent.parent / "README.md"
 GRPCURL = str(Path(sys.executable).parent / "grpcurl")
 
@@ -37,6 +41,8 @@ EXAMPLES = grpcurl_examples()
 
 def expected(comment: str) -> str | None:
     """The grpcurl status text an example promises, or None for success."""
+    if "-max-time" in comment:
+        return "Code: DeadlineExceeded"
     if "PERMISSION_DENIED" in comment:
         return "Code: PermissionDenied"
     if "Errors" in comment:
@@ -52,14 +58,27 @@ def test_the_readme_has_the_examples_it_should() -> None:
 
 
 @pytest.mark.parametrize(("comment", "command"), EXAMPLES, ids=[c[:60] for _, c in EXAMPLES])
-def test_example_works_as_printed(grpc_address: str, comment: str, command: str) -> None:
+def test_example_works_as_printed(
+    server: Server, grpc_address: str, comment: str, command: str
+) -> None:
     assert command.startswith(".venv/bin/grpcurl ")
     runnable = command.replace(".venv/bin/grpcurl", GRPCURL, 1).replace(
         "127.0.0.1:50051", grpc_address
     )
-    result = subprocess.run(
-        ["bash", "-c", runnable], capture_output=True, text=True, timeout=30, check=False
-    )
+    watch = None
+    if "127.0.0.1:50052" in runnable:  # a watch stream: the watch server beside the server
+        watch = serve_watch(Config(grpc_addr="127.0.0.1:0", watch_addr="127.0.0.1:0"), server)
+        assert watch is not None
+        runnable = runnable.replace("127.0.0.1:50052", f"127.0.0.1:{watch.port}")
+    try:
+        result = subprocess.run(
+            ["bash", "-c", runnable], capture_output=True, text=True, timeout=30, check=False
+        )
+    finally:
+        if watch is not None:
+            watch.stop(0)
+    if watch is not None:  # the stream's first message came before -max-time ended it
+        assert "resume_token" in result.stdout, result.stdout + result.stderr
     promised = expected(comment)
     if promised is None:
         assert result.returncode == 0, result.stdout + result.stderr

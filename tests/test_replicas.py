@@ -54,14 +54,18 @@ README = Path(__file__).resolve().parent.parent / "README.md"
 def test_the_service_config_retries_every_read_of_the_service_on_unavailable_only() -> None:
     config = json.loads(channels.service_config())
     assert config["loadBalancingConfig"] == [{"round_robin": {}}]
-    (method_config,) = config["methodConfig"]
+    reads, watches = config["methodConfig"]
     service = descriptor_pool.Default().FindServiceByName("bksops.tasknode.v1.TaskNodeService")
     # Every method is a read: a new method must be added here, or get a config of its own.
-    assert sorted(name["method"] for name in method_config["name"]) == sorted(
-        method.name for method in service.methods
-    )
-    assert {name["service"] for name in method_config["name"]} == {service.full_name}
-    assert method_config["retryPolicy"]["retryableStatusCodes"] == ["UNAVAILABLE"]
+    named = [name["method"] for config in (reads, watches) for name in config["name"]]
+    assert sorted(named) == sorted(method.name for method in service.methods)
+    streams = {m.name for m in service.methods if m.server_streaming}
+    assert {name["method"] for name in watches["name"]} == streams
+    # A stream lives until its caller ends it: a timeout there would cut every watch.
+    assert reads["timeout"] == "10s" and "timeout" not in watches
+    for method_config in (reads, watches):
+        assert {name["service"] for name in method_config["name"]} == {service.full_name}
+        assert method_config["retryPolicy"]["retryableStatusCodes"] == ["UNAVAILABLE"]
     assert pb.DESCRIPTOR.package == "bksops.tasknode.v1"
 
 

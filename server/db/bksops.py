@@ -19,7 +19,9 @@ import re
 import threading
 import zlib
 from collections import OrderedDict
+from collections.abc import Hashable
 from collections.abc import Iterator
+from collections.abc import Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 from dataclasses import field
@@ -32,12 +34,14 @@ from server import errors
 from server import values
 from server.config import Config
 from server.db import pickles
+from server.db.store import WATCH_BATCH
 from server.db.store import After
 from server.db.store import AttemptRow
 from server.db.store import ChildRow
 from server.db.store import ListedRow
 from server.db.store import NodeRow
 from server.db.store import Store
+from server.db.store import TaskState
 from server.filters import Term
 
 #: Parsed task trees kept, by snapshot id (a snapshot row never changes).
@@ -113,7 +117,51 @@ class BksopsStore(Store):
         return None
 
     def find_task(self, biz_id: int, by_project_id: bool, task_id: int) -> None:
-        raise _unlisted()
+        """NotFound naming the business or task missing (or deleted), UnsupportedEngine
+        for a task of the legacy engine, else nothing."""
+        self._task_row(biz_id, by_project_id, task_id)
+
+    def task_changes(self, known: Mapping[int, Hashable | None]) -> dict[int, TaskState]:
+        """See Store.task_changes. The engine, not this service, writes here, and no
+        engine row stamps a task, so each poll reads the tasks' roots and then the
+        eri_state rows of every watched task (one statement per WATCH_BATCH tasks,
+        by the indexed root_id); the stamp is a hash of the summaries those make, with
+        the tree's nodes that have not run (no eri_state row yet) as READY. A task whose
+        tree cannot be read counts as not there: its streams then read why."""
+        ids = list(known)
+        roots: dict[int, tuple[str, int]] = {}
+        for start in range(0, len(ids), WATCH_BATCH):
+            batch = ids[start : start + WATCH_BATCH]
+            for task_id, root_id, snapshot_id in self._rows(
+                "watch_tasks", self._sql_watch_tasks(len(batch)), True, *batch, False
+            ):
+                roots[int(task_id)] = (root_id, snapshot_id)
+        states: dict[str, tuple[Any, ...]] = {}
+        root_ids = [root for root, _ in roots.values()]
+        for start in range(0, len(root_ids), WATCH_BATCH):
+            batch_roots = root_ids[start : start + WATCH_BATCH]
+            for node_id, *state in self._rows(
+                "watch_states", self._sql_watch_states(len(batch_roots)), True, *batch_roots
+            ):
+                states[node_id] = tuple(state)
+        changed: dict[int, TaskState] = {}
+        for task_id in ids:
+            found = TaskState(None, ())
+            if task_id in roots:
+                try:
+                    tree = self._tree(roots[task_id][1], task_id)
+                except errors.ServiceError:
+                    tree = None
+                if tree is not None:
+                    nodes = tuple(
+                        _summary(index, node_id, info, states.get(node_id))
+                        for index, (node_id, info) in enumerate(tree.nodes.items())
+                    )
+                    found = TaskState(hash(nodes), nodes)
+            if found.stamp != known[task_id]:
+                changed[task_id] = found
+        self.end_snapshot()
+        return changed
 
     def list_nodes(
         self,
@@ -143,29 +191,7 @@ class BksopsStore(Store):
         """The node's row; NotFound naming the first of business, task or node missing,
         UnsupportedEngine for a task of the legacy engine. Always whole (heavy or not):
         the engine keeps a node's data in rows of their own, read when it is built."""
-        if by_project_id:
-            projects = self._rows("project", self._sql_project, True, biz_id)
-        else:
-            projects = self._rows("business", self._sql_business, True, biz_id, True)
-        if not projects:
-            scope = "project" if by_project_id else "cmdb_biz"
-            raise errors.BusinessNotFound(
-                f"project({biz_id}) with scope({scope}) does not exist.",
-                {"bkBizId": str(biz_id), "scope": scope},
-            )
-        tasks = self._rows("task", self._sql_task, True, task_id, projects[0][0])
-        where = {"bkBizId": str(biz_id), "taskId": str(task_id)}
-        if not tasks:
-            raise errors.TaskNotFound(f"task {task_id} of business {biz_id} does not exist", where)
-        deleted, engine_ver, snapshot_id, root_id = tasks[0]
-        if deleted:
-            raise errors.TaskNotFound(f"task {task_id} of business {biz_id} is deleted", where)
-        if engine_ver != 2:
-            raise errors.UnsupportedEngine(
-                f"task {task_id} runs on bk-sops engine version {engine_ver}; "
-                "only engine version 2 (bamboo-engine) is served",
-                {**where, "engineVer": str(engine_ver)},
-            )
+        snapshot_id, root_id = self._task_row(biz_id, by_project_id, task_id)
         tree = self._tree(snapshot_id, task_id)
         self._current.tree = tree
         info = tree.nodes.get(node_id)
@@ -224,6 +250,34 @@ class BksopsStore(Store):
             outputs=_dumps(outputs, node_id, "outputs"),
             ex_data=None if failure is None else _text(failure),
         )
+
+    def _task_row(self, biz_id: int, by_project_id: bool, task_id: int) -> tuple[int | None, str]:
+        """The task's (snapshot id, root pipeline id); NotFound naming the first of
+        business or task missing, UnsupportedEngine for the legacy engine's tasks."""
+        if by_project_id:
+            projects = self._rows("project", self._sql_project, True, biz_id)
+        else:
+            projects = self._rows("business", self._sql_business, True, biz_id, True)
+        if not projects:
+            scope = "project" if by_project_id else "cmdb_biz"
+            raise errors.BusinessNotFound(
+                f"project({biz_id}) with scope({scope}) does not exist.",
+                {"bkBizId": str(biz_id), "scope": scope},
+            )
+        tasks = self._rows("task", self._sql_task, True, task_id, projects[0][0])
+        where = {"bkBizId": str(biz_id), "taskId": str(task_id)}
+        if not tasks:
+            raise errors.TaskNotFound(f"task {task_id} of business {biz_id} does not exist", where)
+        deleted, engine_ver, snapshot_id, root_id = tasks[0]
+        if deleted:
+            raise errors.TaskNotFound(f"task {task_id} of business {biz_id} is deleted", where)
+        if engine_ver != 2:
+            raise errors.UnsupportedEngine(
+                f"task {task_id} runs on bk-sops engine version {engine_ver}; "
+                "only engine version 2 (bamboo-engine) is served",
+                {**where, "engineVer": str(engine_ver)},
+            )
+        return snapshot_id, root_id
 
     def attempts(self, task_id: int, node_id: str, loop: int) -> list[AttemptRow]:
         rows = self._rows("attempts", self._sql_histories, True, node_id, loop)
@@ -367,6 +421,24 @@ class BksopsStore(Store):
             f" WHERE pipeline_id = {p}"
         )
 
+    def _sql_watch_tasks(self, count: int) -> str:
+        p = self.db.param
+        return (
+            "SELECT t.id, i.instance_id, i.execution_snapshot_id"
+            " FROM taskflow3_taskflowinstance t"
+            " JOIN pipeline_pipelineinstance i ON i.id = t.pipeline_instance_id"
+            f" WHERE t.id IN ({', '.join([p] * count)}) AND t.is_deleted = {p}"
+            " AND t.engine_ver = 2"
+        )
+
+    def _sql_watch_states(self, count: int) -> str:
+        p = self.db.param
+        loop = "`loop`" if isinstance(self.db, MySQLDatabase) else '"loop"'
+        return (
+            f"SELECT node_id, name, {loop}, retry, started_time, archived_time FROM eri_state"
+            f" WHERE root_id IN ({', '.join([p] * count)})"
+        )
+
     def _quoted(self, name: str) -> str:
         return f"`{name}`" if isinstance(self.db, MySQLDatabase) else f'"{name}"'
 
@@ -486,6 +558,24 @@ def _micros(value: Any) -> int | None:
     if moment.tzinfo is None:
         moment = moment.replace(tzinfo=datetime.UTC)
     return (moment - _EPOCH) // datetime.timedelta(microseconds=1)
+
+
+def _summary(index: int, node_id: str, info: _TreeNode, state: tuple[Any, ...] | None) -> ListedRow:
+    """A node of the tree as a listing shows it, with its eri_state row if it ran."""
+    name, loop, retry, started, archived = state or (None, 1, 0, None, None)
+    return ListedRow(
+        index,
+        index,
+        node_id,
+        info.path,
+        info.name,
+        info.component_code,
+        name,
+        loop,
+        retry,
+        _micros(started),
+        _micros(archived),
+    )
 
 
 def _unlisted() -> errors.UnsupportedByStore:

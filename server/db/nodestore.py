@@ -8,6 +8,7 @@ tables. Both hand back the same rows, so the rules live in server.nodes once.
 from __future__ import annotations
 
 from collections.abc import Hashable
+from collections.abc import Mapping
 from contextlib import AbstractContextManager
 from typing import Protocol
 
@@ -16,6 +17,7 @@ from server.db.store import AttemptRow
 from server.db.store import ChildRow
 from server.db.store import ListedRow
 from server.db.store import NodeRow
+from server.db.store import TaskState
 from server.filters import Term
 
 
@@ -62,6 +64,11 @@ class NodeStore(Protocol):
 
     def stamp(self, task_id: int) -> Hashable | None:
         """What a cached reply about the task is checked against; None: do not cache."""
+        ...
+
+    def task_changes(self, known: Mapping[int, Hashable | None]) -> dict[int, TaskState]:
+        """The tasks of known whose stamp differs from the one given, with their new
+        stamp and every node's summary (None and no nodes: the task is not there)."""
         ...
 
     def business_of_project(self, project_id: int) -> int | None:

@@ -20,7 +20,9 @@ import operator
 import threading
 import time
 from collections.abc import Callable
+from collections.abc import Hashable
 from collections.abc import Iterator
+from collections.abc import Mapping
 from contextlib import contextmanager
 from functools import partial
 from typing import Any
@@ -134,6 +136,19 @@ class ListedRow(NamedTuple):
 #: Where a page of a listing starts: after this (sort key, node id); see Store.list_nodes.
 After = tuple[int, str]
 
+
+class TaskState(NamedTuple):
+    """A watched task as the store holds it now (see Store.task_changes)."""
+
+    #: What changes whenever anything about the task's nodes does; None: no such task.
+    stamp: Hashable | None
+    #: Every node of the task, in stored order (none for a task that is not there).
+    nodes: tuple[ListedRow, ...]
+
+
+#: Tasks one change-detection statement asks about (an IN list of ids).
+WATCH_BATCH = 500
+
 _NODE_COLUMNS = (
     Node.node_id,
     Node.path,
@@ -153,6 +168,20 @@ _NODE_COLUMNS = (
     Node.inputs,
     Node.outputs,
     Node.ex_data,
+)
+#: The columns of a ListedRow, in its order.
+_LISTED_COLUMNS = (
+    Node.id,
+    Node.position,
+    Node.node_id,
+    Node.path,
+    Node.name,
+    Node.component_code,
+    Node.state,
+    Node.loop,
+    Node.retry,
+    Node.started_at,
+    Node.finished_at,
 )
 #: The heavy columns' values in a row read without them (find_node(heavy=False)).
 _NO_HEAVY_COLUMNS = ("{}", "{}", None)
@@ -592,6 +621,38 @@ class Store:
         rows = self._read("stamp", self._stamp, False, task_id=task_id)
         return (rows[0][0], rows[0][1]) if rows else None
 
+    def task_changes(self, known: Mapping[int, Hashable | None]) -> dict[int, TaskState]:
+        """The tasks of known whose stamp is no longer the one given, each with its new
+        stamp and every node's summary: the change detection of watch streams
+        (server.watch), one poll for every task a process watches.
+
+        Here the stamp is the task's digest with the catalog stamp (what Store.stamp
+        reads: every write to the task's rows changes the digest), read for all the
+        tasks at once; the nodes are then read only for the tasks whose stamp moved.
+        So an idle poll costs one indexed statement per WATCH_BATCH tasks, whatever
+        the number of streams.
+        """
+        stamps: dict[int, Hashable | None] = dict.fromkeys(known)
+        ids = list(known)
+        for start in range(0, len(ids), WATCH_BATCH):
+            batch = ids[start : start + WATCH_BATCH]
+            for task_id, digest, catalog in self.read(
+                partial(_rows_of, _stamps_query(batch)), True, "watch_stamps"
+            ):
+                stamps[task_id] = (digest, catalog)
+        changed = [task_id for task_id in ids if stamps[task_id] != known[task_id]]
+        nodes: dict[int, list[ListedRow]] = {task_id: [] for task_id in changed}
+        present = [task_id for task_id in changed if stamps[task_id] is not None]
+        for start in range(0, len(present), WATCH_BATCH):
+            batch = present[start : start + WATCH_BATCH]
+            for task_id, *row in self.read(
+                partial(_rows_of, _summaries_query(batch)), True, "watch_nodes"
+            ):
+                row[3] = tuple(values.loads(row[3]))
+                nodes[task_id].append(ListedRow(*row))
+        self.end_snapshot()
+        return {task_id: TaskState(stamps[task_id], tuple(nodes[task_id])) for task_id in changed}
+
     def business_of_project(self, project_id: int) -> int | None:
         """The business a project belongs to; None for no such project or none."""
         rows = self._read(
@@ -826,23 +887,28 @@ def _listing_query(
         )
         condition &= Node.id > fn.COALESCE(anchored, after)
     order = (Node.position, Node.id) if has_parent else (Node.id,)
+    return Node.select(*_LISTED_COLUMNS).where(condition).order_by(*order).limit(limit)
+
+
+def _rows_of(query: Any) -> list[tuple[Any, ...]]:
+    return list(query.tuples())
+
+
+def _stamps_query(task_ids: list[int]) -> Any:
+    """The stamp (digest, catalog stamp) of each of the tasks that is not deleted."""
+    return Task.select(
+        Task.id,
+        Task.digest,
+        CatalogStamp.select(CatalogStamp.stamp).where(CatalogStamp.id == 1),
+    ).where(Task.id.in_(task_ids) & (Task.deleted == False))  # noqa: E712
+
+
+def _summaries_query(task_ids: list[int]) -> Any:
+    """Every node of the tasks as ListedRow holds it, after its task id, in stored order."""
     return (
-        Node.select(
-            Node.id,
-            Node.position,
-            Node.node_id,
-            Node.path,
-            Node.name,
-            Node.component_code,
-            Node.state,
-            Node.loop,
-            Node.retry,
-            Node.started_at,
-            Node.finished_at,
-        )
-        .where(condition)
-        .order_by(*order)
-        .limit(limit)
+        Node.select(Node.task, *_LISTED_COLUMNS)
+        .where(Node.task.in_(task_ids))
+        .order_by(Node.task, Node.id)
     )
 
 

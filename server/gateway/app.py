@@ -7,9 +7,12 @@ reader and one error boundary, and uvicorn with a bare ASGI app measured fastest
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import time
+from collections.abc import AsyncGenerator
+from collections.abc import AsyncIterator
 from collections.abc import Awaitable
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -77,6 +80,21 @@ class Response:
     headers: Headers
 
 
+@dataclass(frozen=True)
+class Streamed:
+    """A response whose body is sent piece by piece as chunks yields them (a watch)."""
+
+    status: int
+    headers: Headers
+    chunks: AsyncIterator[bytes]
+
+
+#: The longest ?wait= of a long-poll GET, in seconds.
+MAX_WAIT_SECONDS = 300.0
+SSE = "text/event-stream"
+_WATCH_NODE = pb.DESCRIPTOR.services_by_name["TaskNodeService"].methods_by_name["WatchTaskNode"]
+
+
 class App:
     """The HTTP/JSON shim: the legacy routes and the HttpRule routes, calling the service
     at target (a gRPC address) or through a Caller (server.gateway.local in-process).
@@ -85,7 +103,11 @@ class App:
     """
 
     def __init__(
-        self, config: Config, target: str | Caller, authenticate: Authenticate = accept_everyone
+        self,
+        config: Config,
+        target: str | Caller,
+        authenticate: Authenticate = accept_everyone,
+        watch_target: str = "",
     ) -> None:
         self.backend: Caller = (
             Backend(target, channel_credentials(config), tls_name=config.grpc_target_tls_name)
@@ -98,6 +120,12 @@ class App:
         self.authenticate = authenticate
         self.access = AccessLog(HTTP_LINE, HTTP_KEYS, log)
         self.rendered = RenderedCache(RENDERED_CACHE_BYTES)
+        #: The watch streams' server (server.watch), called over gRPC whatever target is.
+        self.watch = Backend(
+            loopback(watch_target or config.watch_listen()),
+            channel_credentials(config),
+            connections=1,
+        )
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http":
@@ -143,7 +171,10 @@ class App:
                     "headers": response.headers,
                 }
             )
-            await send({"type": "http.response.body", "body": response.body})
+            if isinstance(response, Streamed):
+                await _stream_body(response.chunks, receive, send)
+            else:
+                await send({"type": "http.response.body", "body": response.body})
         except Disconnected:
             return None
         finally:
@@ -162,7 +193,7 @@ class App:
         metrics.http_answered(request.method, request.route, response.status, seconds)
         return response.status
 
-    async def _respond(self, request: Request, receive: Receive) -> Response:
+    async def _respond(self, request: Request, receive: Receive) -> Response | Streamed:
         kind = self.router.kind_for(request.path)
         extra: Headers = ()
         try:
@@ -208,16 +239,75 @@ class App:
             200, legacy.success_body(data, request), request, _etag_header(etag)
         )
 
-    async def _canonical(self, route: Route, request: Request) -> Response:
+    async def _canonical(self, route: Route, request: Request) -> Response | Streamed:
         """The reply in proto JSON; with its etag (if it has one) as ETag, or only that
-        (304, no body) to a GET whose If-None-Match names it."""
+        (304, no body) to a GET whose If-None-Match names it. A watch streams its
+        messages; a GET of a node with ?wait= long-polls (see _long_poll)."""
         credentials = creds.read_credentials(request.headers.get(creds.HEADER), {})
         await self.authenticate(credentials)
         message = canonical.build_request(route, request)
+        if route.rpc.server_streaming:
+            return await self._watch(route, message, credentials, request)
+        wait = _wait_seconds(request)
+        if wait is not None and isinstance(message, pb.GetTaskNodeDetailRequest):
+            return await self._long_poll(message, wait, credentials, request)
         reply = await self._call(route, message, credentials, request)
         etag = canonical.etag_of(reply)
         return _tagged(request, etag) or _json(
             200, canonical.reply_json(reply, message), request, _etag_header(etag)
+        )
+
+    async def _watch(
+        self, route: Route, message: Message, credentials: Credentials, request: Request
+    ) -> Streamed:
+        """The stream as newline-delimited JSON, each line {"result": message} and a last
+        {"error": status} if it fails, as grpc-gateway streams; or as Server-Sent Events
+        (each message's resume token its id, a failure an "error" event) when the client
+        accepts text/event-stream, whose Last-Event-ID then resumes. A failure before the
+        first message is an ordinary error response. A Grpc-Timeout header (grpc-gateway's:
+        "30S", "500m") is the stream's deadline."""
+        events = SSE in request.headers.get("accept", "")
+        last_event = request.headers.get("last-event-id", "")
+        if events and last_event and not getattr(message, "resume_token", "x"):
+            message.resume_token = last_event  # type: ignore[attr-defined]
+        metadata = [*creds.metadata(credentials), ("x-bkapi-request-id", request.request_id)]
+        timeout = _grpc_timeout(request.headers.get("grpc-timeout"))
+        messages = self.watch.stream(route.rpc, message, metadata, timeout)
+        first = await anext(messages)  # CallFailed here: an error response
+        kind = b"text/event-stream" if events else b"application/x-ndjson"
+        headers = ((b"content-type", kind), (b"cache-control", b"no-store"), *_ids(request))
+        return Streamed(200, headers, _watch_body(first, messages, events))
+
+    async def _long_poll(
+        self,
+        message: pb.GetTaskNodeDetailRequest,
+        wait: float,
+        credentials: Credentials,
+        request: Request,
+    ) -> Response:
+        """GetTaskNodeDetail that waits, up to wait seconds, for the node's etag to differ
+        from the version the caller has (?version=, or If-None-Match): the changed detail
+        as soon as there is one, else at the end of the wait the unchanged detail (or 304,
+        for If-None-Match). Served by a WatchTaskNode stream, so it costs the store no
+        more than a stream does."""
+        metadata = [*creds.metadata(credentials), ("x-bkapi-request-id", request.request_id)]
+        messages = self.watch.stream(_WATCH_NODE, pb.WatchTaskNodeRequest(node=message), metadata)
+        try:
+            detail = (await anext(messages)).detail
+            have = _query_value(request, "version") or request.headers.get("if-none-match", "")
+            if have and _same_version(have, detail.etag):
+                try:
+                    async with asyncio.timeout(wait):
+                        async for update in messages:
+                            if update.HasField("detail"):
+                                detail = update.detail
+                                break
+                except TimeoutError:
+                    pass
+        finally:
+            await messages.aclose()
+        return _tagged(request, detail.etag) or _json(
+            200, canonical.reply_json(detail, message), request, _etag_header(detail.etag)
         )
 
     async def _call(
@@ -241,9 +331,112 @@ class App:
                 await send({"type": "lifespan.startup.complete"})
             elif message["type"] == "lifespan.shutdown":
                 await self.backend.close()
+                await self.watch.close()
                 self.access.stop()
                 await send({"type": "lifespan.shutdown.complete"})
                 return
+
+
+async def _stream_body(chunks: AsyncIterator[bytes], receive: Receive, send: Send) -> None:
+    """Send chunks as they come, until they end or the client leaves (which ends them)."""
+
+    async def pump() -> None:
+        async for chunk in chunks:
+            await send({"type": "http.response.body", "body": chunk, "more_body": True})
+        await send({"type": "http.response.body", "body": b""})
+
+    async def gone() -> None:
+        while (await receive())["type"] != "http.disconnect":
+            pass
+
+    tasks = {asyncio.create_task(pump()), asyncio.create_task(gone())}
+    try:
+        done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+        for task in done:
+            task.result()
+    finally:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+
+async def _watch_body(
+    first: Message, rest: AsyncGenerator[Message, None], events: bool
+) -> AsyncIterator[bytes]:
+    """A watch's messages as NDJSON lines, or as Server-Sent Events."""
+    message: Message | None = first
+    try:
+        while message is not None:
+            data = dumps(canonical.reply_json(message))
+            if events:
+                token = str(getattr(message, "resume_token", ""))
+                yield b"id: " + token.encode("ascii") + b"\ndata: " + data + b"\n\n"
+            else:
+                yield b'{"result":' + data + b"}\n"
+            message = await anext(rest, None)
+    except CallFailed as exc:
+        failure = dumps(canonical.status_json(exc.status))
+        yield (
+            (b"event: error\ndata: " + failure + b"\n\n")
+            if events
+            else (b'{"error":' + failure + b"}\n")
+        )
+    finally:
+        await rest.aclose()
+
+
+#: grpc-timeout units (the gRPC HTTP/2 protocol's), in seconds.
+_TIMEOUT_UNITS = {"H": 3600.0, "M": 60.0, "S": 1.0, "m": 1e-3, "u": 1e-6, "n": 1e-9}
+
+
+def _grpc_timeout(text: str | None) -> float | None:
+    """A Grpc-Timeout header ("2S") in seconds; None if absent; InvalidArgument if malformed."""
+    if text is None:
+        return None
+    digits, unit = text[:-1], text[-1:]
+    if not digits.isdigit() or len(digits) > 8 or unit not in _TIMEOUT_UNITS:
+        raise errors.InvalidArgument(
+            f"Grpc-Timeout must be digits and a unit (H, M, S, m, u, n), not {text[:20]!r}",
+            {"fields": "grpc-timeout"},
+        )
+    return int(digits) * _TIMEOUT_UNITS[unit]
+
+
+def _wait_seconds(request: Request) -> float | None:
+    """The ?wait= of a long-poll ("30" or "30s"), at most MAX_WAIT_SECONDS; None if absent."""
+    text = _query_value(request, "wait")
+    if text is None:
+        return None
+    try:
+        seconds = float(text.removesuffix("s"))
+    except ValueError:
+        seconds = -1.0
+    if not seconds >= 0:  # NaN too
+        raise errors.InvalidArgument(
+            f"wait must be a number of seconds, not {text[:40]!r}",
+            {"fields": "wait"},
+            [errors.FieldViolation("wait", "a number of seconds, e.g. 30 or 30s")],
+        )
+    return min(seconds, MAX_WAIT_SECONDS)
+
+
+def _query_value(request: Request, name: str) -> str | None:
+    for key, value in request.query_pairs():
+        if key == name:
+            return value
+    return None
+
+
+def _same_version(have: str, etag: str) -> bool:
+    """Whether the caller's version (an etag, quoted or bare, or an If-None-Match list)
+    names etag."""
+    return canonical.matches(have, etag) or have.strip('"') == etag.removeprefix("W/").strip('"')
+
+
+def loopback(addr: str) -> str:
+    """addr to connect to: a wildcard host means this host."""
+    host, port = addr.rsplit(":", 1)
+    return f"127.0.0.1:{port}" if host in ("0.0.0.0", "[::]", "") else addr
 
 
 def unreadable(status: int = 400, message: str = NOT_HTTP) -> Response:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from collections.abc import AsyncGenerator
 from collections.abc import Sequence
 from typing import Any
 from typing import Protocol
@@ -113,13 +114,33 @@ class Backend:
         except grpc.aio.AioRpcError as exc:
             raise CallFailed(self._status(exc)) from None
 
+    async def stream(
+        self,
+        method: MethodDescriptor,
+        request: Message,
+        metadata: Metadata,
+        timeout: float | None = None,
+    ) -> AsyncGenerator[Any, None]:
+        """The messages of a server-streaming method, until timeout if given (else until
+        its reader stops); CallFailed with the status it ends with, if not OK."""
+        call = self._callable(method, False, streaming=True)(
+            request, metadata=tuple(metadata), timeout=timeout
+        )
+        try:
+            async for message in call:
+                yield message
+        except grpc.aio.AioRpcError as exc:
+            raise CallFailed(self._status(exc)) from None
+        finally:
+            call.cancel()
+
     async def close(self) -> None:
         channels, self._channels = self._channels, []
         self._callables.clear()
         for channel in channels:
             await channel.close()
 
-    def _callable(self, method: MethodDescriptor, raw: bool) -> Any:
+    def _callable(self, method: MethodDescriptor, raw: bool, streaming: bool = False) -> Any:
         path = method_path(method)
         found = self._callables.get((path, raw))
         if found is None:
@@ -127,7 +148,7 @@ class Backend:
                 self._channels = [self._open() for _ in range(self.connections)]
             reply_class = message_factory.GetMessageClass(method.output_type)
             found = [
-                channel.unary_unary(
+                (channel.unary_stream if streaming else channel.unary_unary)(
                     path,
                     request_serializer=lambda message: message.SerializeToString(),
                     response_deserializer=None if raw else reply_class.FromString,

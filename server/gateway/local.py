@@ -178,7 +178,10 @@ class LocalContext(grpc.ServicerContext):
         raise Aborted(status_pb2.Status(code=status.code.value[0], message=status.details))
 
 
-def serve_shim(config: Config, server: Server, reuse_port: bool = False) -> HttpServer:
-    """The shim on config.http_addr in front of server's own handlers, started."""
+def serve_shim(
+    config: Config, server: Server, reuse_port: bool = False, watch_target: str = ""
+) -> HttpServer:
+    """The shim on config.http_addr in front of server's own handlers (and the watch
+    server at watch_target, by default config's), started."""
     backend = LocalBackend(server.handlers, server.workers, limit=config.max_concurrent_rpcs)
-    return start_shim(config, backend, reuse_port)
+    return start_shim(config, backend, reuse_port, watch_target)

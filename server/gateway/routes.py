@@ -140,7 +140,9 @@ class Router:
     """Finds the route of a request, or says why there is none."""
 
     def __init__(self, routes: Sequence[Route]) -> None:
-        self.routes = tuple(routes)
+        # Templates ending in a verb first: "/nodes/{node_id}" would also match
+        # "/nodes/x:watch" (a variable takes any segment), as grpc-gateway does not.
+        self.routes = tuple(sorted(routes, key=lambda route: not _has_verb(route)))
         self._kinds = {route.template.first_segment: route.kind for route in self.routes}
 
     def match(self, method: str, path: str) -> tuple[Route, dict[str, str]]:
@@ -167,6 +169,10 @@ class Router:
     def kind_for(self, path: str) -> Kind:
         """The style to answer in for any path: that of the routes under its first segment."""
         return self._kinds.get(path.lstrip("/").split("/", 1)[0], ESB)
+
+
+def _has_verb(route: Route) -> bool:
+    return ":" in route.template.text.rsplit("/", 1)[-1]
 
 
 def _decode(name: str, raw: str) -> str:

@@ -120,12 +120,15 @@ class HttpServer:
         self.socket.close()
 
 
-def start_shim(config: Config, target: str | Caller, reuse_port: bool = False) -> HttpServer:
+def start_shim(
+    config: Config, target: str | Caller, reuse_port: bool = False, watch_target: str = ""
+) -> HttpServer:
     """The shim on config.http_addr, with config's certificate if any, calling the service
-    at target (a gRPC address, or a Caller), started."""
+    at target (a gRPC address, or a Caller) and the watch streams at watch_target (by
+    default config's watch address), started."""
     raise_open_files_limit(config.max_http_connections + OTHER_FILES)
     http = HttpServer(
-        App(config, target),
+        App(config, target, watch_target=watch_target),
         config.http_addr,
         config.shutdown_grace_seconds,
         server_key_pair(config),

@@ -44,6 +44,7 @@ HTTP_REFUSALS: dict[str, int] = {
     errors.MethodNotAllowed.reason: 405,
     errors.PayloadTooLarge.reason: 413,
     errors.Overloaded.reason: 429,
+    errors.TooManyStreams.reason: 429,
     errors.CredentialChecksThrottled.reason: 429,
 }
 

@@ -12,9 +12,12 @@ from server.auth import current_principal
 from server.cache import DetailCache
 from server.db.nodestore import NodeStore
 from server.interceptors import rich_status
+from server.interceptors import to_status
 from server.listing import list_task_nodes
 from server.nodes import Masker
+from server.nodes import authorize
 from server.nodes import read_node_detail
+from server.query import NodeQuery
 from server.query import check_batch
 from server.query import parse_list_request
 from server.query import parse_request
@@ -27,10 +30,34 @@ CALL_ERRORS = (errors.StoreUnavailable, errors.DeadlineExceeded, errors.Internal
 class TaskNodeServicer(pb_grpc.TaskNodeServiceServicer):
     """The servicer; errors are raised as domain errors and mapped by the interceptor."""
 
-    def __init__(self, store: NodeStore, mask: Masker, cache: DetailCache | None) -> None:
+    def __init__(
+        self, store: NodeStore, mask: Masker, cache: DetailCache | None, watch_addr: str = ""
+    ) -> None:
         self.store = store
         self.mask = mask
         self.cache = cache
+        self.watch_addr = watch_addr
+
+    def WatchTaskNode(
+        self, request: pb.WatchTaskNodeRequest, context: grpc.ServicerContext
+    ) -> None:
+        """Streams are not served here (a thread each): the call says where they are."""
+        self._elsewhere(context)
+
+    def WatchTask(self, request: pb.WatchTaskRequest, context: grpc.ServicerContext) -> None:
+        """As WatchTaskNode: the call says where streams are served."""
+        self._elsewhere(context)
+
+    def _elsewhere(self, context: grpc.ServicerContext) -> None:
+        where = self.watch_addr or "nowhere: the watch server is off (TASKNODE_WATCH_ADDR)"
+        context.abort_with_status(
+            to_status(
+                errors.WatchElsewhere(
+                    f"watch streams are served on the watch address, {where}",
+                    {"watchAddr": self.watch_addr},
+                )
+            )
+        )
 
     def GetTaskNodeDetail(
         self, request: pb.GetTaskNodeDetailRequest, context: grpc.ServicerContext
@@ -67,6 +94,26 @@ class TaskNodeServicer(pb_grpc.TaskNodeServiceServicer):
         return list_task_nodes(
             self.store, parse_list_request(request), self.mask, _principal(), self.cache
         )
+
+    def open_watch_task_node(
+        self, request: pb.WatchTaskNodeRequest, context: grpc.ServicerContext
+    ) -> tuple[NodeQuery, pb.NodeDetail]:
+        """What opening a WatchTaskNode stream reads, as GetTaskNodeDetail reads it (the
+        stream itself is served by server.watch.service, off these threads)."""
+        query = parse_request(request.node)
+        return query, read_node_detail(self.store, query, self.mask, _principal(), self.cache)
+
+    def open_watch_task(self, request: pb.WatchTaskRequest, context: grpc.ServicerContext) -> int:
+        """The task id of a WatchTask stream, once the caller may read the business and
+        the task is there (NotFound otherwise)."""
+        query = parse_list_request(
+            pb.ListTaskNodesRequest(
+                bk_biz_id=request.bk_biz_id, task_id=request.task_id, scope=request.scope
+            )
+        )
+        authorize(self.store, query.biz_id, query.by_project_id, _principal())
+        self.store.find_task(query.biz_id, query.by_project_id, query.task_id)
+        return query.task_id
 
     def _read(self, request: pb.GetTaskNodeDetailRequest, principal: Principal) -> pb.NodeDetail:
         return read_node_detail(

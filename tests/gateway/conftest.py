@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 from collections.abc import Iterator
@@ -21,6 +22,7 @@ from server.gateway.local import LocalBackend
 from server.gateway.protocol import Limits
 from server.gateway.runner import HttpServer
 from server.traces import trace_id_of
+from server.watch.service import serve_watch
 
 #: The seed document's credentials: the demo database's app and token.
 SEED_APP = {"bk_app_code": "esb_test", "bk_app_secret": "xxx", "bk_token": "xxx"}
@@ -32,10 +34,13 @@ HEX32 = re.compile(r"[0-9a-f]{32}")
 
 
 @contextmanager
-def running_shim(config: Config, target: str | Caller) -> Iterator[HttpServer]:
-    """The shim on a free port of 127.0.0.1, calling gRPC at target (or through a Caller);
-    stopped on exit."""
-    http = HttpServer(App(config, target), "127.0.0.1:0", grace=1, limits=Limits.of(config))
+def running_shim(
+    config: Config, target: str | Caller, watch_target: str = ""
+) -> Iterator[HttpServer]:
+    """The shim on a free port of 127.0.0.1, calling gRPC at target (or through a Caller),
+    and the watch streams at watch_target; stopped on exit."""
+    app = App(config, target, watch_target=watch_target)
+    http = HttpServer(app, "127.0.0.1:0", grace=1, limits=Limits.of(config))
     http.start()
     try:
         yield http
@@ -87,10 +92,13 @@ def demo_shim(config: Config) -> Iterator[HttpServer]:
     load_demo_if_empty(config)
     server = create_server(config)
     server.start()
+    watch = serve_watch(dataclasses.replace(config, watch_addr="127.0.0.1:0"), server)
+    assert watch is not None
     try:
-        with running_shim(config, f"127.0.0.1:{server.port}") as http:
+        with running_shim(config, f"127.0.0.1:{server.port}", f"127.0.0.1:{watch.port}") as http:
             yield http
     finally:
+        watch.stop(0)
         server.stop(None)
 
 

@@ -41,6 +41,10 @@ def run(command: str, base: str) -> tuple[int, Any]:
     args[1:1] = ["-s", "-w", "\n%{http_code}"]
     out = subprocess.run(args, capture_output=True, text=True, timeout=30, check=True).stdout
     body, _, status = out.rpartition("\n")
+    if "Grpc-Timeout" in command:  # a stream (NDJSON or SSE): its first message
+        lines = body.splitlines()
+        first = next(line for line in lines if line.startswith(("{", "data: ")))
+        return int(status), json.loads(first.removeprefix("data: "))
     payload = body.rpartition("\n\n")[2]  # after -i headers
     return int(status), json.loads(payload) if payload.strip() else None  # None: 304
 

@@ -122,6 +122,20 @@ def test_the_canonical_route_comes_from_the_http_rule() -> None:
         ("GET", rule.get, CANONICAL, GET_TASK_NODE_DETAIL, ""),
         ("POST", "/v1/nodes:batchGet", CANONICAL, batch_get, "*"),
         ("GET", "/v1/businesses/{bk_biz_id}/tasks/{task_id}/nodes", CANONICAL, list_nodes, ""),
+        (
+            "GET",
+            "/v1/businesses/{node.bk_biz_id}/tasks/{node.task_id}/nodes/{node.node_id}:watch",
+            CANONICAL,
+            GET_TASK_NODE_DETAIL.containing_service.methods_by_name["WatchTaskNode"],
+            "",
+        ),
+        (
+            "GET",
+            "/v1/businesses/{bk_biz_id}/tasks/{task_id}:watch",
+            CANONICAL,
+            GET_TASK_NODE_DETAIL.containing_service.methods_by_name["WatchTask"],
+            "",
+        ),
     ]
     assert rule.get == "/v1/businesses/{bk_biz_id}/tasks/{task_id}/nodes/{node_id}"
 
@@ -241,3 +255,11 @@ def test_rules_naming_no_field_are_refused_at_start_up() -> None:
     rule.Extensions[annotations_pb2.http].get = "/v1/{nothing}"
     with pytest.raises(ValueError, match="not a field path"):
         _rule_route(method, rule.Extensions[annotations_pb2.http])
+
+
+def test_a_verb_route_wins_over_a_variable_that_would_take_its_segment() -> None:
+    route, found = Router(canonical_routes()).match(
+        "GET", "/v1/businesses/2/tasks/11/nodes/node1:watch"
+    )
+    assert route.rpc.name == "WatchTaskNode"
+    assert found == {"node.bk_biz_id": "2", "node.task_id": "11", "node.node_id": "node1"}

@@ -65,6 +65,46 @@ NODE_STATE_ROLLING_BACK: NodeState
 NODE_STATE_ROLL_BACK_SUCCESS: NodeState
 NODE_STATE_ROLL_BACK_FAILED: NodeState
 
+class WatchTaskNodeRequest(_message.Message):
+    __slots__ = ("node", "resume_token")
+    NODE_FIELD_NUMBER: _ClassVar[int]
+    RESUME_TOKEN_FIELD_NUMBER: _ClassVar[int]
+    node: GetTaskNodeDetailRequest
+    resume_token: str
+    def __init__(self, node: _Optional[_Union[GetTaskNodeDetailRequest, _Mapping]] = ..., resume_token: _Optional[str] = ...) -> None: ...
+
+class WatchTaskNodeResponse(_message.Message):
+    __slots__ = ("detail", "heartbeat_time", "resume_token")
+    DETAIL_FIELD_NUMBER: _ClassVar[int]
+    HEARTBEAT_TIME_FIELD_NUMBER: _ClassVar[int]
+    RESUME_TOKEN_FIELD_NUMBER: _ClassVar[int]
+    detail: NodeDetail
+    heartbeat_time: _timestamp_pb2.Timestamp
+    resume_token: str
+    def __init__(self, detail: _Optional[_Union[NodeDetail, _Mapping]] = ..., heartbeat_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., resume_token: _Optional[str] = ...) -> None: ...
+
+class WatchTaskRequest(_message.Message):
+    __slots__ = ("bk_biz_id", "task_id", "scope", "resume_token")
+    BK_BIZ_ID_FIELD_NUMBER: _ClassVar[int]
+    TASK_ID_FIELD_NUMBER: _ClassVar[int]
+    SCOPE_FIELD_NUMBER: _ClassVar[int]
+    RESUME_TOKEN_FIELD_NUMBER: _ClassVar[int]
+    bk_biz_id: str
+    task_id: str
+    scope: Scope
+    resume_token: str
+    def __init__(self, bk_biz_id: _Optional[str] = ..., task_id: _Optional[str] = ..., scope: _Optional[_Union[Scope, str]] = ..., resume_token: _Optional[str] = ...) -> None: ...
+
+class WatchTaskResponse(_message.Message):
+    __slots__ = ("nodes", "resume_token", "heartbeat_time")
+    NODES_FIELD_NUMBER: _ClassVar[int]
+    RESUME_TOKEN_FIELD_NUMBER: _ClassVar[int]
+    HEARTBEAT_TIME_FIELD_NUMBER: _ClassVar[int]
+    nodes: _containers.RepeatedCompositeFieldContainer[NodeDetail]
+    resume_token: str
+    heartbeat_time: _timestamp_pb2.Timestamp
+    def __init__(self, nodes: _Optional[_Iterable[_Union[NodeDetail, _Mapping]]] = ..., resume_token: _Optional[str] = ..., heartbeat_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
+
 class GetTaskNodeDetailRequest(_message.Message):
     __slots__ = ("bk_biz_id", "task_id", "node_id", "component_code", "subprocess_stack", "loop", "scope", "max_histories", "read_mask")
     BK_BIZ_ID_FIELD_NUMBER: _ClassVar[int]

@@ -50,6 +50,16 @@ class TaskNodeServiceStub:
                 request_serializer=bksops_dot_tasknode_dot_v1_dot_task__node__pb2.ListTaskNodesRequest.SerializeToString,
                 response_deserializer=bksops_dot_tasknode_dot_v1_dot_task__node__pb2.ListTaskNodesResponse.FromString,
                 _registered_method=True)
+        self.WatchTaskNode = channel.unary_stream(
+                '/bksops.tasknode.v1.TaskNodeService/WatchTaskNode',
+                request_serializer=bksops_dot_tasknode_dot_v1_dot_task__node__pb2.WatchTaskNodeRequest.SerializeToString,
+                response_deserializer=bksops_dot_tasknode_dot_v1_dot_task__node__pb2.WatchTaskNodeResponse.FromString,
+                _registered_method=True)
+        self.WatchTask = channel.unary_stream(
+                '/bksops.tasknode.v1.TaskNodeService/WatchTask',
+                request_serializer=bksops_dot_tasknode_dot_v1_dot_task__node__pb2.WatchTaskRequest.SerializeToString,
+                response_deserializer=bksops_dot_tasknode_dot_v1_dot_task__node__pb2.WatchTaskResponse.FromString,
+                _registered_method=True)
 
 
 class TaskNodeServiceServicer:
@@ -100,6 +110,33 @@ class TaskNodeServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def WatchTaskNode(self, request, context):
+        """WatchTaskNode streams one node's detail as it changes. The first message is
+        what GetTaskNodeDetail answers for the same request (same fields, auth and
+        errors); then one message each time the node's reply changes (its etag), until
+        the caller cancels or its deadline passes. Messages are level-triggered: each
+        holds the node's latest state after one or more changes, and two changes the
+        server sees in one poll arrive as one message (the earlier attempts stay in
+        histories). Every message carries a resume_token; a call that passes it gets
+        every change after it, with no gap and no duplicate, on any server process.
+        An idle stream gets a heartbeat message (heartbeat_time set) every
+        heartbeat interval. Over HTTP the route streams newline-delimited JSON, or
+        Server-Sent Events with Accept: text/event-stream.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def WatchTask(self, request, context):
+        """WatchTask streams the changes of every node of a task: the first message
+        lists every node (as ListTaskNodes' NODE_VIEW_BASIC shows it), then each
+        message lists the nodes that changed since the one before, each in its
+        latest state, with the same resume and heartbeat rules as WatchTaskNode.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_TaskNodeServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -117,6 +154,16 @@ def add_TaskNodeServiceServicer_to_server(servicer, server):
                     servicer.ListTaskNodes,
                     request_deserializer=bksops_dot_tasknode_dot_v1_dot_task__node__pb2.ListTaskNodesRequest.FromString,
                     response_serializer=bksops_dot_tasknode_dot_v1_dot_task__node__pb2.ListTaskNodesResponse.SerializeToString,
+            ),
+            'WatchTaskNode': grpc.unary_stream_rpc_method_handler(
+                    servicer.WatchTaskNode,
+                    request_deserializer=bksops_dot_tasknode_dot_v1_dot_task__node__pb2.WatchTaskNodeRequest.FromString,
+                    response_serializer=bksops_dot_tasknode_dot_v1_dot_task__node__pb2.WatchTaskNodeResponse.SerializeToString,
+            ),
+            'WatchTask': grpc.unary_stream_rpc_method_handler(
+                    servicer.WatchTask,
+                    request_deserializer=bksops_dot_tasknode_dot_v1_dot_task__node__pb2.WatchTaskRequest.FromString,
+                    response_serializer=bksops_dot_tasknode_dot_v1_dot_task__node__pb2.WatchTaskResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -201,6 +248,60 @@ class TaskNodeService:
             '/bksops.tasknode.v1.TaskNodeService/ListTaskNodes',
             bksops_dot_tasknode_dot_v1_dot_task__node__pb2.ListTaskNodesRequest.SerializeToString,
             bksops_dot_tasknode_dot_v1_dot_task__node__pb2.ListTaskNodesResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def WatchTaskNode(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/bksops.tasknode.v1.TaskNodeService/WatchTaskNode',
+            bksops_dot_tasknode_dot_v1_dot_task__node__pb2.WatchTaskNodeRequest.SerializeToString,
+            bksops_dot_tasknode_dot_v1_dot_task__node__pb2.WatchTaskNodeResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def WatchTask(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/bksops.tasknode.v1.TaskNodeService/WatchTask',
+            bksops_dot_tasknode_dot_v1_dot_task__node__pb2.WatchTaskRequest.SerializeToString,
+            bksops_dot_tasknode_dot_v1_dot_task__node__pb2.WatchTaskResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -1,0 +1,1 @@
+"""Watch streams: WatchTaskNode and WatchTask (see hub, tokens and service)."""

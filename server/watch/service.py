@@ -1,0 +1,341 @@
+"""The watch streams' server: WatchTaskNode and WatchTask on a grpc.aio server.
+
+grpcio's sync server holds a thread for every open stream, so 10,000 idle streams
+would need 10,000 threads. The streams are therefore served by a grpc.aio server of
+their own (config.watch_listen()), on one event loop thread per process: an idle stream
+is a coroutine waiting on its Mailbox (server.watch.hub), a few KiB. The unary RPCs
+stay on the sync server, unchanged, and this server refuses them (UNIMPLEMENTED).
+
+Opening a stream is exactly a unary call: the same interceptors (credentials, store
+session, error statuses, access log, metrics) run the servicer's open_* method on the
+sync server's worker threads (server.app.in_process_handlers), so a stream gets the
+request fields, auth and errors GetTaskNodeDetail has. Afterwards the stream only
+waits on its mailbox, and writes what the Hub put there, or a heartbeat.
+
+Bounds: config.watch_max_streams streams per process (RESOURCE_EXHAUSTED beyond);
+one pending message per stream whatever its reader does (hub.Mailbox); on drain every
+stream ends UNAVAILABLE (SHUTTING_DOWN) with its last resume token in the ErrorInfo,
+to resume on another process.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+import time
+from collections.abc import AsyncIterator
+from collections.abc import Iterator
+from concurrent import futures
+from contextlib import contextmanager
+from typing import Any
+
+import grpc
+from bksops.tasknode.v1 import task_node_pb2 as pb
+from google.protobuf.message import Message
+from google.protobuf.timestamp_pb2 import Timestamp
+from google.rpc import status_pb2
+from grpc_reflection.v1alpha import reflection
+
+from server import errors
+from server import metrics
+from server.app import PENDING_CALLS_LIMIT
+from server.app import SERVICE_NAME
+from server.app import CannotListen
+from server.app import Server
+from server.config import Config
+from server.gateway.local import STATUS_DETAILS_KEY
+from server.gateway.local import Aborted
+from server.gateway.local import LocalContext
+from server.interceptors import rich_status
+from server.listing import summary
+from server.nodes import Masker
+from server.tls import server_credentials
+from server.watch import tokens
+from server.watch.hub import Hub
+from server.watch.hub import Mailbox
+
+log = logging.getLogger(__name__)
+_SERVICE = pb.DESCRIPTOR.services_by_name["TaskNodeService"]
+OPEN_NODE = f"/{_SERVICE.full_name}/WatchTaskNode"
+OPEN_TASK = f"/{_SERVICE.full_name}/WatchTask"
+#: Seconds an opening read may take when the stream has no deadline.
+OPEN_SECONDS = 30.0
+
+
+class WatchServicer:
+    """The two streaming methods; see the module docstring."""
+
+    def __init__(self, server: Server, config: Config, hub: Hub) -> None:
+        self.handlers = server.handlers
+        self.executor: futures.Executor = server.workers
+        self.hub = hub
+        self.limit = config.watch_max_streams
+        self.heartbeat = config.watch_heartbeat_seconds
+        self.open = 0
+        self.draining = asyncio.Event()
+        self.mailboxes: set[Mailbox] = set()
+
+    async def WatchTaskNode(
+        self, request: pb.WatchTaskNodeRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[pb.WatchTaskNodeResponse | bytes]:
+        await self._admit(context)
+        with metrics.watch_stream("WatchTaskNode"), self._counted():
+            query, detail = await self._opened(OPEN_NODE, request, context)
+            scope = tokens.scope_of("node", query)
+            mailbox = Mailbox(scope)
+            etag = ""
+            if request.resume_token:
+                etag = await _checked(context, tokens.read_node_token, request.resume_token, scope)
+            if detail.etag != etag:
+                mailbox.put_detail(detail, tokens.node_token(scope, detail.etag))
+            else:
+                mailbox.token = request.resume_token
+            self.hub.watch_node(query, mailbox, detail.etag)
+            try:
+                async for _ in self._waiting(mailbox, context):
+                    if mailbox.detail is not None:
+                        shown, wire = mailbox.detail, mailbox.wire
+                        mailbox.detail = mailbox.wire = None
+                        yield wire or pb.WatchTaskNodeResponse(
+                            detail=shown, resume_token=mailbox.token
+                        )
+                    else:
+                        yield pb.WatchTaskNodeResponse(
+                            heartbeat_time=_now(), resume_token=mailbox.token
+                        )
+            finally:
+                self._leave(query.task_id, mailbox)
+
+    async def WatchTask(
+        self, request: pb.WatchTaskRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[pb.WatchTaskResponse]:
+        await self._admit(context)
+        with metrics.watch_stream("WatchTask"), self._counted():
+            task_id = await self._opened(OPEN_TASK, request, context)
+            scope = tokens.scope_of("task", task_id)
+            seen: frozenset[bytes] = frozenset()
+            if request.resume_token:
+                seen = await _checked(context, tokens.read_task_token, request.resume_token, scope)
+            mailbox = Mailbox(scope)
+            mailbox.token = request.resume_token
+            self.hub.watch_task(task_id, mailbox, seen)
+            try:
+                async for _ in self._waiting(mailbox, context):
+                    if mailbox.nodes:
+                        rows, mailbox.nodes = list(mailbox.nodes.values()), {}
+                        yield pb.WatchTaskResponse(
+                            nodes=[summary(row) for row in rows], resume_token=mailbox.token
+                        )
+                    else:
+                        yield pb.WatchTaskResponse(
+                            heartbeat_time=_now(), resume_token=mailbox.token
+                        )
+            finally:
+                self._leave(task_id, mailbox)
+
+    async def _admit(self, context: grpc.aio.ServicerContext) -> None:
+        if self.draining.is_set():
+            await _abort(context, errors.ShuttingDown("the server is shutting down; retry another"))
+        if self.open >= self.limit:
+            metrics.refused(errors.TooManyStreams.reason)
+            await _abort(
+                context,
+                errors.TooManyStreams(
+                    f"this server process has {self.limit} watch streams open; retry later",
+                    {"limit": str(self.limit)},
+                ),
+            )
+
+    @contextmanager
+    def _counted(self) -> Iterator[None]:
+        self.open += 1
+        try:
+            yield
+        finally:
+            self.open -= 1
+
+    def _leave(self, task_id: int, mailbox: Mailbox) -> None:
+        self.mailboxes.discard(mailbox)
+        self.hub.forget(task_id, mailbox)
+
+    async def _opened(self, path: str, request: Any, context: grpc.aio.ServicerContext) -> Any:
+        """What the open_* handler returns, run as a unary call of path would be."""
+        remaining = context.time_remaining()
+        deadline = time.monotonic() + (OPEN_SECONDS if remaining is None else remaining)
+        # Binary (-bin) values are no credentials: only text ones are handed on.
+        metadata = [
+            (key, value)
+            for key, value in context.invocation_metadata() or ()
+            if isinstance(value, str)
+        ]
+        local = LocalContext(metadata, deadline, context.peer())
+        behaviour: Any = self.handlers[path].unary_unary
+        loop = asyncio.get_running_loop()
+        try:
+            return await loop.run_in_executor(self.executor, behaviour, request, local)
+        except Aborted as exc:
+            await _abort_status(context, exc.status)
+
+    async def _waiting(
+        self, mailbox: Mailbox, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[None]:
+        """Once per message to write: a pending one, or a heartbeat when none came for
+        a heartbeat interval; ends the call with the error the hub or a drain put."""
+        self.mailboxes.add(mailbox)
+        while True:
+            if self.draining.is_set():
+                await _abort(
+                    context,
+                    errors.ShuttingDown(
+                        "the server is shutting down; resume on another with resume_token",
+                        {"resumeToken": mailbox.token},
+                    ),
+                )
+            if mailbox.error is not None:
+                await _abort(context, mailbox.error)
+            if mailbox.pending():
+                yield None
+                continue
+            mailbox.event.clear()
+            try:  # asyncio.timeout, not wait_for: no task per wait for 10^4 streams
+                async with asyncio.timeout(self.heartbeat):
+                    await mailbox.event.wait()
+            except TimeoutError:
+                yield None
+
+    def drain(self) -> None:
+        """End every stream (see _waiting) and refuse new ones; on the loop's thread."""
+        self.draining.set()
+        for mailbox in list(self.mailboxes):
+            mailbox.event.set()
+
+
+async def _checked(context: grpc.aio.ServicerContext, read: Any, token: str, scope: str) -> Any:
+    """What read makes of a resume token; the call ends INVALID_ARGUMENT if it is bad."""
+    try:
+        return read(token, scope)
+    except errors.ServiceError as exc:
+        await _abort(context, exc)
+
+
+async def _abort(context: grpc.aio.ServicerContext, exc: errors.ServiceError) -> None:
+    await _abort_status(context, rich_status(exc))
+
+
+async def _abort_status(context: grpc.aio.ServicerContext, status: status_pb2.Status) -> None:
+    await context.abort(
+        grpc.StatusCode(_CODES[status.code]),
+        status.message,
+        trailing_metadata=((STATUS_DETAILS_KEY, status.SerializeToString()),),
+    )
+
+
+_CODES = {code.value[0]: code.value for code in grpc.StatusCode}
+
+
+def _wire(message: bytes | Message) -> bytes:
+    """A message's bytes; a message the Hub serialized once for all its streams is bytes."""
+    return message if isinstance(message, bytes) else message.SerializeToString()
+
+
+def _now() -> Timestamp:
+    now = Timestamp()
+    now.GetCurrentTime()
+    return now
+
+
+class WatchServer:
+    """The grpc.aio server of the watch streams and its Hub, on a thread and loop of their own."""
+
+    def __init__(self, config: Config, server: Server, reuse_port: bool = False) -> None:
+        self.config = config
+        self.server = server
+        self.reuse_port = reuse_port
+        self.loop = asyncio.new_event_loop()
+        self.port = 0
+        self._thread = threading.Thread(target=self.loop.run_forever, name="watch", daemon=True)
+        self.hub = Hub(
+            server.store,
+            Masker(config.secret_keywords),
+            server.cache,
+            config.watch_interval,
+            self.loop,
+        )
+        self.servicer = WatchServicer(server, config, self.hub)
+        self._aio: grpc.aio.Server | None = None
+
+    def start(self) -> None:
+        self._thread.start()
+        self.port = self._call(self._start())
+        self.hub.start()
+
+    async def _start(self) -> int:
+        aio = grpc.aio.server(
+            options=[
+                ("grpc.so_reuseport", int(self.reuse_port)),
+                ("grpc.max_send_message_length", self.config.max_send_message_bytes),
+                ("grpc.max_receive_message_length", self.config.max_receive_message_bytes),
+                # grpc-core CANCELs calls beyond 1,000 waiting to be taken in (at random up
+                # to 3,000): thousands of streams opening at once would lose some so.
+                ("grpc.server.max_pending_requests", PENDING_CALLS_LIMIT),
+                ("grpc.server.max_pending_requests_hard_limit", PENDING_CALLS_LIMIT),
+            ]
+        )
+        streams: dict[str, grpc.RpcMethodHandler] = {
+            "WatchTaskNode": grpc.unary_stream_rpc_method_handler(
+                self.servicer.WatchTaskNode,
+                request_deserializer=pb.WatchTaskNodeRequest.FromString,
+                response_serializer=_wire,
+            ),
+            "WatchTask": grpc.unary_stream_rpc_method_handler(
+                self.servicer.WatchTask,
+                request_deserializer=pb.WatchTaskRequest.FromString,
+                response_serializer=_wire,
+            ),
+        }
+        # Only the streams: the unary methods are the sync server's (UNIMPLEMENTED here).
+        aio.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE_NAME, streams),))
+        # grpcurl finds the streams' messages here too, with no .proto at hand.
+        reflection.enable_server_reflection((SERVICE_NAME, reflection.SERVICE_NAME), aio)
+        credentials = server_credentials(self.config)
+        try:
+            if credentials is None:
+                port = aio.add_insecure_port(self.config.watch_listen())
+            else:
+                port = aio.add_secure_port(self.config.watch_listen(), credentials)
+        except RuntimeError:
+            port = 0
+        if port == 0:
+            raise CannotListen(f"cannot listen on {self.config.watch_listen()}: is it in use?")
+        await aio.start()
+        self._aio = aio
+        return port
+
+    def stop(self, grace: float | None = None) -> None:
+        """End every stream with a status to resume from, then stop the server."""
+        aio, self._aio = self._aio, None
+        if aio is None:  # stopped already
+            return
+        self._call(self._stop(aio, self.config.shutdown_grace_seconds if grace is None else grace))
+        self.hub.stop()
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self._thread.join(5)
+        if not self._thread.is_alive():
+            self.loop.close()
+
+    async def _stop(self, aio: grpc.aio.Server, grace: float) -> None:
+        self.servicer.drain()
+        await aio.stop(grace)
+
+    def _call(self, coroutine: Any) -> Any:
+        return asyncio.run_coroutine_threadsafe(coroutine, self.loop).result()
+
+
+def serve_watch(config: Config, server: Server, reuse_port: bool = False) -> WatchServer | None:
+    """The watch server on config.watch_listen() beside server, started; None if off."""
+    if not config.watch_listen():
+        return None
+    watch = WatchServer(config, server, reuse_port)
+    watch.start()
+    return watch

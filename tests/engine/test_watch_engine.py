@@ -1,0 +1,119 @@
+"""Watch streams on the bk-sops store, while the real engine writes (it, not us).
+
+The engine loops a node (tests.engine.harness.writing_pipelines) in a database of each
+store; a server reads that database as a bk-sops store and a WatchTaskNode and a
+WatchTask stream follow the node as the engine moves it, pass by pass.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import grpc
+from bksops.tasknode.v1 import task_node_pb2 as pb
+from bksops.tasknode.v1 import task_node_pb2_grpc as pb_grpc
+from playhouse import db_url
+
+from server.config import Config
+from server.watch.service import serve_watch
+from tests.conftest import ALL_APP
+from tests.engine.conftest import EngineDatabase
+from tests.engine.harness import open_reader
+from tests.engine.harness import writing_pipelines
+from tests.engine.test_bksops_store import serving
+
+PASSES = 100
+INTERVAL = 0.02
+
+
+def _task_of(url: str, pipeline: str, deadline: float) -> int:
+    """The task bk-sops links to the pipeline instance named pipeline, once it exists."""
+    # Not open_reader: for a server database it binds the models, which the running
+    # server's own database must keep.
+    db = open_reader(url) if url.startswith("sqlite") else db_url.connect(url)
+    sql = (
+        "SELECT t.id FROM taskflow3_taskflowinstance t JOIN pipeline_pipelineinstance i"
+        f" ON i.id = t.pipeline_instance_id WHERE i.name = {db.param}"
+    )
+    while time.monotonic() < deadline:
+        with db.connection_context():
+            row = db.execute_sql(sql, (pipeline,)).fetchone()
+        if row is not None:
+            return int(row[0])
+        time.sleep(0.01)
+    raise AssertionError(f"no task for {pipeline}")
+
+
+def test_streams_follow_the_engine_as_it_loops_a_node(
+    database_url: str, engine_venv: Path, tmp_path: Path
+) -> None:
+    store = database_url.split(":", 1)[0]
+    with writing_pipelines(database_url, tmp_path, PASSES) as (manifest, process):
+        body = manifest["pipelines"]["long_loop"]["nodes"]["body"]["id"]
+        business = str(manifest["business_id"])
+        engine = EngineDatabase(store, database_url, manifest)
+        own = tmp_path / "own"
+        own.mkdir()
+        with serving(engine, own) as (_, server):
+            config = Config(
+                grpc_addr="127.0.0.1:0", watch_addr="127.0.0.1:0", watch_interval=INTERVAL
+            )
+            watch = serve_watch(config, server)
+            assert watch is not None
+            try:
+                task_id = _task_of(database_url, "long_loop", time.monotonic() + 60)
+                node_loops: list[tuple[int, int]] = []
+                task_loops: list[int] = []
+                metadata = [("x-bkapi-authorization", json.dumps(ALL_APP))]
+                with grpc.insecure_channel(f"127.0.0.1:{watch.port}") as channel:
+                    stub = pb_grpc.TaskNodeServiceStub(channel)
+                    node_stream = stub.WatchTaskNode(
+                        pb.WatchTaskNodeRequest(
+                            node=pb.GetTaskNodeDetailRequest(
+                                bk_biz_id=business, task_id=str(task_id), node_id=body
+                            )
+                        ),
+                        metadata=metadata,
+                        timeout=120,
+                    )
+                    task_stream = stub.WatchTask(
+                        pb.WatchTaskRequest(bk_biz_id=business, task_id=str(task_id)),
+                        metadata=metadata,
+                        timeout=120,
+                    )
+
+                    def follow_task() -> None:
+                        for message in task_stream:
+                            for shown in message.nodes:
+                                if shown.id == body:
+                                    task_loops.append(shown.loop)
+                                    if _done(shown):
+                                        return
+
+                    follower = threading.Thread(target=follow_task)
+                    follower.start()
+                    for message in node_stream:
+                        if message.HasField("detail"):
+                            node_loops.append((message.detail.loop, message.detail.state))
+                            if _done(message.detail):
+                                break
+                    node_stream.cancel()
+                    follower.join(60)
+                    task_stream.cancel()
+            finally:
+                watch.stop(0)
+        assert process.wait(timeout=120) == 0
+    loops = [loop for loop, _ in node_loops]
+    assert node_loops[-1] == (PASSES, pb.NODE_STATE_FINISHED)
+    assert loops == sorted(loops), node_loops
+    assert len(set(loops)) >= 3, f"the stream saw the engine move only through {node_loops}"
+    assert task_loops[-1] == PASSES and task_loops == sorted(task_loops)
+    assert len(set(task_loops)) >= 3, task_loops
+
+
+def _done(node: Any) -> bool:
+    return bool(node.loop == PASSES and node.state == pb.NODE_STATE_FINISHED)
