@@ -124,8 +124,10 @@ case $command in
     wait_synced n1
     sql n1 "CREATE USER IF NOT EXISTS 'root'@'127.0.0.1'; GRANT ALL ON *.* TO 'root'@'127.0.0.1' WITH GRANT OPTION;" \
       "CREATE DATABASE tasknode CHARACTER SET utf8mb4 COLLATE utf8mb4_bin"
-    # One joiner at a time: a donor serves one state transfer at once.
-    for i in $(seq 2 "$nodes"); do start_node "n$i"; wait_synced "n$i"; done
+    # The joiners start together; a donor serves one state transfer at a time, and a
+    # joiner that finds none free asks again every second (or picks a joiner that synced).
+    for i in $(seq 2 "$nodes"); do start_node "n$i"; done
+    for i in $(seq 2 "$nodes"); do wait_synced "n$i"; done
     pids=()
     for i in $(seq 1 "$nodes"); do pids+=("n$i=$(node_pid "n$i")"); done
     {

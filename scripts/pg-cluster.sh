@@ -96,14 +96,16 @@ case $command in
     start_server p0
     as_postgres "$bindir/psql" -h 127.0.0.1 -p "$primary_port" -U postgres -qAt -c "CREATE DATABASE tasknode" postgres
     standby_ports=()
-    for i in $(seq 1 "$standbys"); do
-      port=$(free_port)
-      as_postgres "$bindir/pg_basebackup" -h 127.0.0.1 -p "$primary_port" -U postgres \
-        -D "$dir/s$i" -c fast -X stream -R
-      configure "s$i" "$port"
-      start_server "s$i"
-      standby_ports+=("$port")
+    for i in $(seq 1 "$standbys"); do standby_ports+=("$(free_port)"); done
+    for i in $(seq 1 "$standbys"); do  # copied and started side by side
+      (
+        as_postgres "$bindir/pg_basebackup" -h 127.0.0.1 -p "$primary_port" -U postgres \
+          -D "$dir/s$i" -c fast -X stream -R
+        configure "s$i" "${standby_ports[$((i - 1))]}"
+        start_server "s$i"
+      ) &
     done
+    for _ in $(seq 1 "$standbys"); do wait -n || { echo "error: a standby did not start" >&2; exit 1; }; done
     write_env
     ;;
   promote)

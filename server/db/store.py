@@ -11,6 +11,12 @@ silent (a partition, a failover) is freed by the watchdog, which shuts that
 connection's socket; the call then fails DEADLINE_EXCEEDED (its deadline passed) or
 STORE_UNAVAILABLE (the store's timeout did), and its connection is thrown away
 with the pool's idle ones, which the same outage most likely stranded.
+
+A store given read replicas (server.db.replicas) reads each call from one node, a
+replica in turn or the primary last: a node that refuses the call's connect or
+fails its first statement is left for the next within the call's time; one that
+fails after the call read from it ends the call with NodeLost, which the service
+interceptor serves anew on another node while the deadline allows.
 """
 
 from __future__ import annotations
@@ -21,6 +27,7 @@ import threading
 import time
 from collections.abc import Callable
 from collections.abc import Iterator
+from collections.abc import Sequence
 from contextlib import contextmanager
 from functools import partial
 from typing import Any
@@ -47,9 +54,11 @@ from server.db.models import Node
 from server.db.models import Project
 from server.db.models import Task
 from server.db.pool import BoundedPool
+from server.db.pool import NoAnswer
 from server.db.pool import OutOfTime
 from server.db.prepared import Prepared
 from server.db.prepared import Slot
+from server.db.replicas import Nodes
 from server.filters import Term
 
 log = logging.getLogger(__name__)
@@ -169,11 +178,29 @@ class _Call:
     """Where one thread's call stands with the store (Store.session); the watchdog
     reads it from its own thread."""
 
-    __slots__ = ("by_deadline", "conn", "expiry", "interrupt", "killed", "proven", "snapshot")
+    __slots__ = (
+        "by_deadline",
+        "conn",
+        "db",
+        "expiry",
+        "failed",
+        "interrupt",
+        "killed",
+        "proven",
+        "retried",
+        "snapshot",
+    )
 
-    def __init__(self, interrupt: Callable[[Any], None]) -> None:
+    def __init__(self) -> None:
         #: Shuts conn down from another thread (BoundedPool.interrupt).
-        self.interrupt = interrupt
+        self.interrupt: Callable[[Any], None] = _cannot_interrupt
+        #: The node the call's connection is on; None while it holds none.
+        self.db: Database | None = None
+        #: Nodes that failed the call, not to be tried again by it.
+        self.failed: list[Database] = []
+        #: The node on which the call already retried its first statement on a new
+        #: connection (see Store.read).
+        self.retried: Database | None = None
         #: The connection the watchdog may shut; None while the call holds none.
         self.conn: Any = None
         #: time.monotonic() by which the call is done with the store, and whether that
@@ -191,8 +218,8 @@ class _Call:
 class _ThisCall(threading.local):
     """Each thread's own _Call."""
 
-    def __init__(self, interrupt: Callable[[Any], None]) -> None:
-        self.call = _Call(interrupt)
+    def __init__(self) -> None:
+        self.call = _Call()
 
 
 class _Watchdog:
@@ -246,15 +273,44 @@ class _Watchdog:
 _watchdog = _Watchdog()
 
 
-class Store:
-    """Reads node records from one database; a call waits at most timeout seconds on it."""
+class NodeLost(Exception):
+    """A database node failed after the call had read from it, while other nodes remain:
+    the whole call may be served again on one of them (server.interceptors). Not a
+    ServiceError: a caller who sees it gets error, STORE_UNAVAILABLE."""
 
-    def __init__(self, db: Database, timeout: float = Config.store_timeout_seconds) -> None:
-        self.db = db
+    def __init__(self, error: errors.StoreUnavailable) -> None:
+        super().__init__(error.message)
+        self.error = error
+
+
+class Store:
+    """Reads node records from one database, or its read replicas; a call waits at most
+    timeout seconds on them."""
+
+    def __init__(
+        self,
+        db: Database,
+        timeout: float = Config.store_timeout_seconds,
+        replicas: Sequence[Database] = (),
+    ) -> None:
+        """db: the primary (read only when no replica answers); replicas: databases of
+        db's engine holding copies of it (server.db.connection.open_replicas)."""
+        self.nodes = Nodes(db, replicas)
         self.timeout = timeout
-        self._this = _ThisCall(getattr(db, "interrupt", _cannot_interrupt))
+        self._this = _ThisCall()
         self._prepare()
         _watchdog.start()
+
+    @property
+    def db(self) -> Database:
+        """The database of this thread's call, or the primary outside a call."""
+        db = self._this.call.db
+        return self.nodes.primary if db is None else db
+
+    def time_left(self) -> float | None:
+        """Seconds left to this thread's call on the store; None outside a call."""
+        call = self._this.call
+        return None if call.db is None else call.expiry - time.monotonic()
 
     @contextmanager
     def session(self, deadline: float | None = None) -> Iterator[None]:
@@ -268,6 +324,7 @@ class Store:
         call.by_deadline = budget < self.timeout
         call.expiry = time.monotonic() + budget
         call.snapshot = call.proven = call.killed = False
+        call.failed, call.retried = [], None
         with unavailable_on_db_error():
             self._connect(call)
         metrics.STORE_CONNECTIONS.inc()
@@ -277,17 +334,42 @@ class Store:
             metrics.STORE_CONNECTIONS.dec()
             self._end(call)
 
-    def _connect(self, call: _Call) -> None:
-        try:
-            if isinstance(self.db, BoundedPool):
-                self.db.connect_by(call.expiry, reuse_if_open=True)
-            else:
-                self.db.connect(reuse_if_open=True)
-        except OutOfTime as exc:
-            raise self._late(call) from exc
-        except MaxConnectionsExceeded as exc:
-            raise peewee.OperationalError(str(exc)) from exc
-        _watchdog.watch(call, self.db.connection())
+    def _connect(self, call: _Call, first: Database | None = None) -> None:
+        """Give the call a connection to the first node (first, if given, then in
+        Nodes.order) that accepts one. Each node tried gets an equal share of the call's
+        time left, the last all of it; a node that refuses is set aside (Nodes.failed)."""
+        candidates = self.nodes.order(first, call.failed)
+        if not candidates:
+            raise peewee.OperationalError("every database node failed this call")
+        for left, db in zip(range(len(candidates), 0, -1), candidates, strict=True):
+            now = time.monotonic()
+            until = call.expiry if left == 1 else now + (call.expiry - now) / left
+            try:
+                if isinstance(db, BoundedPool):
+                    db.connect_by(until, reuse_if_open=True)
+                else:
+                    db.connect(reuse_if_open=True)
+            except OutOfTime as exc:
+                if left == 1 or time.monotonic() >= call.expiry:
+                    raise self._late(call) from exc
+                if isinstance(exc, NoAnswer):
+                    self.nodes.failed(db)
+                continue
+            except MaxConnectionsExceeded as exc:
+                if left == 1:
+                    raise peewee.OperationalError(str(exc)) from exc
+                continue
+            except (peewee.OperationalError, peewee.InterfaceError) as exc:
+                self.nodes.failed(db)
+                call.failed.append(db)
+                if left == 1:
+                    raise
+                log.info("a database node refused a connection (%s); trying the next", exc)
+                continue
+            call.db = db
+            call.interrupt = getattr(db, "interrupt", _cannot_interrupt)
+            _watchdog.watch(call, db.connection())
+            return
 
     def _late(self, call: _Call) -> errors.ServiceError:
         """The error of a call whose time on the store ran out."""
@@ -305,7 +387,7 @@ class Store:
     def _read(
         self, name: str, query: Prepared, snapshot: bool, **values: object
     ) -> list[tuple[Any, ...]]:
-        return self.read(partial(query.rows, **values), snapshot, name)
+        return self.read(lambda: query.rows(self.db, **values), snapshot, name)
 
     def read(self, work: Callable[[], T], snapshot: bool = False, name: str = "other") -> T:
         """work's result, run on the call's connection; inside the call's read snapshot
@@ -321,8 +403,9 @@ class Store:
         A pooled connection the database dropped while it was idle (a restart, an
         idle timeout) fails the call's first statement. Nothing of the call has run
         yet, so that connection is thrown away, with the pool's other idle ones
-        (likely dropped too), and work runs once more on a new connection; a second
-        failure is the caller's answer. work must therefore only read.
+        (likely dropped too), and work runs once more on a new connection; if that
+        fails too, the node is set aside and work runs on the next node, if any, until
+        none is left or the call's time is. work must therefore only read.
         """
         started = time.perf_counter()
         try:
@@ -336,24 +419,44 @@ class Store:
     def _read_retrying(self, work: Callable[[], T], snapshot: bool) -> T:
         call = self._this.call
         with unavailable_on_db_error():
-            for retries_left in (0,) if call.proven else (1, 0):
+            while True:
+                db = self.db
                 try:
                     if snapshot and not call.snapshot:
-                        self.db.execute_sql(_snapshot_statement(self.db))
+                        db.execute_sql(_snapshot_statement(db))
                         call.snapshot = True
                     result = work()
-                    call.proven = True
-                    return result
                 except (peewee.OperationalError, peewee.InterfaceError) as exc:
                     if call.killed or time.monotonic() >= call.expiry:
                         raise self._late(call) from exc
-                    if call.proven or not retries_left:
+                    if call.proven:
+                        if len(self.nodes) > 1:
+                            self.nodes.failed(db)
+                            lost = errors.StoreUnavailable(
+                                "a database node failed during the call; retry later"
+                            )
+                            log.warning("%s: %s", lost.message, exc)
+                            raise NodeLost(lost) from exc
                         raise
-                    log.info("a pooled connection was dead (%s); retrying on a new one", exc)
+                    first: Database | None = db
+                    if call.retried is db:  # a new connection failed too: the node did
+                        self.nodes.failed(db)
+                        call.failed.append(db)
+                        if len(call.failed) >= len(self.nodes):
+                            raise
+                        first = None
+                        log.info("a database node failed (%s); trying the next", exc)
+                    else:
+                        log.info("a pooled connection was dead (%s); retrying on a new one", exc)
+                    call.retried = first
                     self._discard_connection()
                     call.snapshot = False
-                    self._connect(call)
-        raise AssertionError("unreachable: the last try returns or raises")
+                    self._connect(call, first)
+                    continue
+                if not call.proven:
+                    call.proven = True
+                    self.nodes.answered(db)
+                return result
 
     def end_snapshot(self) -> None:
         """End the call's read snapshot, if one began, keeping the connection: the next
@@ -381,6 +484,7 @@ class Store:
             self._discard_connection()
         else:
             self.db.close()
+        call.db = None
 
     def _discard_connection(self) -> None:
         """Close this thread's connection for good, and a pool's idle connections."""
