@@ -40,6 +40,7 @@ import psycopg2
 import pymysql
 import pytest
 from bksops.tasknode.v1 import task_node_pb2_grpc as pb_grpc
+from peewee import QueryEvent
 
 from server.app import create_server
 from server.cli import DEMO_APP
@@ -47,23 +48,27 @@ from server.cli import load_demo_if_empty
 from server.config import Config
 from server.db.apps import AppStore
 from server.db.connection import open_database
+from server.db.store import Store
 from tests.conftest import SEED_NODE
 from tests.conftest import authorized
 from tests.conftest import seed_request
 from tests.processes import start_server
+from tests.tcp_proxy import TcpProxy
 
 ROOT = Path(__file__).resolve().parents[1]
-#: A cluster must be up within this, from nothing (the issue's bound).
+#: A cluster must be up within this, from nothing (the issue's bound), in CI.
 START_SECONDS = 60.0
 #: Client threads of the load, each one call at a time, round robin over both servers.
 CLIENTS = 4
 #: The deadline of each call of the load.
 DEADLINE = 2.0
-#: Calls that may fail when a node dies: one per client thread, the call it has in
-#: flight. The server serves a call anew on another node when its node dies under it
-#: (Store.read, NodeLost), so none fails unless that retry meets the dying node too
-#: (a second node set aside by the same death, a connect racing the kill).
-FAILED_BOUND = CLIENTS
+#: Calls that may fail when a node dies. The server serves a call anew on another node
+#: when its node dies under it (Store.read, NodeLost), and moves a connect or a first read
+#: that the dead node refuses to the next node, so none need fail; one is allowed for a
+#: call whose deadline the failover itself used up (a dying node that neither answers
+#: nor refuses at once). Without the retries, each client thread's call in flight at the
+#: kill would fail, and without the failover half of all calls after it.
+FAILED_BOUND = 1
 #: Seconds of load after each kill; its last RECOVERY_WINDOW must be all answered.
 AFTER_KILL = 4.0
 RECOVERY_WINDOW = 1.5
@@ -153,8 +158,10 @@ def started(script: str, missing: str | None) -> Iterator[Cluster]:
         cluster = Cluster(
             path, base / "c", dict(zip(names, map(int, ports), strict=True)), pids, took
         )
-        print(f"\n{script}: {len(pids)} servers up in {took:.1f} s")
-        assert took < START_SECONDS, f"{script} took {took:.0f} s to start"
+        print(f"\n{script}: {len(pids)} servers up in {took:.1f} s (load {os.getloadavg()[0]:.1f})")
+        # Timed where the machine is CI's alone; six developers sharing two cores take longer.
+        if os.environ.get("CI") == "true":
+            assert took < START_SECONDS, f"{script} took {took:.0f} s to start"
         yield cluster
     finally:
         subprocess.run([str(path), "stop", str(base / "c")], capture_output=True, timeout=120)
@@ -247,10 +254,10 @@ def pg_urls(cluster: Cluster, name: str, replicas: list[str]) -> tuple[str, tupl
 
 
 def galera_urls(cluster: Cluster, name: str) -> tuple[str, tuple[str, ...]]:
-    """(the primary URL naming every node, any of which takes writes; every node's URL as a
-    replica) of database name."""
+    """(the primary URL naming every node, any of which takes writes, and whose reads wait
+    for every write committed before them; every node's URL as a replica) of database name."""
     hosts = ",".join(f"127.0.0.1:{port}" for port in cluster.ports.values())
-    return f"mysql://root@{hosts}/{name}", tuple(
+    return f"mysql://root@{hosts}/{name}?wsrep_sync_wait=1", tuple(
         f"mysql://root@127.0.0.1:{port}/{name}" for port in cluster.ports.values()
     )
 
@@ -353,6 +360,48 @@ def test_node_reads_go_to_replicas_and_credential_checks_to_the_primary(
         for standby in paused:
             _pg_sql(cluster.ports[standby], "SELECT pg_wal_replay_resume()")
         server.stop(None)
+
+
+def test_a_call_whose_replica_dies_under_it_is_served_anew_on_another_node(
+    pg_clusters: Clusters,
+) -> None:
+    """The replica's connections are reset (tests/tcp_proxy.py) right after a call read
+    the node's row there: the call's next read fails, and the whole call is served again
+    on the primary, within its deadline, with the same answer."""
+    cluster = pg_clusters.get()
+    name = pg_database(cluster)
+    primary, _ = pg_urls(cluster, name, [])
+    assert load_demo_if_empty(Config(database_url=primary))
+    pg_caught_up(cluster, "p0", ["s1"])
+    with TcpProxy("127.0.0.1", cluster.ports["s1"]) as proxy:
+        replica = f"postgresql://postgres@127.0.0.1:{proxy.port}/{name}"
+        config = Config(
+            database_url=primary,
+            database_replicas=(replica,),
+            grpc_addr="127.0.0.1:0",
+            http_addr="",
+            reply_cache_mb=0,
+        )
+        server = create_server(config)
+        server.start()
+        try:
+            with grpc.insecure_channel(f"127.0.0.1:{server.port}") as channel:
+                stub = pb_grpc.TaskNodeServiceStub(authorized(channel))
+                expected = stub.GetTaskNodeDetail(seed_request(), timeout=10)
+                events: list[QueryEvent] = []
+
+                def cut_after_the_node_row(event: QueryEvent) -> None:
+                    events.append(event)
+                    if len(events) == 2:  # the snapshot's BEGIN, then the node's row
+                        proxy.cut()
+
+                assert isinstance(server.store, Store)
+                server.store.nodes.replicas[0].query_hooks.append(cut_after_the_node_row)
+                assert stub.GetTaskNodeDetail(seed_request(), timeout=5) == expected
+        finally:
+            server.stop(None)
+    failed = [event.sql for event in events if event.exception is not None]
+    assert failed and not failed[0].startswith("ROLLBACK"), [e.sql for e in events]
 
 
 def test_replicas_must_be_of_the_primary_engine(pg_clusters: Clusters, tmp_path: Path) -> None:
@@ -460,9 +509,33 @@ class Load:
         )
 
 
+#: What the servers log when a node fails a call: the call goes on, on another node.
+FAILED_OVER = re.compile(
+    r"a database node failed during the call|a database node refused a connection"
+    r"|a database node failed \(|a pooled connection was dead"
+)
+
+
+@dataclass
+class Servers:
+    """Two server processes: a round_robin target of both, and their log lines that tell
+    of a failover (FAILED_OVER)."""
+
+    target: str = ""
+    failovers: list[str] = field(default_factory=list)
+
+    def drain(self, lines: Iterator[str]) -> None:
+        for line in lines:
+            if FAILED_OVER.search(line):
+                self.failovers.append(line)
+
+    def count(self, pattern: str) -> int:
+        return sum(1 for line in list(self.failovers) if pattern in line)
+
+
 @contextmanager
-def two_servers(primary: str, replicas: tuple[str, ...]) -> Iterator[str]:
-    """Two `python -m server serve` processes on the database; a round_robin target of both."""
+def two_servers(primary: str, replicas: tuple[str, ...]) -> Iterator[Servers]:
+    """Two `python -m server serve` processes on the database."""
     env = {
         "TASKNODE_DATABASE_URL": primary,
         "TASKNODE_DATABASE_REPLICAS": ",".join(replicas),
@@ -473,15 +546,17 @@ def two_servers(primary: str, replicas: tuple[str, ...]) -> Iterator[str]:
         "TASKNODE_LOG_LEVEL": "INFO",  # the line saying where it serves; read, then drained
     }
     processes, ports, readers = [], [], []
+    servers = Servers()
     try:
         for _ in range(2):
             process, found = start_server(["serve"], env, SERVING)
             processes.append(process)
             ports.append(int(found.group(1)))
             assert process.stdout is not None
-            readers.append(threading.Thread(target=process.stdout.read, daemon=True))
+            readers.append(threading.Thread(target=servers.drain, args=(process.stdout,)))
             readers[-1].start()
-        yield "ipv4:" + ",".join(f"127.0.0.1:{port}" for port in ports)
+        servers.target = "ipv4:" + ",".join(f"127.0.0.1:{port}" for port in ports)
+        yield servers
     finally:
         for process in processes:
             process.terminate()
@@ -511,7 +586,7 @@ def expected_reply(target: str) -> bytes:
 
 def answers_with(target: str, credentials: dict[str, str], within: float) -> float:
     """Seconds until both servers answer a call made with credentials (new to them: read
-    from the primary); fails after within."""
+    from the primary, and its secret hashed once in each); fails after within."""
     options = [("grpc.lb_policy_name", "round_robin")]
     began = time.monotonic()
     with grpc.insecure_channel(target, options=options) as channel:
@@ -526,6 +601,15 @@ def answers_with(target: str, credentials: dict[str, str], within: float) -> flo
                 assert time.monotonic() - began < within, f"still {exc.code().name}"
                 time.sleep(0.1)
     return time.monotonic() - began
+
+
+def report(servers: Servers) -> None:
+    print(
+        f"the servers served {servers.count('during the call')} calls anew after their node"
+        f" died under them, retried {servers.count('pooled connection was dead')} first reads"
+        f" on a new connection, and moved {servers.count('refused a connection')} connects and"
+        f" {servers.count('node failed (')} first reads to another node"
+    )
 
 
 def check(figures: Figures, what: str) -> None:
@@ -543,7 +627,8 @@ def test_postgresql_standby_then_primary_die_under_load(pg_clusters: Clusters) -
     primary, replicas = pg_urls(cluster, name, ["s1", "s2"])
     assert load_demo_if_empty(Config(database_url=primary))
     pg_caught_up(cluster, "p0", ["s1", "s2"])
-    with two_servers(primary, replicas) as target:
+    with two_servers(primary, replicas) as servers:
+        target = servers.target
         load = Load(target, expected_reply(target))
         with load.running():
             time.sleep(1.0)
@@ -558,6 +643,7 @@ def test_postgresql_standby_then_primary_die_under_load(pg_clusters: Clusters) -
             add_app(primary, "after-promotion")  # on s1, found by the multi-host URL
             found = answers_with(target, new_app("after-promotion"), within=10)
         print(f"\npromotion took {(promoted - killed) * 1000:.0f} ms")
+        report(servers)
         check(standby, "PostgreSQL standby killed")
         check(primary_died, "PostgreSQL primary killed, standby promoted")
         print(f"an app added on the new primary was served by both servers after {found:.2f} s")
@@ -571,7 +657,8 @@ def test_galera_node_dies_under_load(galera_clusters: Clusters) -> None:
     name = galera_database(cluster)
     primary, replicas = galera_urls(cluster, name)
     assert load_demo_if_empty(Config(database_url=primary))
-    with two_servers(primary, replicas) as target:
+    with two_servers(primary, replicas) as servers:
+        target = servers.target
         load = Load(target, expected_reply(target))
         with load.running():
             time.sleep(1.0)
@@ -581,5 +668,6 @@ def test_galera_node_dies_under_load(galera_clusters: Clusters) -> None:
             add_app(primary, "after-kill")
             found = answers_with(target, new_app("after-kill"), within=10)
         print()
+        report(servers)
         check(figures, "Galera node killed (1 of 3)")
         print(f"an app added after the kill was served by both servers after {found:.2f} s")

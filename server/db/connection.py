@@ -276,6 +276,7 @@ def _server(scheme: str, parts: SplitResult, timeout: float | None) -> Database:
             kwargs["options"] = f"{given} {ours}".strip()
         return PooledPostgresqlDatabase(name, field_types={"JSONTEXT": "TEXT"}, **kwargs)
     statement = kwargs.pop("max_statement_time", timeout)
+    sync_wait = kwargs.pop("wsrep_sync_wait", None)
     if timeout is not None:
         kwargs.setdefault("read_timeout", timeout)
         kwargs.setdefault("write_timeout", timeout)
@@ -291,6 +292,7 @@ def _server(scheme: str, parts: SplitResult, timeout: float | None) -> Database:
         field_types={"JSONTEXT": "LONGTEXT"},
         statement_timeout=float(str(statement)) if statement else None,
         addresses=tuple((host, port or 3306) for host, port in addresses) if several else (),
+        wsrep_sync_wait=int(str(sync_wait)) if sync_wait is not None else None,
         **kwargs,
     )
 

@@ -288,11 +288,15 @@ class PooledMySQLDatabase(BoundedPool, pool.PooledMySQLDatabase):
         *args: Any,
         statement_timeout: float | None = None,
         addresses: tuple[tuple[str, int], ...] = (),
+        wsrep_sync_wait: int | None = None,
         **kwargs: Any,
     ) -> None:
         super().__init__(*args, **kwargs)
         #: Seconds the server may spend on a statement (MariaDB's max_statement_time).
         self.statement_timeout = statement_timeout
+        #: Galera's causality checks for each session (1: a read first waits until the node
+        #: has applied every write the cluster committed before it); None: the server's.
+        self.wsrep_sync_wait = wsrep_sync_wait
         #: Where new connections go, in the order to try them (empty: host and port).
         self.addresses = addresses
 
@@ -340,6 +344,9 @@ class PooledMySQLDatabase(BoundedPool, pool.PooledMySQLDatabase):
             ):
                 if hasattr(socket, option):
                     sock.setsockopt(socket.IPPROTO_TCP, getattr(socket, option), value)
+        if self.wsrep_sync_wait is not None:
+            with conn.cursor() as cursor:
+                cursor.execute("SET SESSION wsrep_sync_wait = %s", (self.wsrep_sync_wait,))
         if self.statement_timeout:
             with conn.cursor() as cursor:
                 if "MariaDB" in conn.get_server_info():
