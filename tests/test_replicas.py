@@ -39,6 +39,7 @@ import grpc
 import psycopg2
 import pymysql
 import pytest
+from bksops.tasknode.v1 import task_node_pb2 as pb
 from bksops.tasknode.v1 import task_node_pb2_grpc as pb_grpc
 from peewee import QueryEvent
 
@@ -47,11 +48,16 @@ from server.cli import DEMO_APP
 from server.cli import load_demo_if_empty
 from server.config import Config
 from server.db.apps import AppStore
+from server.db.connection import ensure_schema
 from server.db.connection import open_database
+from server.db.loader import FORMAT
+from server.db.loader import load_document
 from server.db.store import Store
+from tests.conftest import ALL_APP
 from tests.conftest import SEED_NODE
 from tests.conftest import authorized
 from tests.conftest import seed_request
+from tests.engine.harness import run_pipelines
 from tests.processes import start_server
 from tests.tcp_proxy import TcpProxy
 
@@ -356,6 +362,65 @@ def test_node_reads_go_to_replicas_and_credential_checks_to_the_primary(
             for _ in range(4):
                 after = stub.GetTaskNodeDetail(seed_request(), timeout=10)
                 assert after.name == "renamed" != before.name
+    finally:
+        for standby in paused:
+            _pg_sql(cluster.ports[standby], "SELECT pg_wal_replay_resume()")
+        server.stop(None)
+
+
+def test_bksops_node_reads_go_to_replicas(pg_clusters: Clusters, tmp_path: Path) -> None:
+    """The bk-sops store too: with the standbys' replay paused, a node state the real
+    engine wrote and the primary then changed is served as the standbys have it."""
+    cluster = pg_clusters.get()
+    name = pg_database(cluster)
+    engine_url = f"postgresql://postgres@127.0.0.1:{cluster.ports['p0']}/{name}"
+    manifest = run_pipelines(engine_url, tmp_path)
+    _, replicas = pg_urls(cluster, name, ["s1", "s2"])
+    pg_caught_up(cluster, "p0", ["s1", "s2"])
+    own = f"sqlite:///{tmp_path / 'own.db'}"
+    db = open_database(own)
+    with db.connection_context():
+        ensure_schema(db)
+        document = {"format": FORMAT, "projects": [], "tasks": []}
+        load_document(db, {**document, "components": manifest["components"]})
+        apps = AppStore(db)
+        apps.add(ALL_APP["bk_app_code"], ALL_APP["bk_app_secret"], (), True, True)
+    config = Config(
+        database_url=own,
+        bksops_database_url=engine_url,
+        bksops_database_replicas=replicas,
+        grpc_addr="127.0.0.1:0",
+        http_addr="",
+    )
+    entry = manifest["pipelines"]["services"]
+    node_id = entry["nodes"]["ok"]["id"]
+    request = pb.GetTaskNodeDetailRequest(
+        bk_biz_id=str(entry["business_id"]), task_id=str(entry["task_id"]), node_id=node_id
+    )
+    server = create_server(config)
+    server.start()
+    paused: list[str] = []
+    try:
+        with grpc.insecure_channel(f"127.0.0.1:{server.port}") as channel:
+            stub = pb_grpc.TaskNodeServiceStub(authorized(channel, ALL_APP))
+            before = stub.GetTaskNodeDetail(request, timeout=10)
+            for standby in ("s1", "s2"):
+                _pg_sql(cluster.ports[standby], "SELECT pg_wal_replay_pause()")
+                paused.append(standby)
+            _pg_sql(
+                cluster.ports["p0"],
+                f"UPDATE eri_state SET name = 'FAILED' WHERE node_id = '{node_id}'",
+                name,
+            )
+            for _ in range(4):  # both standbys, in turn
+                assert stub.GetTaskNodeDetail(request, timeout=10) == before
+            for standby in paused:
+                _pg_sql(cluster.ports[standby], "SELECT pg_wal_replay_resume()")
+            paused.clear()
+            pg_caught_up(cluster, "p0", ["s1", "s2"])
+            for _ in range(4):
+                after = stub.GetTaskNodeDetail(request, timeout=10)
+                assert after.state == pb.NODE_STATE_FAILED != before.state
     finally:
         for standby in paused:
             _pg_sql(cluster.ports[standby], "SELECT pg_wal_replay_resume()")
