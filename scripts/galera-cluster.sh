@@ -19,17 +19,9 @@ command=$1
 dir=$(realpath -m "$2")
 provider=${GALERA_PROVIDER:-/usr/lib/galera/libgalera_smm.so}
 
-as_mysql() {  # run a command as mysql when we are root, as ourselves otherwise
-  if [ "$(id -u)" = 0 ]; then
-    setpriv --reuid=mysql --regid=mysql --init-groups -- "$@"
-  else
-    "$@"
-  fi
-}
-
-free_port() {
-  python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'
-}
+# shellcheck source=scripts/cluster-lib.sh
+. "$(dirname "$0")/cluster-lib.sh"
+as_mysql() { as_user mysql "$@"; }
 
 node_pid() {  # node_pid NAME: the server's PID, or nothing
   local file=$dir/$1.pid

@@ -28,17 +28,9 @@ fi
 [ -n "$bindir" ] && [ -x "$bindir/initdb" ] \
   || { echo "error: PostgreSQL server binaries (initdb) not found" >&2; exit 3; }
 
-as_postgres() {  # run a command as postgres when we are root, as ourselves otherwise
-  if [ "$(id -u)" = 0 ]; then
-    setpriv --reuid=postgres --regid=postgres --init-groups -- "$@"
-  else
-    "$@"
-  fi
-}
-
-free_port() {
-  python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'
-}
+# shellcheck source=scripts/cluster-lib.sh
+. "$(dirname "$0")/cluster-lib.sh"
+as_postgres() { as_user postgres "$@"; }
 
 server_pid() {  # server_pid NAME: the postmaster's PID, or nothing
   local file=$dir/$1/postmaster.pid

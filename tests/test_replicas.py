@@ -554,6 +554,18 @@ class Load:
                 with self._lock:
                     self.records.append((began, time.monotonic(), outcome))
 
+    def killing(
+        self, cluster: Cluster, name: str, then: Callable[[], object] | None = None
+    ) -> Figures:
+        """Kill node name, do then (a promotion), and let the load run AFTER_KILL more
+        seconds: what it saw from the kill on."""
+        killed = cluster.kill(name)
+        if then is not None:
+            then()
+            print(f"\n{name} killed; what followed took {time.monotonic() - killed:.2f} s")
+        time.sleep(AFTER_KILL)
+        return self.figures(killed, time.monotonic())
+
     def figures(self, since: float, until: float) -> Figures:
         with self._lock:
             seen = [r for r in self.records if since <= r[1] <= until]
@@ -636,6 +648,16 @@ def two_servers(primary: str, replicas: tuple[str, ...]) -> Iterator[Servers]:
             process.stdout.close()
 
 
+@contextmanager
+def loaded(primary: str, replicas: tuple[str, ...]) -> Iterator[tuple[Servers, Load]]:
+    """Two servers on the database, under load for a second already."""
+    with two_servers(primary, replicas) as servers:
+        load = Load(servers.target, expected_reply(servers.target))
+        with load.running():
+            time.sleep(1.0)
+            yield servers, load
+
+
 def expected_reply(target: str) -> bytes:
     """The reply to the load's call, the same from both servers, several times."""
     options = [("grpc.lb_policy_name", "round_robin")]
@@ -670,7 +692,7 @@ def answers_with(target: str, credentials: dict[str, str], within: float) -> flo
 
 def report(servers: Servers) -> None:
     print(
-        f"the servers served {servers.count('during the call')} calls anew after their node"
+        f"\nthe servers served {servers.count('during the call')} calls anew after their node"
         f" died under them, retried {servers.count('pooled connection was dead')} first reads"
         f" on a new connection, and moved {servers.count('refused a connection')} connects and"
         f" {servers.count('node failed (')} first reads to another node"
@@ -692,22 +714,11 @@ def test_postgresql_standby_then_primary_die_under_load(pg_clusters: Clusters) -
     primary, replicas = pg_urls(cluster, name, ["s1", "s2"])
     assert load_demo_if_empty(Config(database_url=primary))
     pg_caught_up(cluster, "p0", ["s1", "s2"])
-    with two_servers(primary, replicas) as servers:
-        target = servers.target
-        load = Load(target, expected_reply(target))
-        with load.running():
-            time.sleep(1.0)
-            killed = cluster.kill("s2")
-            time.sleep(AFTER_KILL)
-            standby = load.figures(killed, time.monotonic())
-            killed = cluster.kill("p0")
-            cluster.run("promote", "s1")
-            promoted = time.monotonic()
-            time.sleep(AFTER_KILL)
-            primary_died = load.figures(killed, time.monotonic())
-            add_app(primary, "after-promotion")  # on s1, found by the multi-host URL
-            found = answers_with(target, new_app("after-promotion"), within=10)
-        print(f"\npromotion took {(promoted - killed) * 1000:.0f} ms")
+    with loaded(primary, replicas) as (servers, load):
+        standby = load.killing(cluster, "s2")
+        primary_died = load.killing(cluster, "p0", then=lambda: cluster.run("promote", "s1"))
+        add_app(primary, "after-promotion")  # on s1, found by the multi-host URL
+        found = answers_with(servers.target, new_app("after-promotion"), within=10)
         report(servers)
         check(standby, "PostgreSQL standby killed")
         check(primary_died, "PostgreSQL primary killed, standby promoted")
@@ -722,17 +733,10 @@ def test_galera_node_dies_under_load(galera_clusters: Clusters) -> None:
     name = galera_database(cluster)
     primary, replicas = galera_urls(cluster, name)
     assert load_demo_if_empty(Config(database_url=primary))
-    with two_servers(primary, replicas) as servers:
-        target = servers.target
-        load = Load(target, expected_reply(target))
-        with load.running():
-            time.sleep(1.0)
-            killed = cluster.kill("n1")
-            time.sleep(AFTER_KILL)
-            figures = load.figures(killed, time.monotonic())
-            add_app(primary, "after-kill")
-            found = answers_with(target, new_app("after-kill"), within=10)
-        print()
+    with loaded(primary, replicas) as (servers, load):
+        figures = load.killing(cluster, "n1")
+        add_app(primary, "after-kill")
+        found = answers_with(servers.target, new_app("after-kill"), within=10)
         report(servers)
         check(figures, "Galera node killed (1 of 3)")
         print(f"an app added after the kill was served by both servers after {found:.2f} s")
