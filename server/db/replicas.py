@@ -48,6 +48,8 @@ class Nodes:
         """Every node but skip, in the order a call tries them: first, if given; the
         replicas up, beginning with the next in turn; the primary, if up; then the nodes
         set aside, the one that failed earliest first."""
+        if not self.replicas:  # the usual case, at no cost: the primary or nothing
+            return [] if any(db is self.primary for db in skip) else [self.primary]
         now = time.monotonic()
         with self._lock:
             down = {key: until for key, until in self._down.items() if until > now}
