@@ -50,6 +50,8 @@ from server.config import Config
 from server.db.apps import AppStore
 from server.db.connection import ensure_schema
 from server.db.connection import open_database
+from server.db.connection import open_read_only
+from server.db.connection import open_replicas
 from server.db.loader import FORMAT
 from server.db.loader import load_document
 from server.db.store import Store
@@ -477,6 +479,22 @@ def test_a_call_whose_replica_dies_under_it_is_served_anew_on_another_node(
             server.stop(None)
     failed = [event.sql for event in events if event.exception is not None]
     assert failed and not failed[0].startswith("ROLLBACK"), [e.sql for e in events]
+
+
+def test_replica_urls_are_split_between_urls_not_inside_host_lists() -> None:
+    raw = "postgresql://u@h1:5432,h2:5433/db?x=1, postgresql://u@[::1]:5434/db,mysql://r@h/d"
+    config = Config.from_env({"TASKNODE_DATABASE_REPLICAS": raw})
+    assert config.database_replicas == (
+        "postgresql://u@h1:5432,h2:5433/db?x=1",
+        "postgresql://u@[::1]:5434/db",
+        "mysql://r@h/d",
+    )
+    postgres = config.database_replicas[:2]
+    opened = open_replicas(open_read_only(postgres[0]), postgres, 1.0)
+    params = [db.connect_params for db in opened]
+    assert [(p["host"], p["port"]) for p in params] == [("h1,h2", "5432,5433"), ("::1", 5434)]
+    assert params[0]["target_session_attrs"] == "read-write"  # libpq finds the writer
+    assert "target_session_attrs" not in params[1]
 
 
 def test_replicas_must_be_of_the_primary_engine(pg_clusters: Clusters, tmp_path: Path) -> None:
