@@ -277,6 +277,13 @@ def pg_database(cluster: Cluster) -> str:
 
 
 def galera_database(cluster: Cluster) -> str:
+    """A new database, once every node is a ready member of the primary component (a
+    loaded machine's nodes may still be agreeing on one)."""
+    deadline = time.monotonic() + 60
+    for port in cluster.ports.values():
+        while _my_sql(port, "SHOW STATUS LIKE 'wsrep_ready'")[0][1] != "ON":
+            assert time.monotonic() < deadline, f"node on {port} is not ready"
+            time.sleep(0.2)
     name = f"t_{uuid.uuid4().hex[:12]}"
     _my_sql(
         cluster.ports["n1"], f"CREATE DATABASE {name} CHARACTER SET utf8mb4 COLLATE utf8mb4_bin"
