@@ -496,12 +496,13 @@ class Store:
             self.db.close()
 
     def close(self) -> None:
-        """Close every connection, pooled ones included (at shutdown)."""
-        close_all = getattr(self.db, "close_all", None)
-        if close_all is not None:
-            close_all()
-        elif not self.db.is_closed():
-            self.db.close()
+        """Close every connection of every node, pooled ones included (at shutdown)."""
+        for db in self.nodes.all:
+            close_all = getattr(db, "close_all", None)
+            if close_all is not None:
+                close_all()
+            elif not db.is_closed():
+                db.close()
 
     def find_node(
         self, biz_id: int, by_project_id: bool, task_id: int, node_id: str, heavy: bool = True
