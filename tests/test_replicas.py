@@ -74,8 +74,8 @@ DEADLINE = 2.0
 #: when its node dies under it (Store.read, NodeLost), and moves a connect or a first read
 #: that the dead node refuses to the next node, so none need fail; one is allowed for a
 #: call whose deadline the failover itself used up (a dying node that neither answers
-#: nor refuses at once). Without the retries, each client thread's call in flight at the
-#: kill would fail, and without the failover half of all calls after it.
+#: nor refuses at once). Without the failover, every call that met the dead node after
+#: the kill would fail: a third to a half of them.
 FAILED_BOUND = 1
 #: Seconds of load after each kill; its last RECOVERY_WINDOW must be all answered.
 AFTER_KILL = 4.0
