@@ -36,6 +36,8 @@ from server.db.bksops import BksopsStore
 from server.db.connection import ensure_schema
 from server.db.connection import open_database
 from server.db.connection import open_read_only
+from server.db.connection import open_replicas
+from server.db.connection import reopen
 from server.db.store import Store
 from server.draining import CountingExecutor
 from server.draining import Gate
@@ -180,15 +182,20 @@ def create_server(config: Config, reuse_port: bool = False) -> Server:
     over TLS when config has a certificate (TLSError if its files will not do)."""
     withhold_received_bytes()
     credentials = server_credentials(config)
-    db = open_database(config.database_url, config.store_timeout_seconds)
+    timeout = config.store_timeout_seconds
+    db = open_database(config.database_url, timeout)
     ensure_schema(db)
-    native = Store(db, config.store_timeout_seconds)
+    replicas = open_replicas(db, config.database_replicas, timeout)
+    # With replicas, credentials are read from the primary in sessions of their own
+    # (AppStore), and the store reads the primary, its last resort, on a pool of its own.
+    native = Store(reopen(db, timeout), timeout, replicas) if replicas else Store(db, timeout)
     store: Store = native
     if config.bksops_database_url:
-        engine_db = open_read_only(config.bksops_database_url, config.store_timeout_seconds)
-        store = BksopsStore(engine_db, native, config.store_timeout_seconds)
+        engine_db = open_read_only(config.bksops_database_url, timeout)
+        engine_replicas = open_replicas(engine_db, config.bksops_database_replicas, timeout)
+        store = BksopsStore(engine_db, native, timeout, engine_replicas)
     access = AccessLog()
-    apps = AppStore(db, native)
+    apps = AppStore(db, Store(db, timeout), native) if replicas else AppStore(db, native)
     authenticator = Authenticator(
         apps,
         StoredTokenVerifier(apps),

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from dataclasses import field
@@ -10,18 +11,31 @@ from dataclasses import fields
 
 DEFAULT_DATABASE_URL = "sqlite:///var/tasknode.db"
 
+#: A list of database URLs, read from a variable as URLs separated by commas (a comma
+#: inside a URL's host list, postgresql://h1:5432,h2:5432/db, separates nothing).
+URLs = tuple[str, ...]
+_NEXT_URL = re.compile(r",\s*(?=[A-Za-z][A-Za-z0-9+.-]*://)")
+
 
 @dataclass(frozen=True)
 class Config:
     """Every setting of the service. Tests build it directly; main() uses from_env()."""
 
     #: Where the records live: sqlite:///relative/path, sqlite:////absolute/path,
-    #: postgresql://user@host:port/db or mysql://user@host:port/db.
+    #: postgresql://user@host:port/db or mysql://user@host:port/db. A server URL may
+    #: name several hosts (user@h1:p1,h2:p2/db): PostgreSQL connects to the one that
+    #: takes writes (target_session_attrs=read-write), MySQL/Galera to the first that
+    #: answers. Apps, tokens and migrations always use this database.
     database_url: str = DEFAULT_DATABASE_URL
+    #: Read replicas of database_url (URLs of its engine): node reads go to them in
+    #: turn, and to the primary only when none answers. Empty: reads go to the primary.
+    database_replicas: URLs = ()
     #: A bk-sops deployment's database (same URL forms), read only: set, tasks, nodes and
     #: their runtime come from its engine tables, and database_url keeps only apps,
     #: grants, tokens and component schemas. Empty: every record is in database_url.
     bksops_database_url: str = ""
+    #: Read replicas of bksops_database_url, as database_replicas are of database_url.
+    bksops_database_replicas: URLs = ()
     #: host:port of the gRPC server; port 0 picks a free one.
     grpc_addr: str = "127.0.0.1:50051"
     #: Processes serving gRPC on the one address (SO_REUSEPORT); 0: one per core.
@@ -160,6 +174,8 @@ def _parse(name: str, raw: str, type_name: object) -> object:
             return raw.lower() in ("1", "true", "yes")
         if type_name == "tuple[str, ...]":
             return tuple(word.strip() for word in raw.split(",") if word.strip())
+        if type_name == "URLs":
+            return tuple(url.strip() for url in _NEXT_URL.split(raw) if url.strip())
     except ValueError:
         raise SystemExit(f"TASKNODE_{name.upper()}: {raw!r} is not a valid {type_name}") from None
     return raw

@@ -34,6 +34,7 @@ from server.access import AccessLog
 from server.auth import Authenticator
 from server.auth import current_principal
 from server.db.nodestore import NodeStore
+from server.db.store import NodeLost
 
 errlog = logging.getLogger(__name__)
 
@@ -42,6 +43,9 @@ SERVICE_PREFIX = "/bksops.tasknode."
 #: The errors that refuse a call before it is served, counted by reason in
 #: tasknode_refused_calls_total: authentication failures and throttled credential checks.
 REFUSALS = (errors.Unauthenticated, errors.CredentialChecksThrottled)
+#: Times a call is served anew after the database node it read from failed (NodeLost):
+#: one while one node dies at a time, and one more for a node the retry itself finds dead.
+NODE_LOST_RETRIES = 2
 
 
 def to_status(exc: errors.ServiceError) -> grpc.Status:
@@ -266,8 +270,17 @@ class ServiceInterceptor(_ServiceCallInterceptor):
         try:
             if parse is not None and isinstance(request, bytes):
                 request = _parsed(request, parse)
-            with self.store.session(remaining):
-                return inner(request, context)
+            for served in range(NODE_LOST_RETRIES + 1):
+                try:
+                    with self.store.session(remaining):
+                        return inner(request, context)
+                except NodeLost as lost:
+                    # The call only read, from a node now set aside: serve it anew on
+                    # another, while its deadline allows.
+                    remaining = context.time_remaining()
+                    if served == NODE_LOST_RETRIES or (remaining is not None and remaining <= 0):
+                        raise lost.error from lost
+            raise AssertionError("unreachable: the last try returns or raises")
         except errors.ServiceError:
             raise
         except Exception as exc:

@@ -20,6 +20,7 @@ from concurrent import futures
 from contextlib import AbstractContextManager
 from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import Any
 from urllib.parse import urlsplit
 
 import grpc
@@ -205,7 +206,7 @@ class Sessions:
         session = store.session
 
         @contextmanager
-        def counted(*args: float | None) -> Iterator[None]:
+        def counted(*args: Any) -> Iterator[None]:
             started = time.monotonic()
             with self.lock:
                 self.inside += 1

@@ -58,17 +58,29 @@ def _now() -> int:
 class AppStore:
     """Reads and writes app credentials in one database."""
 
-    def __init__(self, db: Database, store: Store | None = None) -> None:
+    def __init__(
+        self, db: Database, store: Store | None = None, serving: Store | None = None
+    ) -> None:
         """With a store, reads run on the serving call's connection (Store.read), which
-        is proven alive by the first of them."""
+        is proven alive by the first of them.
+
+        With serving too (a serving store that reads replicas), store is a store of its
+        own on db, the primary: each read opens a session of its own there, within the
+        time serving's call has left. A credential is then read as the primary has it,
+        so a revocation applies within Config.auth_cache_seconds whatever a replica lags.
+        """
         self.db = db
         self.store = store
+        self.serving = serving
 
     def _reading(self, work: Callable[[], T]) -> T:
-        if self.store is not None:
+        if self.store is None:
+            with unavailable_on_db_error():
+                return work()
+        if self.serving is None:
             return self.store.read(work, name="credentials")
-        with unavailable_on_db_error():
-            return work()
+        with self.store.session(self.serving.time_left()):
+            return self.store.read(work, name="credentials")
 
     def app(self, code: str) -> AppRecord | None:
         """The app with its grants, or None if there is no such app (two queries)."""

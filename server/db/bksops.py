@@ -22,6 +22,7 @@ from collections import OrderedDict
 from collections.abc import Hashable
 from collections.abc import Iterator
 from collections.abc import Mapping
+from collections.abc import Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from dataclasses import field
@@ -90,18 +91,22 @@ class BksopsStore(Store):
     """Reads tasks and nodes from a bk-sops database, schemas and credentials from native."""
 
     def __init__(
-        self, db: Database, native: Store, timeout: float = Config.store_timeout_seconds
+        self,
+        db: Database,
+        native: Store,
+        timeout: float = Config.store_timeout_seconds,
+        replicas: Sequence[Database] = (),
     ) -> None:
         self.native = native
         self._trees: OrderedDict[int, _Tree] = OrderedDict()
         self._trees_lock = threading.Lock()
         self._current = _Current()
-        super().__init__(db, timeout)
+        super().__init__(db, timeout, replicas)
 
     @contextmanager
-    def session(self, deadline: float | None = None) -> Iterator[None]:
+    def session(self, deadline: float | None = None, primary: bool = False) -> Iterator[None]:
         """The call's connections to both databases (see Store.session)."""
-        with self.native.session(deadline), super().session(deadline):
+        with self.native.session(deadline, primary), super().session(deadline, primary):
             yield
 
     def end_snapshot(self) -> None:

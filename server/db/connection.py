@@ -16,6 +16,7 @@ from urllib.parse import urlsplit
 
 from peewee import Database
 from peewee import MySQLDatabase
+from peewee import PostgresqlDatabase
 from playhouse.pool import PooledSqliteDatabase
 
 from server.db.migrations import migrate
@@ -82,13 +83,43 @@ def open_read_only(url: str, timeout: float | None = None) -> Database:
     return _open(url, timeout, read_only=True)
 
 
+def open_replicas(
+    primary: Database, urls: tuple[str, ...], timeout: float | None
+) -> list[Database]:
+    """The read replicas urls name (server.db.replicas), each a pool of its own.
+
+    Every replica must be of the primary's engine (the store's SQL is built once, in its
+    dialect) and a database server: a SQLite file has no replicas.
+    """
+    if not urls:
+        return []
+    if not isinstance(primary, (PostgresqlDatabase, MySQLDatabase)):
+        raise DatabaseURLError("read replicas need a PostgreSQL or MySQL/MariaDB primary")
+    engine = PostgresqlDatabase if isinstance(primary, PostgresqlDatabase) else MySQLDatabase
+    opened = [_open(url, timeout, read_only=False) for url in urls]
+    for url, db in zip(urls, opened, strict=True):
+        if not isinstance(db, engine):
+            raise DatabaseURLError(f"replica URL {url!r}: not the primary's database engine")
+    return opened
+
+
+def reopen(db: Database, timeout: float | None) -> Database:
+    """Another pool on the database server db was opened on, not bound to the models."""
+    url = getattr(db, "url", None)
+    if not url:
+        raise DatabaseURLError("only a database opened from a server URL can be opened again")
+    return _open(str(url), timeout, read_only=False)
+
+
 def _open(url: str, timeout: float | None, read_only: bool) -> Database:
     parts = urlsplit(url)
     scheme = parts.scheme.lower()
     if scheme == "sqlite":
         return _sqlite(url, parts.path, read_only)
     if scheme in ("postgres", "postgresql", "mysql", "mariadb"):
-        return _server(scheme, parts, timeout)
+        db = _server(scheme, parts, timeout)
+        db.url = url  # type: ignore[attr-defined]  # for reopen
+        return db
     raise DatabaseURLError(
         f"database URL {url!r}: scheme must be sqlite, postgresql or mysql, not {scheme!r}"
     )
@@ -183,21 +214,50 @@ class ReadOnlySqlitePool(SqliteFilePool):
         return conn
 
 
+def _addresses(parts: SplitResult) -> tuple[str, str, list[tuple[str, int | None]]]:
+    """(user, password, [(host, port or None)...]) of a URL's netloc, which may name
+    several hosts: postgresql://user@host1:5432,host2:5433/db."""
+    userinfo, _, hosts = parts.netloc.rpartition("@")
+    user, _, password = userinfo.partition(":")
+    found: list[tuple[str, int | None]] = []
+    for item in hosts.split(",") if hosts else ["127.0.0.1"]:
+        if item.startswith("["):  # [IPv6]:port
+            host, _, rest = item[1:].partition("]")
+            port = rest[1:]
+        else:
+            host, _, port = item.partition(":")
+        try:
+            found.append((host or "127.0.0.1", int(port) if port else None))
+        except ValueError:
+            raise DatabaseURLError(
+                f"database URL host {item!r}: the port is not a number"
+            ) from None
+    return unquote(user), unquote(password), found
+
+
 def _server(scheme: str, parts: SplitResult, timeout: float | None) -> Database:
     options: dict[str, object] = dict(parse_qsl(parts.query))
+    user, password, addresses = _addresses(parts)
     kwargs: dict[str, object] = {
-        "host": parts.hostname or "127.0.0.1",
+        "host": addresses[0][0],
         "max_connections": int(str(options.pop("max_connections", 16))),
         "stale_timeout": 300,  # s an idle pooled connection may live
         "timeout": 10,  # s to wait for a free pooled connection
         "autoconnect": False,
     }
-    if parts.port:
-        kwargs["port"] = parts.port
-    if parts.username:
-        kwargs["user"] = unquote(parts.username)
-    if parts.password:
-        kwargs["password"] = unquote(parts.password)
+    if addresses[0][1]:
+        kwargs["port"] = addresses[0][1]
+    if user:
+        kwargs["user"] = user
+    if password:
+        kwargs["password"] = password
+    several = len(addresses) > 1
+    if several and scheme in ("postgres", "postgresql"):
+        # libpq tries the hosts in turn; only the one that takes writes will do, so a
+        # promoted standby is found by the next connection without a restart.
+        kwargs["host"] = ",".join(host for host, _ in addresses)
+        kwargs["port"] = ",".join(str(port or 5432) for _, port in addresses)
+        kwargs["target_session_attrs"] = "read-write"
     kwargs.update(options)
     name = unquote(parts.path.lstrip("/"))
     # s to wait for the server to accept a new connection: an unreachable database is
@@ -216,6 +276,7 @@ def _server(scheme: str, parts: SplitResult, timeout: float | None) -> Database:
             kwargs["options"] = f"{given} {ours}".strip()
         return PooledPostgresqlDatabase(name, field_types={"JSONTEXT": "TEXT"}, **kwargs)
     statement = kwargs.pop("max_statement_time", timeout)
+    sync_wait = kwargs.pop("wsrep_sync_wait", None)
     if timeout is not None:
         kwargs.setdefault("read_timeout", timeout)
         kwargs.setdefault("write_timeout", timeout)
@@ -230,6 +291,8 @@ def _server(scheme: str, parts: SplitResult, timeout: float | None) -> Database:
         name,
         field_types={"JSONTEXT": "LONGTEXT"},
         statement_timeout=float(str(statement)) if statement else None,
+        addresses=tuple((host, port or 3306) for host, port in addresses) if several else (),
+        wsrep_sync_wait=int(str(sync_wait)) if sync_wait is not None else None,
         **kwargs,
     )
 

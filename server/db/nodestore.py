@@ -24,7 +24,9 @@ from server.filters import Term
 class NodeStore(Protocol):
     """Reads node records for one call at a time (see server.db.store.Store)."""
 
-    def session(self, deadline: float | None = None) -> AbstractContextManager[None]:
+    def session(
+        self, deadline: float | None = None, primary: bool = False
+    ) -> AbstractContextManager[None]:
         """The connection(s) of one call, bounded by deadline and the store's timeout."""
         ...
 

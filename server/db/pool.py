@@ -64,6 +64,11 @@ class OutOfTime(MaxConnectionsExceeded):
     """No connection could be had by the time the caller gave."""
 
 
+class NoAnswer(OutOfTime):
+    """The database did not accept a new connection by the time the caller gave (rather
+    than every pooled connection staying in use): the server, not the pool, is at fault."""
+
+
 class BoundedPool(pool.PooledDatabase):
     """A pool whose checkouts end by a given time and whose connects hold no lock."""
 
@@ -201,7 +206,7 @@ class _Connect:
                 if self.abandoned:
                     self.db._left()
             if self.abandoned:
-                raise OutOfTime("the database did not accept a connection in time")
+                raise NoAnswer("the database did not accept a connection in time")
         if self.error is not None:
             raise self.error
         return self.conn
@@ -269,22 +274,59 @@ class PooledPostgresqlDatabase(BoundedPool, pool.PooledPostgresqlDatabase):
 
 class PooledMySQLDatabase(BoundedPool, pool.PooledMySQLDatabase):
     """A MySQL pool that neither pings at checkout nor rolls back a clean connection,
-    and whose new connections give up on a silent server after connect_timeout."""
+    and whose new connections give up on a silent server after connect_timeout.
+
+    Given several (host, port) addresses (a Galera cluster, whose every node takes
+    writes), a new connection goes to the first that accepts one, starting with the
+    last that did: pymysql has no failover of its own, unlike libpq's host lists.
+    """
 
     connect_params: dict[str, Any]
 
-    def __init__(self, *args: Any, statement_timeout: float | None = None, **kwargs: Any) -> None:
+    def __init__(
+        self,
+        *args: Any,
+        statement_timeout: float | None = None,
+        addresses: tuple[tuple[str, int], ...] = (),
+        wsrep_sync_wait: int | None = None,
+        **kwargs: Any,
+    ) -> None:
         super().__init__(*args, **kwargs)
         #: Seconds the server may spend on a statement (MariaDB's max_statement_time).
         self.statement_timeout = statement_timeout
+        #: Galera's causality checks for each session (1: a read first waits until the node
+        #: has applied every write the cluster committed before it); None: the server's.
+        self.wsrep_sync_wait = wsrep_sync_wait
+        #: Where new connections go, in the order to try them (empty: host and port).
+        self.addresses = addresses
 
     def _open(self) -> Any:
+        """A new connection to the first of the addresses that accepts one."""
+        addresses = self.addresses
+        if len(addresses) < 2:
+            return self._open_at(None)
+        failure: BaseException | None = None
+        for host, port in addresses:
+            try:
+                conn = self._open_at((host, port))
+            except (MySQLError, OSError) as exc:
+                failure = exc
+                continue
+            if addresses[0] != (host, port):  # the next connect tries this one first
+                self.addresses = ((host, port), *(a for a in addresses if a != (host, port)))
+            return conn
+        assert failure is not None
+        raise failure
+
+    def _open_at(self, address: tuple[str, int] | None) -> Any:
         # pymysql bounds only the TCP connect by connect_timeout, and reads the server's
         # greeting under read_timeout (none by default): a server that accepts and never
         # answers would hold the connecting thread for good. Bound the handshake too,
         # then give the connection the configured read timeout (pymysql applies it per
         # read). pymysql turns SO_KEEPALIVE on; its timings are the kernel's (hours).
         params = self.connect_params
+        if address is not None:
+            params = {**params, "host": address[0], "port": address[1]}
         read_timeout = params.get("read_timeout")
         conn = pymysql.connect(
             database=self.database,
@@ -302,6 +344,9 @@ class PooledMySQLDatabase(BoundedPool, pool.PooledMySQLDatabase):
             ):
                 if hasattr(socket, option):
                     sock.setsockopt(socket.IPPROTO_TCP, getattr(socket, option), value)
+        if self.wsrep_sync_wait is not None:
+            with conn.cursor() as cursor:
+                cursor.execute("SET SESSION wsrep_sync_wait = %s", (self.wsrep_sync_wait,))
         if self.statement_timeout:
             with conn.cursor() as cursor:
                 if "MariaDB" in conn.get_server_info():

@@ -34,7 +34,7 @@ class Prepared:
     """The SQL of one query shape, with the positions of its named values."""
 
     def __init__(self, db: Database, build: Callable[..., Any], **slots: str | int) -> None:
-        self.db = db
+        """db: a database of the dialect the SQL is built for."""
         sql, params = build(**slots).sql()
         self.sql: str = sql
         self.params: list[Any] = list(params)
@@ -45,9 +45,10 @@ class Prepared:
                 raise ValueError(f"slot {name} appears {len(found)} times in {self.sql}")
             self.positions.append((name, found[0]))
 
-    def rows(self, **values: object) -> list[tuple[Any, ...]]:
-        """Run with these values in the slots; every row, as tuples."""
+    def rows(self, db: Database, **values: object) -> list[tuple[Any, ...]]:
+        """Run on db (of the dialect it was built for) with these values in the slots;
+        every row, as tuples."""
         params = self.params.copy()
         for name, position in self.positions:
             params[position] = values[name]
-        return list(self.db.execute_sql(self.sql, params).fetchall())
+        return list(db.execute_sql(self.sql, params).fetchall())

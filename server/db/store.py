@@ -11,6 +11,12 @@ silent (a partition, a failover) is freed by the watchdog, which shuts that
 connection's socket; the call then fails DEADLINE_EXCEEDED (its deadline passed) or
 STORE_UNAVAILABLE (the store's timeout did), and its connection is thrown away
 with the pool's idle ones, which the same outage most likely stranded.
+
+A store given read replicas (server.db.replicas) reads each call from one node, a
+replica in turn or the primary last: a node that refuses the call's connect or
+fails its first statement is left for the next within the call's time; one that
+fails after the call read from it ends the call with NodeLost, which the service
+interceptor serves anew on another node while the deadline allows.
 """
 
 from __future__ import annotations
@@ -23,6 +29,7 @@ from collections.abc import Callable
 from collections.abc import Hashable
 from collections.abc import Iterator
 from collections.abc import Mapping
+from collections.abc import Sequence
 from contextlib import contextmanager
 from functools import partial
 from typing import Any
@@ -50,9 +57,11 @@ from server.db.models import Node
 from server.db.models import Project
 from server.db.models import Task
 from server.db.pool import BoundedPool
+from server.db.pool import NoAnswer
 from server.db.pool import OutOfTime
 from server.db.prepared import Prepared
 from server.db.prepared import Slot
+from server.db.replicas import Nodes
 from server.filters import Term
 
 log = logging.getLogger(__name__)
@@ -199,11 +208,29 @@ class _Call:
     """Where one thread's call stands with the store (Store.session); the watchdog
     reads it from its own thread."""
 
-    __slots__ = ("by_deadline", "conn", "expiry", "interrupt", "killed", "proven", "snapshot")
+    __slots__ = (
+        "by_deadline",
+        "conn",
+        "db",
+        "expiry",
+        "failed",
+        "interrupt",
+        "killed",
+        "proven",
+        "retried",
+        "snapshot",
+    )
 
-    def __init__(self, interrupt: Callable[[Any], None]) -> None:
+    def __init__(self) -> None:
         #: Shuts conn down from another thread (BoundedPool.interrupt).
-        self.interrupt = interrupt
+        self.interrupt: Callable[[Any], None] = _cannot_interrupt
+        #: The node the call's connection is on; None while it holds none.
+        self.db: Database | None = None
+        #: Nodes that failed the call, not to be tried again by it.
+        self.failed: list[Database] = []
+        #: The node on which the call already retried its first statement on a new
+        #: connection (see Store.read).
+        self.retried: Database | None = None
         #: The connection the watchdog may shut; None while the call holds none.
         self.conn: Any = None
         #: time.monotonic() by which the call is done with the store, and whether that
@@ -221,8 +248,8 @@ class _Call:
 class _ThisCall(threading.local):
     """Each thread's own _Call."""
 
-    def __init__(self, interrupt: Callable[[Any], None]) -> None:
-        self.call = _Call(interrupt)
+    def __init__(self) -> None:
+        self.call = _Call()
 
 
 class _Watchdog:
@@ -276,32 +303,65 @@ class _Watchdog:
 _watchdog = _Watchdog()
 
 
-class Store:
-    """Reads node records from one database; a call waits at most timeout seconds on it."""
+class NodeLost(Exception):
+    """A database node failed after the call had read from it, while other nodes remain:
+    the whole call may be served again on one of them (server.interceptors). Not a
+    ServiceError: a caller who sees it gets error, STORE_UNAVAILABLE."""
 
-    def __init__(self, db: Database, timeout: float = Config.store_timeout_seconds) -> None:
-        self.db = db
+    def __init__(self, error: errors.StoreUnavailable) -> None:
+        super().__init__(error.message)
+        self.error = error
+
+
+class Store:
+    """Reads node records from one database, or its read replicas; a call waits at most
+    timeout seconds on them."""
+
+    def __init__(
+        self,
+        db: Database,
+        timeout: float = Config.store_timeout_seconds,
+        replicas: Sequence[Database] = (),
+    ) -> None:
+        """db: the primary (read only when no replica answers); replicas: databases of
+        db's engine holding copies of it (server.db.connection.open_replicas)."""
+        self.nodes = Nodes(db, replicas)
         self.timeout = timeout
         #: The database's kind, as the spans of its queries name it.
         self.system = _system(db)
-        self._this = _ThisCall(getattr(db, "interrupt", _cannot_interrupt))
+        self._this = _ThisCall()
         self._prepare()
         _watchdog.start()
 
+    @property
+    def db(self) -> Database:
+        """The database of this thread's call, or the primary outside a call."""
+        db = self._this.call.db
+        return self.nodes.primary if db is None else db
+
+    def time_left(self) -> float | None:
+        """Seconds left to this thread's call on the store; None outside a call."""
+        call = self._this.call
+        return None if call.db is None else call.expiry - time.monotonic()
+
     @contextmanager
-    def session(self, deadline: float | None = None) -> Iterator[None]:
+    def session(self, deadline: float | None = None, primary: bool = False) -> Iterator[None]:
         """One connection for a call, given back afterwards; see _read for its snapshot.
 
         deadline: the seconds the call has left, if it has a deadline. The call waits
         on the store until then or for the store's timeout, whichever is sooner.
+        primary: read the primary first, replicas only if it fails. The watch streams'
+        polls do (server.watch.hub): two polls on two replicas could see a task go
+        back in time and send the older state as a change.
         """
         call = self._this.call
         budget = self.timeout if deadline is None else min(deadline, self.timeout)
         call.by_deadline = budget < self.timeout
         call.expiry = time.monotonic() + budget
         call.snapshot = call.proven = call.killed = False
+        call.failed, call.retried = [], None
         with unavailable_on_db_error():
-            self._connect(call)
+            self._connect(call, self.nodes.primary if primary else None)
         metrics.STORE_CONNECTIONS.inc()
         try:
             yield
@@ -309,17 +369,42 @@ class Store:
             metrics.STORE_CONNECTIONS.dec()
             self._end(call)
 
-    def _connect(self, call: _Call) -> None:
-        try:
-            if isinstance(self.db, BoundedPool):
-                self.db.connect_by(call.expiry, reuse_if_open=True)
-            else:
-                self.db.connect(reuse_if_open=True)
-        except OutOfTime as exc:
-            raise self._late(call) from exc
-        except MaxConnectionsExceeded as exc:
-            raise peewee.OperationalError(str(exc)) from exc
-        _watchdog.watch(call, self.db.connection())
+    def _connect(self, call: _Call, first: Database | None = None) -> None:
+        """Give the call a connection to the first node (first, if given, then in
+        Nodes.order) that accepts one. Each node tried gets an equal share of the call's
+        time left, the last all of it; a node that refuses is set aside (Nodes.failed)."""
+        candidates = self.nodes.order(first, call.failed)
+        if not candidates:
+            raise peewee.OperationalError("every database node failed this call")
+        for left, db in zip(range(len(candidates), 0, -1), candidates, strict=True):
+            now = time.monotonic()
+            until = call.expiry if left == 1 else now + (call.expiry - now) / left
+            try:
+                if isinstance(db, BoundedPool):
+                    db.connect_by(until, reuse_if_open=True)
+                else:
+                    db.connect(reuse_if_open=True)
+            except OutOfTime as exc:
+                if left == 1 or time.monotonic() >= call.expiry:
+                    raise self._late(call) from exc
+                if isinstance(exc, NoAnswer):
+                    self.nodes.failed(db)
+                continue
+            except MaxConnectionsExceeded as exc:
+                if left == 1:
+                    raise peewee.OperationalError(str(exc)) from exc
+                continue
+            except (peewee.OperationalError, peewee.InterfaceError) as exc:
+                self.nodes.failed(db)
+                call.failed.append(db)
+                if left == 1:
+                    raise
+                log.info("a database node refused a connection (%s); trying the next", exc)
+                continue
+            call.db = db
+            call.interrupt = getattr(db, "interrupt", _cannot_interrupt)
+            _watchdog.watch(call, db.connection())
+            return
 
     def _late(self, call: _Call) -> errors.ServiceError:
         """The error of a call whose time on the store ran out."""
@@ -337,7 +422,7 @@ class Store:
     def _read(
         self, name: str, query: Prepared, snapshot: bool, **values: object
     ) -> list[tuple[Any, ...]]:
-        return self.read(partial(query.rows, **values), snapshot, name)
+        return self.read(lambda: query.rows(self.db, **values), snapshot, name)
 
     def read(self, work: Callable[[], T], snapshot: bool = False, name: str = "other") -> T:
         """work's result, run on the call's connection; inside the call's read snapshot
@@ -354,8 +439,9 @@ class Store:
         A pooled connection the database dropped while it was idle (a restart, an
         idle timeout) fails the call's first statement. Nothing of the call has run
         yet, so that connection is thrown away, with the pool's other idle ones
-        (likely dropped too), and work runs once more on a new connection; a second
-        failure is the caller's answer. work must therefore only read.
+        (likely dropped too), and work runs once more on a new connection; if that
+        fails too, the node is set aside and work runs on the next node, if any, until
+        none is left or the call's time is. work must therefore only read.
         """
         started = time.perf_counter()
         span = traces.query_span(name, self.system)
@@ -374,24 +460,44 @@ class Store:
     def _read_retrying(self, work: Callable[[], T], snapshot: bool) -> T:
         call = self._this.call
         with unavailable_on_db_error():
-            for retries_left in (0,) if call.proven else (1, 0):
+            while True:
+                db = self.db
                 try:
                     if snapshot and not call.snapshot:
-                        self.db.execute_sql(_snapshot_statement(self.db))
+                        db.execute_sql(_snapshot_statement(db))
                         call.snapshot = True
                     result = work()
-                    call.proven = True
-                    return result
                 except (peewee.OperationalError, peewee.InterfaceError) as exc:
                     if call.killed or time.monotonic() >= call.expiry:
                         raise self._late(call) from exc
-                    if call.proven or not retries_left:
+                    if call.proven:
+                        if len(self.nodes) > 1:
+                            self.nodes.failed(db)
+                            lost = errors.StoreUnavailable(
+                                "a database node failed during the call; retry later"
+                            )
+                            log.warning("%s: %s", lost.message, exc)
+                            raise NodeLost(lost) from exc
                         raise
-                    log.info("a pooled connection was dead (%s); retrying on a new one", exc)
+                    first: Database | None = db
+                    if call.retried is db:  # a new connection failed too: the node did
+                        self.nodes.failed(db)
+                        call.failed.append(db)
+                        if len(call.failed) >= len(self.nodes):
+                            raise
+                        first = None
+                        log.info("a database node failed (%s); trying the next", exc)
+                    else:
+                        log.info("a pooled connection was dead (%s); retrying on a new one", exc)
+                    call.retried = first
                     self._discard_connection()
                     call.snapshot = False
-                    self._connect(call)
-        raise AssertionError("unreachable: the last try returns or raises")
+                    self._connect(call, first)
+                    continue
+                if not call.proven:
+                    call.proven = True
+                    self.nodes.answered(db)
+                return result
 
     def end_snapshot(self) -> None:
         """End the call's read snapshot, if one began, keeping the connection: the next
@@ -419,6 +525,7 @@ class Store:
             self._discard_connection()
         else:
             self.db.close()
+        call.db = None
 
     def _discard_connection(self) -> None:
         """Close this thread's connection for good, and a pool's idle connections."""
@@ -430,12 +537,13 @@ class Store:
             self.db.close()
 
     def close(self) -> None:
-        """Close every connection, pooled ones included (at shutdown)."""
-        close_all = getattr(self.db, "close_all", None)
-        if close_all is not None:
-            close_all()
-        elif not self.db.is_closed():
-            self.db.close()
+        """Close every connection of every node, pooled ones included (at shutdown)."""
+        for db in self.nodes.all:
+            close_all = getattr(db, "close_all", None)
+            if close_all is not None:
+                close_all()
+            elif not db.is_closed():
+                db.close()
 
     def find_node(
         self, biz_id: int, by_project_id: bool, task_id: int, node_id: str, heavy: bool = True
@@ -621,6 +729,11 @@ class Store:
         rows = self._read("stamp", self._stamp, False, task_id=task_id)
         return (rows[0][0], rows[0][1]) if rows else None
 
+    def _model_rows(self, query: Any) -> list[tuple[Any, ...]]:
+        """The rows of a peewee model query, run on the call's node: the models are
+        bound to the primary, and with replicas the call may be reading another."""
+        return list(query.bind(self.db).tuples())
+
     def task_changes(self, known: Mapping[int, Hashable | None]) -> dict[int, TaskState]:
         """The tasks of known whose stamp is no longer the one given, each with its new
         stamp and every node's summary: the change detection of watch streams
@@ -637,7 +750,7 @@ class Store:
         for start in range(0, len(ids), WATCH_BATCH):
             batch = ids[start : start + WATCH_BATCH]
             for task_id, digest, catalog in self.read(
-                partial(_rows_of, _stamps_query(batch)), True, "watch_stamps"
+                partial(self._model_rows, _stamps_query(batch)), True, "watch_stamps"
             ):
                 stamps[task_id] = (digest, catalog)
         changed = [task_id for task_id in ids if stamps[task_id] != known[task_id]]
@@ -646,7 +759,7 @@ class Store:
         for start in range(0, len(present), WATCH_BATCH):
             batch = present[start : start + WATCH_BATCH]
             for task_id, *row in self.read(
-                partial(_rows_of, _summaries_query(batch)), True, "watch_nodes"
+                partial(self._model_rows, _summaries_query(batch)), True, "watch_nodes"
             ):
                 row[3] = tuple(values.loads(row[3]))
                 nodes[task_id].append(ListedRow(*row))
@@ -888,10 +1001,6 @@ def _listing_query(
         condition &= Node.id > fn.COALESCE(anchored, after)
     order = (Node.position, Node.id) if has_parent else (Node.id,)
     return Node.select(*_LISTED_COLUMNS).where(condition).order_by(*order).limit(limit)
-
-
-def _rows_of(query: Any) -> list[tuple[Any, ...]]:
-    return list(query.tuples())
 
 
 def _stamps_query(task_ids: list[int]) -> Any:

@@ -205,7 +205,7 @@ class Hub:
             }
         self.polls += 1
         deliveries: list[Delivery] = []
-        with self.store.session():
+        with self.store.session(primary=True):
             try:
                 # _UNSEEN equals no stamp: a task seen for the first time always comes back.
                 changes = self.store.task_changes(known)
