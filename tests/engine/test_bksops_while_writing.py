@@ -15,9 +15,9 @@ bamboo_engine.handlers.service_activity; Django autocommits each):
 So at every committed moment: the outputs' loop is the state's loop or one less (from 2 to
 5; none before the first pass's data); a RUNNING node's outputs are the previous pass's; a
 history of the current loop exists only from 1 to 2, when the state is FINISHED with the
-history's version and the outputs are of its loop. An answer that took the state from one moment and the data or histories
-from another (a later one: the store reads the state first) breaks one of these. And an answer
-is never older than the node's state row read just before the call: a reply cached earlier is
+history's version and the outputs are of its loop. An answer that took the state from one
+moment and the data or histories from another (a later one: the store reads the state first)
+breaks one of these. And an answer is never older than the node's state row read just before the call: a reply cached earlier is
 not served once the engine moved on.
 """
 
