@@ -17,8 +17,8 @@ So at every committed moment: the outputs' loop is the state's loop or one less 
 history of the current loop exists only from 1 to 2, when the state is FINISHED with the
 history's version and the outputs are of its loop. An answer that took the state from one
 moment and the data or histories from another (a later one: the store reads the state first)
-breaks one of these. And an answer is never older than the node's state row read just before the call: a reply cached earlier is
-not served once the engine moved on.
+breaks one of these. And an answer is never older than the node's state row read just before
+the call: a reply cached earlier is not served once the engine moved on.
 """
 
 from __future__ import annotations
