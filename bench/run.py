@@ -13,7 +13,9 @@ and last pages of ListTaskNodes on a task of 100,000 nodes (bench.list_nodes).
 Every figure of the real server is checked against its own count of OK replies
 (its access log).
 
-    .venv/bin/python -m bench.run [--seconds 10] [--only auth-flood|read-mask|list-nodes]
+    .venv/bin/python -m bench.run [--seconds 10] [--only auth-flood|read-mask|list-nodes|bksops]
+
+`--only bksops` runs the bk-sops store's step alone (bench.bksops: MariaDB, its own datasets).
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ import grpc
 from bksops.tasknode.v1 import task_node_pb2 as pb
 from bksops.tasknode.v1 import task_node_pb2_grpc as pb_grpc
 
+from bench import bksops
 from bench import dataset
 from bench import h2
 from bench import list_nodes
@@ -189,9 +192,13 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--seconds", type=float, default=10)
     parser.add_argument(
-        "--only", choices=["auth-flood", "read-mask", "list-nodes"], help="run this step alone"
+        "--only",
+        choices=["auth-flood", "read-mask", "list-nodes", "bksops"],
+        help="run this step alone",
     )
     args = parser.parse_args()
+    if args.only == "bksops":  # MariaDB, datasets of its own
+        return bksops.main(args.seconds)
     if args.only == "read-mask":  # in process, on a database of its own
         read_mask.print_rows(read_mask.measure(READ_MASK_SECONDS, READ_MASK_KIB), READ_MASK_KIB)
         return 0
@@ -293,6 +300,7 @@ def main() -> int:
     read_mask.print_rows(read_mask.measure(READ_MASK_SECONDS, READ_MASK_KIB), READ_MASK_KIB)
     print()
     list_nodes.print_rows(list_nodes.measure(LIST_NODES, LIST_CALLS), LIST_NODES)
+    bksops.print_rows(bksops.measure(args.seconds), args.seconds)
     return 0
 
 
