@@ -26,8 +26,10 @@ import datetime
 import hashlib
 import itertools
 import json
+import queue
 import random
 import sys
+import threading
 import time
 import zlib
 from collections.abc import Iterator
@@ -448,31 +450,56 @@ def _naive(moment: datetime.datetime) -> datetime.datetime:
 
 def seed(db: Database, tasks: int, seed_value: int = SEED, keep: bool = False) -> list[Made]:
     """Fill db (the engine's tables, no task yet) with tasks tasks; every node made if keep
-    (a list as long as the nodes: for small datasets)."""
+    (a list as long as the nodes: for small datasets). Rows are written on a thread of
+    their own while the next are made (the database's work and Python's overlap)."""
     generator = Generator(seed_value)
     generator.projects()
-    written = 0
+    pending: queue.Queue[Rows | None] = queue.Queue(maxsize=2)
+    written = [0]
+    failed: list[BaseException] = []
     started = time.monotonic()
-    with db.connection_context():
-        if isinstance(db, MySQLDatabase):  # every key is new: InnoDB need not look first
-            db.execute_sql("SET SESSION unique_checks = 0, foreign_key_checks = 0")
+
+    def write() -> None:
+        try:
+            with db.connection_context():
+                if isinstance(db, MySQLDatabase):  # every key is new: InnoDB need not look
+                    db.execute_sql("SET SESSION unique_checks = 0, foreign_key_checks = 0")
+                while (rows := pending.get()) is not None:
+                    with db.atomic():
+                        for table in ORDER:
+                            _insert(db, table, rows.tables[table])
+                    written[0] += len(rows)
+        except BaseException as exc:  # handed to the caller below
+            failed.append(exc)
+            while pending.get() is not None:
+                pass
+
+    writer = threading.Thread(target=write, name="bksops-seed-writer")
+    writer.start()
+    try:
         for made in range(tasks):
             generator.task()
             if len(generator.rows) >= COMMIT_EVERY or made == tasks - 1:
-                rows, generator.rows = generator.rows, Rows()
+                if failed:
+                    break
+                pending.put(generator.rows)
+                generator.rows = Rows()
                 if not keep:
                     generator.made.clear()
-                with db.atomic():
-                    for table in ORDER:
-                        _insert(db, table, rows.tables[table])
-                written += len(rows)
+                rate = written[0] / max(time.monotonic() - started, 1e-9)
                 print(
-                    f"\r{made + 1:,}/{tasks:,} tasks, {written:,} rows, "
-                    f"{written / (time.monotonic() - started):,.0f} rows/s",
+                    f"\r{made + 1:,}/{tasks:,} tasks made, {written[0]:,} rows written, "
+                    f"{rate:,.0f} rows/s",
                     end="",
                     file=sys.stderr,
                 )
-        print(file=sys.stderr)
+    finally:
+        pending.put(None)
+        writer.join()
+    print(file=sys.stderr)
+    if failed:
+        raise RuntimeError(f"writing failed: {failed[0]}") from failed[0]
+    with db.connection_context():
         if isinstance(db, MySQLDatabase):
             db.execute_sql(f"ANALYZE TABLE {', '.join(ORDER)}")
         elif isinstance(db, PostgresqlDatabase):
