@@ -4,8 +4,9 @@
 
 Datasets (server.db.bksops_scale, in tables the real engine's migrations made) live in
 MariaDB databases bench_bksops_<tasks> of TASKNODE_BENCH_MYSQL (root@127.0.0.1:3306): 100
-tasks (~10^3 nodes) and 100,000 (~10^6 nodes). Each is made once (a few minutes for the large one) and reused while it holds
-that many tasks. The service's own database (apps, schemas) is var/bench/bksops-own.db.
+tasks (~10^3 nodes) and 100,000 (~10^6 nodes). Each is made once (the large one takes ~10
+minutes on a loaded 2-core machine) and reused while it holds that many tasks. The service's
+own database (apps, schemas) is var/bench/bksops-own.db.
 
 1. h2load at 16 in flight: the real server (`python -m server serve`, its reply cache on, as
    `make bench` runs it) reading the large dataset, against the ceiling server answering the
