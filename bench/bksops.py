@@ -3,7 +3,7 @@
     .venv/bin/python -m bench.run --only bksops [--seconds 10]
 
 Datasets (server.db.bksops_scale, in tables the real engine's migrations made) live in
-MariaDB databases bench_bksops_<tasks> of TASKNODE_BENCH_MYSQL (root@127.0.0.1:3306): 100
+MariaDB databases bench_bksops_<tasks> of MYSQL (root@127.0.0.1:3306, no password): 100
 tasks (~10^3 nodes) and 100,000 (~10^6 nodes). Each is made once (the large one takes ~10
 minutes on a loaded 2-core machine) and reused while it holds that many tasks. The service's
 own database (apps, schemas) is var/bench/bksops-own.db.
@@ -51,7 +51,8 @@ from tests.engine.harness import engine_schema
 
 ROOT = Path(__file__).resolve().parent.parent
 WORK = ROOT / "var" / "bench"
-MYSQL = os.environ.get("TASKNODE_BENCH_MYSQL", "mysql://root@127.0.0.1:3306")
+#: The MariaDB server the datasets live on (the shared development one).
+MYSQL = "mysql://root@127.0.0.1:3306"
 SMALL, LARGE = 100, 100_000
 GRPC_ADDR = "127.0.0.1:50161"
 CEILING_ADDR = "127.0.0.1:50162"
