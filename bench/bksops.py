@@ -82,12 +82,16 @@ def dataset(tasks: int) -> str:
     if found == tasks:
         print(f"bksops: reusing {name} ({tasks:,} tasks)", file=sys.stderr)
         return url
-    _admin(f"DROP DATABASE IF EXISTS {name}")
-    _admin(f"CREATE DATABASE {name} CHARACTER SET utf8mb4 COLLATE utf8mb4_bin")
-    print(f"bksops: making {name}: the engine's tables, then {tasks:,} tasks", file=sys.stderr)
-    engine_schema(url, Path(tempfile.mkdtemp(prefix="bksops-schema-")))
+    if not 0 < found < tasks:  # nothing, or another dataset: made anew
+        _admin(f"DROP DATABASE IF EXISTS {name}")
+        _admin(f"CREATE DATABASE {name} CHARACTER SET utf8mb4 COLLATE utf8mb4_bin")
+        print(f"bksops: making {name}: the engine's tables, then {tasks:,} tasks", file=sys.stderr)
+        engine_schema(url, Path(tempfile.mkdtemp(prefix="bksops-schema-")))
+        found = 0
+    else:
+        print(f"bksops: {name} holds {found:,} tasks: making the rest", file=sys.stderr)
     db = open_read_only(f"{url}?driver=mysqlclient")
-    bksops_scale.seed(db, tasks)
+    bksops_scale.seed(db, tasks, start=found)
     db.close_all()  # type: ignore[attr-defined]
     return url
 

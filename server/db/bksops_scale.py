@@ -50,6 +50,7 @@ from server.db.scale import COMPONENTS
 from server.db.scale import ERRORS
 from server.db.scale import THINGS
 from server.db.scale import VERBS
+from server.db.scale import settle
 
 SEED = 20190117
 BUSINESSES = 20
@@ -448,12 +449,22 @@ def _naive(moment: datetime.datetime) -> datetime.datetime:
     return moment.replace(tzinfo=None)
 
 
-def seed(db: Database, tasks: int, seed_value: int = SEED, keep: bool = False) -> list[Made]:
+def seed(
+    db: Database, tasks: int, seed_value: int = SEED, keep: bool = False, start: int = 0
+) -> list[Made]:
     """Fill db (the engine's tables, no task yet) with tasks tasks; every node made if keep
     (a list as long as the nodes: for small datasets). Rows are written on a thread of
-    their own while the next are made (the database's work and Python's overlap)."""
+    their own while the next are made (the database's work and Python's overlap).
+
+    start: tasks db holds already, from an interrupted seed with the same seed_value (each
+    transaction holds whole tasks): they are made again, not written, and the rest follow."""
     generator = Generator(seed_value)
     generator.projects()
+    for _ in range(start):
+        generator.task()
+    if start:
+        generator.rows = Rows()
+        generator.made.clear()
     pending: queue.Queue[Rows | None] = queue.Queue(maxsize=2)
     written = [0]
     failed: list[BaseException] = []
@@ -477,7 +488,7 @@ def seed(db: Database, tasks: int, seed_value: int = SEED, keep: bool = False) -
     writer = threading.Thread(target=write, name="bksops-seed-writer")
     writer.start()
     try:
-        for made in range(tasks):
+        for made in range(start, tasks):
             generator.task()
             if len(generator.rows) >= COMMIT_EVERY or made == tasks - 1:
                 if failed:
@@ -499,14 +510,7 @@ def seed(db: Database, tasks: int, seed_value: int = SEED, keep: bool = False) -
     print(file=sys.stderr)
     if failed:
         raise RuntimeError(f"writing failed: {failed[0]}") from failed[0]
-    with db.connection_context():
-        if isinstance(db, MySQLDatabase):
-            db.execute_sql(f"ANALYZE TABLE {', '.join(ORDER)}")
-        elif isinstance(db, PostgresqlDatabase):
-            for table in ORDER:
-                db.execute_sql(f"VACUUM ANALYZE {table}")
-        else:
-            db.execute_sql("ANALYZE")
+    settle(db, ORDER)
     return generator.made
 
 

@@ -293,16 +293,13 @@ class PooledMySQLDatabase(BoundedPool, pool.PooledMySQLDatabase):
             **{**params, "read_timeout": read_timeout or params["connect_timeout"]},
         )
         conn._read_timeout = read_timeout
-        sock = conn._sock
-        if sock is not None and sock.family != socket.AF_UNIX:
-            for option, value in (
-                ("TCP_KEEPIDLE", KEEPALIVE_IDLE_SECONDS),
-                ("TCP_KEEPINTVL", KEEPALIVE_INTERVAL_SECONDS),
-                ("TCP_KEEPCNT", KEEPALIVE_COUNT),
-                ("TCP_USER_TIMEOUT", TCP_USER_TIMEOUT_SECONDS * 1000),
-            ):
-                if hasattr(socket, option):
-                    sock.setsockopt(socket.IPPROTO_TCP, getattr(socket, option), value)
+        if conn._sock is not None:
+            _keep_alive(conn._sock)
+        self._limit_statements(conn)
+        return conn
+
+    def _limit_statements(self, conn: Any) -> None:
+        """The server's limit on each statement of conn (the store's timeout)."""
         if self.statement_timeout:
             with conn.cursor() as cursor:
                 if "MariaDB" in conn.get_server_info():
@@ -311,7 +308,6 @@ class PooledMySQLDatabase(BoundedPool, pool.PooledMySQLDatabase):
                     cursor.execute(
                         "SET SESSION max_execution_time = %s", (int(self.statement_timeout * 1000),)
                     )
-        return conn
 
     def interrupt(self, conn: Any) -> None:
         sock = conn._sock  # pymysql's socket object, closed (not reused) once pymysql drops it
@@ -340,44 +336,22 @@ class PooledMySQLClientDatabase(PooledMySQLDatabase):
     the URL (server.db.connection)."""
 
     def _open(self) -> Any:
-        import MySQLdb  # an optional dependency: only a URL asking for it imports it
+        import MySQLdb  # imported by the URLs that ask for it only
 
         params = dict(self.connect_params)
         for seconds in ("connect_timeout", "read_timeout", "write_timeout"):
             if params.get(seconds) is not None:  # libmariadb counts whole seconds
                 params[seconds] = max(1, math.ceil(float(params[seconds])))
-        read_timeout = params.pop("read_timeout", None)
-        # The handshake under the connect timeout (see PooledMySQLDatabase._open); libmariadb
-        # keeps the read timeout a connection was opened with.
-        conn = MySQLdb.connect(
-            database=self.database,
-            autocommit=True,
-            read_timeout=read_timeout or params["connect_timeout"],
-            **params,
-        )
+        # libmariadb keeps the read timeout a connection is opened with: the configured one
+        # (a serving store's), or none (loads, which may run long statements).
+        conn = MySQLdb.connect(database=self.database, autocommit=True, **params)
         sock = socket.socket(fileno=os.dup(conn.fileno()))
         try:
-            if sock.family != socket.AF_UNIX:
-                for option, value in (
-                    ("TCP_KEEPIDLE", KEEPALIVE_IDLE_SECONDS),
-                    ("TCP_KEEPINTVL", KEEPALIVE_INTERVAL_SECONDS),
-                    ("TCP_KEEPCNT", KEEPALIVE_COUNT),
-                    ("TCP_USER_TIMEOUT", TCP_USER_TIMEOUT_SECONDS * 1000),
-                ):
-                    if hasattr(socket, option):
-                        sock.setsockopt(socket.IPPROTO_TCP, getattr(socket, option), value)
-                sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+            _keep_alive(sock)  # the duplicate shares the connection's socket
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
         finally:
             sock.close()  # the duplicate only: the connection keeps its own descriptor
-        if self.statement_timeout:
-            cursor = conn.cursor()
-            if "MariaDB" in conn.get_server_info():
-                cursor.execute("SET SESSION max_statement_time = %s", (self.statement_timeout,))
-            else:
-                cursor.execute(
-                    "SET SESSION max_execution_time = %s", (int(self.statement_timeout * 1000),)
-                )
-            cursor.close()
+        self._limit_statements(conn)
         return conn
 
     def interrupt(self, conn: Any) -> None:
@@ -396,6 +370,20 @@ class PooledMySQLClientDatabase(PooledMySQLDatabase):
     def _can_reuse(self, conn: Any) -> bool:
         # The store ends every transaction it begins (Store._end) before check-in.
         return bool(conn.open)
+
+
+def _keep_alive(sock: socket.socket) -> None:
+    """TCP keepalive and user timeout of a server connection's socket (module docstring)."""
+    if sock.family == socket.AF_UNIX:
+        return
+    for option, value in (
+        ("TCP_KEEPIDLE", KEEPALIVE_IDLE_SECONDS),
+        ("TCP_KEEPINTVL", KEEPALIVE_INTERVAL_SECONDS),
+        ("TCP_KEEPCNT", KEEPALIVE_COUNT),
+        ("TCP_USER_TIMEOUT", TCP_USER_TIMEOUT_SECONDS * 1000),
+    ):
+        if hasattr(socket, option):
+            sock.setsockopt(socket.IPPROTO_TCP, getattr(socket, option), value)
 
 
 def _shut(sock: socket.socket) -> None:

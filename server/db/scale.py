@@ -415,14 +415,15 @@ def _rate(rows: int, seconds: float) -> str:
     return f"{rows:,} rows  {rows / max(seconds, 1e-9):,.0f} rows/s"
 
 
-def settle(db: Database) -> None:
+def settle(db: Database, tables: tuple[str, ...] | None = None) -> None:
     """Bring the planner's statistics (and PostgreSQL's visibility map) up to date.
 
     A database in use has them; right after a bulk load the first reads of each page
     would otherwise also write it (PostgreSQL's hint bits), which a benchmark would
     count against the lookups.
     """
-    tables = [model._meta.table_name for model in (Task, Node, Attempt)]
+    if tables is None:
+        tables = tuple(model._meta.table_name for model in (Task, Node, Attempt))
     with db.connection_context():
         if isinstance(db, PostgresqlDatabase):
             for table in tables:

@@ -36,6 +36,7 @@ from tests.conftest import STORES
 from tests.conftest import fresh_database
 from tests.engine.conftest import EngineDatabase
 from tests.engine.harness import run_pipelines
+from tests.engine.test_bksops_store import engine_rows
 from tests.engine.test_bksops_store import serving
 
 Served = tuple[pb_grpc.TaskNodeServiceStub, Server, EngineDatabase]
@@ -73,18 +74,6 @@ def write(engine: EngineDatabase, sql: str, *params: object) -> None:
         db.connect()
         with db.atomic():
             db.execute_sql(sql, params)
-    finally:
-        db.close_all()  # type: ignore[attr-defined]
-
-
-def read(engine: EngineDatabase, sql: str, *params: object) -> list[tuple[Any, ...]]:
-    db = open_read_only(engine.url)
-    sql = sql.replace("?", db.param)
-    if isinstance(db, MySQLDatabase):
-        sql = sql.replace('"loop"', "`loop`")
-    try:
-        db.connect()
-        return list(db.execute_sql(sql, params).fetchall())
     finally:
         db.close_all()  # type: ignore[attr-defined]
 
@@ -136,7 +125,9 @@ def test_changed_execution_data_with_the_state_row_untouched(writable: Served) -
 
     def change(engine: EngineDatabase) -> None:
         node = node_id(engine, "services", "ok")
-        ((text,),) = read(engine, "SELECT outputs FROM eri_executiondata WHERE node_id = ?", node)
+        ((text,),) = engine_rows(
+            engine, "SELECT outputs FROM eri_executiondata WHERE node_id = ?", node
+        )
         outputs = {**json.loads(text), "word": "changed in place"}
         write(
             engine,
@@ -173,7 +164,7 @@ def test_a_history_row_inserted(writable: Served) -> None:
 
     def change(engine: EngineDatabase) -> None:
         node = node_id(engine, "services", "skipped")
-        ((loop,),) = read(engine, 'SELECT "loop" FROM eri_state WHERE node_id = ?', node)
+        ((loop,),) = engine_rows(engine, 'SELECT "loop" FROM eri_state WHERE node_id = ?', node)
         write(
             engine,
             'INSERT INTO eri_executionhistory (node_id, "loop", retry, skip, version,'
