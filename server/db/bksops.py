@@ -391,7 +391,9 @@ class BksopsStore(Store):
 
     def _prepare_stamp(self) -> None:
         """The stamp's statement (see stamp): digests are MD5 on MySQL and PostgreSQL, and
-        on SQLite, which has none, functions this store gives each connection."""
+        on SQLite, which has none, functions this store gives each connection. Each count
+        and its aggregate share one subquery: on MariaDB a subquery costs more than its
+        index probe (four took ~0.5 ms of a 1 ms stamp, measured on the bench dataset)."""
         p, loop = self.db.param, self._quoted("loop")
         columns = (
             f"c.id, c.node_id, c.name, c.version, c.{loop}, c.retry, c.skip, c.error_ignored,"
@@ -399,14 +401,17 @@ class BksopsStore(Store):
         )
         if isinstance(self.db, MySQLDatabase):
             digest = "MD5({})".format
+            pair = "CONCAT({}, '/', COALESCE({}, 0))".format
             row = "CAST(CONV(LEFT(MD5(CONCAT_WS('|', {})), 15), 16, 10) AS UNSIGNED)".format
             columns = ", ".join(f"COALESCE({c.strip()}, '-')" for c in columns.split(","))
         elif isinstance(self.db, PostgresqlDatabase):
             digest = "md5({})".format
+            pair = "({} || '/' || COALESCE({}, 0))".format
             row = "('x' || left(md5(concat_ws('|', {})), 15))::bit(60)::bigint".format
             columns = ", ".join(f"coalesce({c.strip()}::text, '-')" for c in columns.split(","))
         else:
             digest = f"{_SQLITE_DIGEST}({{}})".format
+            pair = "({} || '/' || COALESCE({}, 0))".format
             row = f"{_SQLITE_ROW_DIGEST}({{}})".format
         self._sql_stamp = (
             "SELECT t.is_deleted, t.engine_ver, t.project_id, pr.bk_biz_id, pr.from_cmdb,"
@@ -414,10 +419,10 @@ class BksopsStore(Store):
             " s.skip, s.error_ignored, s.started_time, s.archived_time,"
             f" d.inputs_serializer, d.outputs_serializer, {digest('d.inputs')},"
             f" {digest('d.outputs')},"
-            f" (SELECT COUNT(*) FROM eri_executionhistory h WHERE h.node_id = {p}),"
-            f" (SELECT MAX(h.id) FROM eri_executionhistory h WHERE h.node_id = {p}),"
-            f" (SELECT COUNT(*) FROM eri_state c WHERE c.parent_id = {p}),"
-            f" (SELECT SUM({row(columns)}) FROM eri_state c WHERE c.parent_id = {p})"
+            f" (SELECT {pair('COUNT(*)', 'MAX(h.id)')}"
+            f" FROM eri_executionhistory h WHERE h.node_id = {p}),"
+            f" (SELECT {pair('COUNT(*)', f'SUM({row(columns)})')}"
+            f" FROM eri_state c WHERE c.parent_id = {p})"
             " FROM taskflow3_taskflowinstance t"
             " JOIN pipeline_pipelineinstance i ON i.id = t.pipeline_instance_id"
             " LEFT JOIN core_project pr ON pr.id = t.project_id"
@@ -431,7 +436,7 @@ class BksopsStore(Store):
 
     @staticmethod
     def _stamp_params(task_id: int, node_id: str) -> tuple[object, ...]:
-        return (node_id, node_id, node_id, node_id, node_id, node_id, task_id)
+        return (node_id, node_id, node_id, node_id, task_id)
 
     def _quoted(self, name: str) -> str:
         return f"`{name}`" if isinstance(self.db, MySQLDatabase) else f'"{name}"'
