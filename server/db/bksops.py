@@ -45,6 +45,10 @@ from server.filters import Term
 
 #: Parsed task trees kept, by snapshot id (a snapshot row never changes).
 TREES_KEPT = 256
+#: Node kinds kept for the stamp (a few MiB).
+KINDS_KEPT = 65_536
+#: The stamp's children column (count/digest sum) for a node with none, on every database.
+NO_CHILDREN = "0/0"
 SUBPROCESS = "SubProcess"
 #: bamboo's plain context values (eri_contextvalue.type); splice and computed ones
 #: would need the engine's renderer.
@@ -99,6 +103,8 @@ class BksopsStore(Store):
         self.native = native
         self._trees: OrderedDict[int, _Tree] = OrderedDict()
         self._trees_lock = threading.Lock()
+        #: node id -> True for a node known not to be a sub-process (see stamp).
+        self._plain: OrderedDict[str, bool] = OrderedDict()
         self._current = _Current()
         super().__init__(db, timeout)
 
@@ -129,7 +135,13 @@ class BksopsStore(Store):
         count and a sum of digests of its children's state rows (a sub-process's). None
         for a node that has not run (its preview follows the context values) or no task.
         """
-        rows = self._rows(self._sql_stamp, False, *self._stamp_params(task_id, node_id))
+        with self._trees_lock:
+            plain = self._plain.get(node_id, False)
+        if plain:  # not a sub-process: no children, their column as the full query has it
+            found = self._rows(self._sql_stamp_plain, False, node_id, node_id, node_id, task_id)
+            rows = [(*row, NO_CHILDREN) for row in found]
+        else:
+            rows = self._rows(self._sql_stamp, False, *self._stamp_params(task_id, node_id))
         if not rows or rows[0][_STATE_NAME] is None:
             return None
         return (*rows[0], self.native.catalog_stamp())
@@ -196,6 +208,7 @@ class BksopsStore(Store):
                 f"node {node_id} not found in task {task_id}",
                 {"taskId": str(task_id), "nodeId": node_id},
             )
+        self._remember_kind(node_id, info.kind != SUBPROCESS)
         row = NodeRow(
             task_id=task_id,
             node_id=node_id,
@@ -246,6 +259,15 @@ class BksopsStore(Store):
             outputs=_dumps(outputs, node_id, "outputs"),
             ex_data=None if failure is None else _text(failure),
         )
+
+    def _remember_kind(self, node_id: str, plain: bool) -> None:
+        """Note whether a node (its id is unique in the engine's database, its tree never
+        changes) is not a sub-process, for the stamp's cheaper statement."""
+        with self._trees_lock:
+            self._plain[node_id] = plain
+            self._plain.move_to_end(node_id)
+            while len(self._plain) > KINDS_KEPT:
+                self._plain.popitem(last=False)
 
     def attempts(self, task_id: int, node_id: str, loop: int) -> list[AttemptRow]:
         rows = self._rows(self._sql_histories, True, node_id, loop)
@@ -413,16 +435,20 @@ class BksopsStore(Store):
             digest = f"{_SQLITE_DIGEST}({{}})".format
             pair = "({} || '/' || COALESCE({}, 0))".format
             row = f"{_SQLITE_ROW_DIGEST}({{}})".format
-        self._sql_stamp = (
+        head = (
             "SELECT t.is_deleted, t.engine_ver, t.project_id, pr.bk_biz_id, pr.from_cmdb,"
             f" i.execution_snapshot_id, i.instance_id, s.name, s.version, s.{loop}, s.retry,"
             " s.skip, s.error_ignored, s.started_time, s.archived_time,"
             f" d.inputs_serializer, d.outputs_serializer, {digest('d.inputs')},"
             f" {digest('d.outputs')},"
             f" (SELECT {pair('COUNT(*)', 'MAX(h.id)')}"
-            f" FROM eri_executionhistory h WHERE h.node_id = {p}),"
-            f" (SELECT {pair('COUNT(*)', f'SUM({row(columns)})')}"
+            f" FROM eri_executionhistory h WHERE h.node_id = {p})"
+        )
+        children = (
+            f", (SELECT {pair('COUNT(*)', f'SUM({row(columns)})')}"
             f" FROM eri_state c WHERE c.parent_id = {p})"
+        )
+        tail = (
             " FROM taskflow3_taskflowinstance t"
             " JOIN pipeline_pipelineinstance i ON i.id = t.pipeline_instance_id"
             " LEFT JOIN core_project pr ON pr.id = t.project_id"
@@ -430,6 +456,9 @@ class BksopsStore(Store):
             f" LEFT JOIN eri_executiondata d ON d.node_id = {p}"
             f" WHERE t.id = {p}"
         )
+        self._sql_stamp = head + children + tail
+        # The children's subquery costs ~0.4 ms on MariaDB even when it finds none.
+        self._sql_stamp_plain = head + tail
         if isinstance(self.db, SqliteDatabase):
             self.db.register_function(_md5, _SQLITE_DIGEST, 1)
             self.db.register_function(_row_digest, _SQLITE_ROW_DIGEST, -1)
