@@ -67,6 +67,9 @@ CALLS = 1500
 @dataclass(frozen=True)
 class Figures:
     rows: list[tuple[str, h2.Run]]
+    #: Per row: CPU µs per call of the service's processes, and of the MariaDB server (which
+    #: others' work on the shared server adds to).
+    cpu: dict[str, tuple[float, float]]
     scaled: list[scale.Result]
     reply_bytes: int
 
@@ -211,6 +214,12 @@ def measure(seconds: float) -> Figures:
         ("mysqlclient, reply cache off", "0", fast),
     )
     ceiling: subprocess.Popen[bytes] | None = None
+    cpu: dict[str, tuple[float, float]] = {}
+    mariadb = [
+        int(p.parent.name)
+        for p in Path("/proc").glob("[0-9]*/comm")
+        if p.exists() and p.read_text().strip() in ("mariadbd", "mysqld")
+    ]
     try:
         for label, cache_mb, url in variants:
             server = procs.start(
@@ -235,22 +244,31 @@ def measure(seconds: float) -> Figures:
                 targets = [(label, GRPC_ADDR)]
                 if not rows:
                     targets.append(("ceiling", CEILING_ADDR))
-                runs: dict[str, list[h2.Run]] = {}
+                runs: dict[str, list[tuple[h2.Run, tuple[float, float]]]] = {}
+                pids = {label: procs.tree(server.pid), "ceiling": procs.tree(ceiling.pid)}
                 for _ in range(REPEATS):  # interleaved, the best of each (bench.run.best_runs)
                     for name, addr in targets:
                         target = f"http://{addr}{METHOD}"
                         h2.h2load(target, body, LOAD, 2, AUTH, warm_up=0)
-                        runs.setdefault(name, []).append(
-                            h2.h2load(target, body, LOAD, seconds, AUTH, warm_up=0)
+                        before = procs.cpu_seconds(pids[name]), procs.cpu_seconds(mariadb)
+                        run = h2.h2load(target, body, LOAD, seconds, AUTH, warm_up=0)
+                        used = procs.cpu_seconds(pids[name]), procs.cpu_seconds(mariadb)
+                        per_call = tuple(
+                            (after - was) / max(run.succeeded, 1) * 1e6
+                            for was, after in zip(before, used, strict=True)
                         )
-                rows += [(n, max(found, key=lambda r: r.per_second)) for n, found in runs.items()]
+                        runs.setdefault(name, []).append((run, (per_call[0], per_call[1])))
+                for name, found in runs.items():
+                    best, usage = max(found, key=lambda r: r[0].per_second)
+                    rows.append((name, best))
+                    cpu[name] = usage
             finally:
                 procs.stop(server)
     finally:
         if ceiling is not None:
             procs.stop(ceiling)
     scaled = _scaled(own, small + "?driver=mysqlclient", fast)
-    return Figures(rows, scaled, len(reply))
+    return Figures(rows, cpu, scaled, len(reply))
 
 
 def _reply(request: pb.GetTaskNodeDetailRequest) -> bytes:
@@ -305,12 +323,13 @@ def print_rows(figures: Figures, seconds: float) -> None:
         f"\nbk-sops store on MariaDB, {LARGE:,} tasks; reply {figures.reply_bytes} bytes; "
         f"h2load {LOAD.in_flight} in flight, best of {REPEATS} runs of {seconds:g} s\n"
     )
-    print("| server | calls/s | p50 ms | p99 ms | p99/p50 |")
-    print("|---|---|---|---|---|")
+    print("| server | calls/s | p50 ms | p99 ms | p99/p50 | CPU µs/call | MariaDB CPU µs/call |")
+    print("|---|---|---|---|---|---|---|")
     for name, run in figures.rows:
+        own, db = figures.cpu[name]
         print(
             f"| {name} | {run.per_second:,.0f} | {run.p50_ms:.2f} | {run.p99_ms:.2f} | "
-            f"{run.p99_ms / max(run.p50_ms, 1e-9):.1f} |"
+            f"{run.p99_ms / max(run.p50_ms, 1e-9):.1f} | {own:.0f} | {db:.0f} |"
         )
     found = dict(figures.rows)
     ceiling = found["ceiling"].per_second
