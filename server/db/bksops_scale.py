@@ -50,6 +50,7 @@ from server.db.scale import COMPONENTS
 from server.db.scale import ERRORS
 from server.db.scale import THINGS
 from server.db.scale import VERBS
+from server.db.scale import StopsOnce
 from server.db.scale import settle
 
 SEED = 20190117
@@ -121,7 +122,7 @@ class Made:
     children: int
 
 
-class Generator:
+class Generator(StopsOnce):
     """Makes one task's rows after another, from one seeded random source."""
 
     def __init__(self, seed: int = SEED) -> None:
@@ -402,15 +403,6 @@ class Generator:
                 self.business, self.task_id, node_id, stack, code, state, loop, histories, children
             )
         )
-
-    def _next_state(self) -> str | None:
-        """FINISHED until the task stops, then its stopping state once, then not run."""
-        if self.finishing is None:
-            return "FINISHED"
-        self.finishing -= 1
-        if self.finishing >= 0:
-            return "FINISHED"
-        return self.stop if self.finishing == -1 else None
 
     def _id(self) -> str:
         return f"node{self.rng.getrandbits(112):028x}"

@@ -99,7 +99,25 @@ ERRORS = (
 Row = tuple[Any, ...]
 
 
-class Generator:
+class StopsOnce:
+    """A task's run: nodes finish until it stops, one stops it, the rest never run."""
+
+    #: Nodes still to finish before the task stops (None: all of them), and the state of
+    #: the node it stops at (None: it never started).
+    finishing: int | None = None
+    stop: str | None = None
+
+    def _next_state(self) -> str | None:
+        """FINISHED until the task stops; then its stopping state once; then not run."""
+        if self.finishing is None:
+            return "FINISHED"
+        self.finishing -= 1
+        if self.finishing >= 0:
+            return "FINISHED"
+        return self.stop if self.finishing == -1 else None
+
+
+class Generator(StopsOnce):
     """Makes the rows of one task after another, from one seeded random source."""
 
     def __init__(self, seed: int) -> None:
@@ -230,15 +248,6 @@ class Generator:
         )  # fmt: skip
         self.nodes.append(row)
         return state, started
-
-    def _next_state(self) -> str | None:
-        """FINISHED until the task stops; then its stopping state once; then not run."""
-        if self.finishing is None:
-            return "FINISHED"
-        self.finishing -= 1
-        if self.finishing >= 0:
-            return "FINISHED"
-        return self.stop if self.finishing == -1 else None
 
     def _earlier_attempts(
         self, node_id: str, inputs: list[str], outputs: list[str]
