@@ -11,12 +11,13 @@ PROTOS := $(shell find protos -name '*.proto' | sort)
 # Where googleapis-common-protos keeps google/api/*.proto inside the virtualenv.
 GOOGLEAPIS = $(shell $(PY) -c 'import pathlib, google.api.annotations_pb2 as m; print(pathlib.Path(m.__file__).parents[2])')
 
-.PHONY: help venv gen check lint typecheck proto-lint proto-breaking gen-drift test run gateway migrate load seed-large bench bench-scale engine-venv engine-run clean
+.PHONY: help venv gen check lint typecheck proto-lint proto-breaking gen-drift test run gateway migrate load seed-large bench bench-scale engine-venv engine-run demo-bksops clean
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed -E 's/:.*## /\t/'
 
 $(VENV)/.installed: pyproject.toml
+	scripts/install-mysqlclient-deps.sh
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet -e '.[dev]'
@@ -92,6 +93,9 @@ engine-run: $(VENV)/.installed  ## run real pipelines with the real engine into 
 	mkdir -p var
 	$(if $(URL),,rm -f var/engine.db)
 	$(PY) -m tests.engine.harness '$(or $(URL),sqlite:///var/engine.db)'
+
+demo-bksops: $(VENV)/.installed  ## real pipelines run by the real engine into var/demo-bksops/engine.db, then served from it (prints grpcurl and curl commands)
+	$(PY) -m tests.engine.demo
 
 clean:  ## remove the virtualenv, caches and the embedded database
 	rm -rf $(VENV) .build var .pytest_cache .mypy_cache .ruff_cache

@@ -16,7 +16,9 @@ Every figure of the real server is checked against its own count of OK replies
 (its access log).
 
     .venv/bin/python -m bench.run [--seconds 10]
-        [--only auth-flood|read-mask|list-nodes|overhead|watch]
+        [--only auth-flood|read-mask|list-nodes|overhead|watch|bksops]
+
+`--only bksops` runs the bk-sops store's step alone (bench.bksops: MariaDB, its own datasets).
 """
 
 from __future__ import annotations
@@ -36,6 +38,7 @@ import grpc
 from bksops.tasknode.v1 import task_node_pb2 as pb
 from bksops.tasknode.v1 import task_node_pb2_grpc as pb_grpc
 
+from bench import bksops
 from bench import dataset
 from bench import h2
 from bench import list_nodes
@@ -211,10 +214,12 @@ def main() -> int:
     parser.add_argument("--seconds", type=float, default=10)
     parser.add_argument(
         "--only",
-        choices=["auth-flood", "read-mask", "list-nodes", "overhead", "watch"],
+        choices=["auth-flood", "read-mask", "list-nodes", "overhead", "watch", "bksops"],
         help="run this step alone",
     )
     args = parser.parse_args()
+    if args.only == "bksops":  # MariaDB, datasets of its own
+        return bksops.main(args.seconds)
     if args.only == "read-mask":  # in process, on a database of its own
         read_mask.print_rows(read_mask.measure(READ_MASK_SECONDS, READ_MASK_KIB), READ_MASK_KIB)
         return 0
@@ -328,6 +333,8 @@ def main() -> int:
     list_nodes.print_rows(list_nodes.measure(LIST_NODES, LIST_CALLS), LIST_NODES)
     print()
     watch.print_rows(watch.measure(WORK / "watch"))
+    print()
+    bksops.print_rows(bksops.measure(args.seconds), args.seconds)
     return 0
 
 

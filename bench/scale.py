@@ -159,10 +159,13 @@ def _request(
 class ServerProcess:
     """`python -m server serve` on a dataset, in a process of its own."""
 
-    def __init__(self, url: str, cache_mb: int, log: Path) -> None:
+    def __init__(
+        self, url: str, cache_mb: int, log: Path, extra: dict[str, str] | None = None
+    ) -> None:
         self.port = _free_port()
         env = {
             **os.environ,
+            **(extra or {}),
             "TASKNODE_DATABASE_URL": url,
             "TASKNODE_GRPC_ADDR": f"127.0.0.1:{self.port}",
             "TASKNODE_HTTP_ADDR": "",
@@ -186,10 +189,13 @@ class ServerProcess:
                     self.stop()
                     raise SystemExit(f"the server did not start; see {log}") from None
 
-    def call(self, request: pb.GetTaskNodeDetailRequest) -> float:
-        """Seconds one call took."""
+    def call(
+        self, request: pb.GetTaskNodeDetailRequest, auth: dict[str, str] | None = None
+    ) -> float:
+        """Seconds one call took (as the bench app, or with the credentials auth)."""
+        metadata = METADATA if auth is None else tuple(auth.items())
         started = time.perf_counter()
-        self.stub.GetTaskNodeDetail(request, metadata=METADATA, timeout=10)
+        self.stub.GetTaskNodeDetail(request, metadata=metadata, timeout=10)
         return time.perf_counter() - started
 
     def stop(self) -> None:

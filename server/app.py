@@ -231,10 +231,7 @@ def create_server(config: Config, reuse_port: bool = False) -> Server:
         ],
     )
     gate.count_refusals_of(server)
-    # No engine row stamps a task's changes yet (BksopsStore.stamp): a bk-sops store's
-    # replies are built afresh each time.
-    cached = config.reply_cache_mb and not config.bksops_database_url
-    cache = DetailCache(config.reply_cache_mb * 1024 * 1024) if cached else None
+    cache = DetailCache(config.reply_cache_mb * 1024 * 1024) if config.reply_cache_mb else None
     servicer = TaskNodeServicer(store, Masker(config.secret_keywords), cache, config.watch_listen())
     task_node_pb2_grpc.add_TaskNodeServiceServicer_to_server(servicer, server)
     health_servicer = health.HealthServicer(

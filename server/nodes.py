@@ -65,7 +65,7 @@ def read_node_detail(
     task is unchanged (server.cache); the caller must not change what it returns.
     """
     authorize(store, query.biz_id, query.by_project_id, principal)
-    stamp = store.stamp(query.task_id) if cache is not None else None
+    stamp = store.stamp(query.task_id, query.node_id) if cache is not None else None
     if cache is not None and stamp is not None:
         cached = cache.get(query, stamp)
         if cached is not None:

@@ -49,7 +49,7 @@ def test_a_second_call_is_answered_from_the_cache(
 
 def server_stamp(server: Server, task_id: int) -> object:
     with server.store.db.connection_context():
-        return server.store.stamp(task_id)
+        return server.store.stamp(task_id, "")
 
 
 def test_the_cache_is_bounded_by_bytes() -> None:

@@ -97,12 +97,21 @@ class Partitioned:
 
 @pytest.fixture
 def partitioned(demo_config: Config) -> Iterator[Partitioned]:
+    with partition_of(demo_config) as found:
+        yield found
+
+
+@contextmanager
+def partition_of(
+    demo_config: Config, url: Callable[[str], str] = lambda u: u
+) -> Iterator[Partitioned]:
+    """A started server whose connections pass through a proxy (its URL made by url)."""
     upstream = urlsplit(demo_config.database_url)
     assert upstream.hostname and upstream.port
     with TcpProxy(upstream.hostname, upstream.port) as proxy:
         config = dataclasses.replace(
             demo_config,
-            database_url=through(demo_config.database_url, proxy.port),
+            database_url=url(through(demo_config.database_url, proxy.port)),
             grpc_workers=WORKERS,
             store_timeout_seconds=STORE_TIMEOUT,
         )
@@ -124,6 +133,11 @@ def partitioned(demo_config: Config) -> Iterator[Partitioned]:
 def test_a_partition_ends_calls_by_their_deadline_and_heals_within_seconds(
     partitioned: Partitioned, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    check_partition(partitioned, monkeypatch)
+
+
+def check_partition(partitioned: Partitioned, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Partition and heal, counting the server's calls inside its store (Sessions)."""
     store = partitioned.proxied.server.store
     sessions = Sessions()
     monkeypatch.setattr(store, "session", sessions.around(store))

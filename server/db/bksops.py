@@ -14,6 +14,7 @@ Apps, grants, tokens and plugin output schemas stay in the service's own databas
 from __future__ import annotations
 
 import datetime
+import hashlib
 import json
 import re
 import threading
@@ -30,6 +31,8 @@ from typing import Any
 
 from peewee import Database
 from peewee import MySQLDatabase
+from peewee import PostgresqlDatabase
+from peewee import SqliteDatabase
 
 from server import errors
 from server import values
@@ -47,10 +50,19 @@ from server.filters import Term
 
 #: Parsed task trees kept, by snapshot id (a snapshot row never changes).
 TREES_KEPT = 256
+#: Node kinds kept for the stamp (a few MiB).
+KINDS_KEPT = 65_536
+#: The stamp's children column (count/digest sum) for a node with none, on every database.
+NO_CHILDREN = "0/0"
 SUBPROCESS = "SubProcess"
 #: bamboo's plain context values (eri_contextvalue.type); splice and computed ones
 #: would need the engine's renderer.
 PLAIN_CONTEXT = 1
+#: Where the node's state name is among the stamp's columns (None: it has not run).
+_STATE_NAME = 7
+#: The digest functions a SQLite connection of this store is given for the stamp.
+_SQLITE_DIGEST = "tasknode_md5"
+_SQLITE_ROW_DIGEST = "tasknode_row_digest"
 _EPOCH = datetime.datetime(1970, 1, 1, tzinfo=datetime.UTC)
 _REFERENCE = re.compile(r"\$\{\s*([A-Za-z_][A-Za-z0-9_]*)\s*\}")
 
@@ -100,6 +112,8 @@ class BksopsStore(Store):
         self.native = native
         self._trees: OrderedDict[int, _Tree] = OrderedDict()
         self._trees_lock = threading.Lock()
+        #: node id -> True for a node known not to be a sub-process (see stamp).
+        self._plain: OrderedDict[str, bool] = OrderedDict()
         self._current = _Current()
         super().__init__(db, timeout, replicas)
 
@@ -117,9 +131,33 @@ class BksopsStore(Store):
         super().close()
         self.native.close()
 
-    def stamp(self, task_id: int) -> None:
-        """None: replies are not cached, since no engine row yet stamps a task's changes."""
-        return None
+    def stamp(self, task_id: int, node_id: str) -> tuple[Any, ...] | None:
+        """Everything a reply about the node is built from, in one statement on the engine's
+        database (beside the catalog stamp of the service's own, for output schemas).
+
+        No engine row stamps a change: bamboo-engine updates eri_state and
+        eri_executiondata rows in place (a node's version is refreshed only when it
+        re-enters; data changes while it stays RUNNING), and inserts eri_executionhistory
+        rows. So the stamp is what the reply shows of them: the task's and project's rows
+        and the snapshot id (a snapshot never changes), the node's state columns, digests
+        of its data, the count and last id of its histories (only ever inserted), and the
+        count and a sum of digests of its children's state rows (a sub-process's). None
+        for a node that has not run (its preview follows the context values) or no task.
+        """
+        with self._trees_lock:
+            plain = self._plain.get(node_id, False)
+        if plain:  # not a sub-process: no children, their column as the full query has it
+            found = self._rows(
+                "stamp", self._sql_stamp_plain, False, node_id, node_id, node_id, task_id
+            )
+            rows = [(*row, NO_CHILDREN) for row in found]
+        else:
+            rows = self._rows(
+                "stamp", self._sql_stamp, False, *self._stamp_params(task_id, node_id)
+            )
+        if not rows or rows[0][_STATE_NAME] is None:
+            return None
+        return (*rows[0], self.native.catalog_stamp())
 
     def find_task(self, biz_id: int, by_project_id: bool, task_id: int) -> None:
         """NotFound naming the business or task missing (or deleted), UnsupportedEngine
@@ -205,6 +243,7 @@ class BksopsStore(Store):
                 f"node {node_id} not found in task {task_id}",
                 {"taskId": str(task_id), "nodeId": node_id},
             )
+        self._remember_kind(node_id, info.kind != SUBPROCESS)
         row = NodeRow(
             task_id=task_id,
             node_id=node_id,
@@ -283,6 +322,15 @@ class BksopsStore(Store):
                 {**where, "engineVer": str(engine_ver)},
             )
         return snapshot_id, root_id
+
+    def _remember_kind(self, node_id: str, plain: bool) -> None:
+        """Note whether a node (its id is unique in the engine's database, its tree never
+        changes) is not a sub-process, for the stamp's cheaper statement."""
+        with self._trees_lock:
+            self._plain[node_id] = plain
+            self._plain.move_to_end(node_id)
+            while len(self._plain) > KINDS_KEPT:
+                self._plain.popitem(last=False)
 
     def attempts(self, task_id: int, node_id: str, loop: int) -> list[AttemptRow]:
         rows = self._rows("attempts", self._sql_histories, True, node_id, loop)
@@ -421,6 +469,7 @@ class BksopsStore(Store):
             f"SELECT node_id, name, {loop}, retry, skip, error_ignored, version, started_time,"
             f" archived_time FROM eri_state WHERE parent_id = {p} ORDER BY id"
         )
+        self._prepare_stamp()
         self._sql_context = (
             f"SELECT {self._quoted('key')}, type, serializer, value FROM eri_contextvalue"
             f" WHERE pipeline_id = {p}"
@@ -444,8 +493,74 @@ class BksopsStore(Store):
             f" WHERE root_id IN ({', '.join([p] * count)})"
         )
 
+    def _prepare_stamp(self) -> None:
+        """The stamp's statement (see stamp): digests are MD5 on MySQL and PostgreSQL, and
+        on SQLite, which has none, functions this store gives each connection. Each count
+        and its aggregate share one subquery: on MariaDB a subquery costs more than its
+        index probe (four took ~0.5 ms of a 1 ms stamp, measured on the bench dataset)."""
+        p, loop = self.db.param, self._quoted("loop")
+        columns = (
+            f"c.id, c.node_id, c.name, c.version, c.{loop}, c.retry, c.skip, c.error_ignored,"
+            " c.started_time, c.archived_time"
+        )
+        if isinstance(self.db, MySQLDatabase):
+            digest = "MD5({})".format
+            pair = "CONCAT({}, '/', COALESCE({}, 0))".format
+            row = "CAST(CONV(LEFT(MD5(CONCAT_WS('|', {})), 15), 16, 10) AS UNSIGNED)".format
+            columns = ", ".join(f"COALESCE({c.strip()}, '-')" for c in columns.split(","))
+        elif isinstance(self.db, PostgresqlDatabase):
+            digest = "md5({})".format
+            pair = "({} || '/' || COALESCE({}, 0))".format
+            row = "('x' || left(md5(concat_ws('|', {})), 15))::bit(60)::bigint".format
+            columns = ", ".join(f"coalesce({c.strip()}::text, '-')" for c in columns.split(","))
+        else:
+            digest = f"{_SQLITE_DIGEST}({{}})".format
+            pair = "({} || '/' || COALESCE({}, 0))".format
+            row = f"{_SQLITE_ROW_DIGEST}({{}})".format
+        head = (
+            "SELECT t.is_deleted, t.engine_ver, t.project_id, pr.bk_biz_id, pr.from_cmdb,"
+            f" i.execution_snapshot_id, i.instance_id, s.name, s.version, s.{loop}, s.retry,"
+            " s.skip, s.error_ignored, s.started_time, s.archived_time,"
+            f" d.inputs_serializer, d.outputs_serializer, {digest('d.inputs')},"
+            f" {digest('d.outputs')},"
+            f" (SELECT {pair('COUNT(*)', 'MAX(h.id)')}"
+            f" FROM eri_executionhistory h WHERE h.node_id = {p})"
+        )
+        children = (
+            f", (SELECT {pair('COUNT(*)', f'SUM({row(columns)})')}"
+            f" FROM eri_state c WHERE c.parent_id = {p})"
+        )
+        tail = (
+            " FROM taskflow3_taskflowinstance t"
+            " JOIN pipeline_pipelineinstance i ON i.id = t.pipeline_instance_id"
+            " LEFT JOIN core_project pr ON pr.id = t.project_id"
+            f" LEFT JOIN eri_state s ON s.node_id = {p}"
+            f" LEFT JOIN eri_executiondata d ON d.node_id = {p}"
+            f" WHERE t.id = {p}"
+        )
+        self._sql_stamp = head + children + tail
+        # The children's subquery costs ~0.4 ms on MariaDB even when it finds none.
+        self._sql_stamp_plain = head + tail
+        if isinstance(self.db, SqliteDatabase):
+            self.db.register_function(_md5, _SQLITE_DIGEST, 1)
+            self.db.register_function(_row_digest, _SQLITE_ROW_DIGEST, -1)
+
+    @staticmethod
+    def _stamp_params(task_id: int, node_id: str) -> tuple[object, ...]:
+        return (node_id, node_id, node_id, node_id, task_id)
+
     def _quoted(self, name: str) -> str:
         return f"`{name}`" if isinstance(self.db, MySQLDatabase) else f'"{name}"'
+
+
+def _md5(text: str | None) -> str | None:
+    return None if text is None else hashlib.md5(text.encode(), usedforsecurity=False).hexdigest()
+
+
+def _row_digest(*values: object) -> int:
+    """60 bits of a digest of a row's values, as the MySQL and PostgreSQL stamps take them."""
+    text = "|".join("-" if v is None else str(v) for v in values)
+    return int(hashlib.md5(text.encode(), usedforsecurity=False).hexdigest()[:15], 16)
 
 
 def _index(pipeline: dict[str, Any], path: tuple[str, ...], tree: _Tree) -> None:

@@ -27,6 +27,7 @@ from server.db.pool import KEEPALIVE_IDLE_SECONDS
 from server.db.pool import KEEPALIVE_INTERVAL_SECONDS
 from server.db.pool import TCP_USER_TIMEOUT_SECONDS
 from server.db.pool import BoundedPool
+from server.db.pool import PooledMySQLClientDatabase
 from server.db.pool import PooledMySQLDatabase
 from server.db.pool import PooledPostgresqlDatabase
 
@@ -238,6 +239,12 @@ def _addresses(parts: SplitResult) -> tuple[str, str, list[tuple[str, int | None
 def _server(scheme: str, parts: SplitResult, timeout: float | None) -> Database:
     options: dict[str, object] = dict(parse_qsl(parts.query))
     user, password, addresses = _addresses(parts)
+    driver = str(options.pop("driver", "pymysql"))
+    mysql = scheme in ("mysql", "mariadb")
+    if driver not in ("pymysql", "mysqlclient") or (driver != "pymysql" and not mysql):
+        raise DatabaseURLError(
+            f"database URL: driver must be pymysql or mysqlclient (MySQL only), not {driver!r}"
+        )
     kwargs: dict[str, object] = {
         "host": addresses[0][0],
         "max_connections": int(str(options.pop("max_connections", 16))),
@@ -287,7 +294,8 @@ def _server(scheme: str, parts: SplitResult, timeout: float | None) -> Database:
     # A call reads one snapshot (Store.read); only REPEATABLE READ gives one, and a
     # server configured for READ COMMITTED (as Django suggests) would not.
     kwargs.setdefault("init_command", "SET SESSION TRANSACTION ISOLATION LEVEL REPEATABLE READ")
-    return PooledMySQLDatabase(
+    pool = PooledMySQLClientDatabase if driver == "mysqlclient" else PooledMySQLDatabase
+    return pool(
         name,
         field_types={"JSONTEXT": "LONGTEXT"},
         statement_timeout=float(str(statement)) if statement else None,

@@ -64,8 +64,8 @@ class NodeStore(Protocol):
         """How many nodes list_nodes would list from the start, with no limit."""
         ...
 
-    def stamp(self, task_id: int) -> Hashable | None:
-        """What a cached reply about the task is checked against; None: do not cache."""
+    def stamp(self, task_id: int, node_id: str) -> Hashable | None:
+        """What a cached reply about the task's node is checked against; None: do not cache."""
         ...
 
     def task_changes(self, known: Mapping[int, Hashable | None]) -> dict[int, TaskState]:

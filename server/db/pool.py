@@ -28,6 +28,7 @@ from __future__ import annotations
 import contextlib
 import heapq
 import logging
+import math
 import os
 import socket
 import threading
@@ -334,16 +335,14 @@ class PooledMySQLDatabase(BoundedPool, pool.PooledMySQLDatabase):
             **{**params, "read_timeout": read_timeout or params["connect_timeout"]},
         )
         conn._read_timeout = read_timeout
-        sock = conn._sock
-        if sock is not None and sock.family != socket.AF_UNIX:
-            for option, value in (
-                ("TCP_KEEPIDLE", KEEPALIVE_IDLE_SECONDS),
-                ("TCP_KEEPINTVL", KEEPALIVE_INTERVAL_SECONDS),
-                ("TCP_KEEPCNT", KEEPALIVE_COUNT),
-                ("TCP_USER_TIMEOUT", TCP_USER_TIMEOUT_SECONDS * 1000),
-            ):
-                if hasattr(socket, option):
-                    sock.setsockopt(socket.IPPROTO_TCP, getattr(socket, option), value)
+        if conn._sock is not None:
+            _keep_alive(conn._sock)
+        self._set_session(conn)
+        return conn
+
+    def _set_session(self, conn: Any) -> None:
+        """conn's session settings: wsrep_sync_wait, if the URL asks for it, and the
+        server's limit on each statement (the store's timeout)."""
         if self.wsrep_sync_wait is not None:
             with conn.cursor() as cursor:
                 cursor.execute("SET SESSION wsrep_sync_wait = %s", (self.wsrep_sync_wait,))
@@ -355,7 +354,6 @@ class PooledMySQLDatabase(BoundedPool, pool.PooledMySQLDatabase):
                     cursor.execute(
                         "SET SESSION max_execution_time = %s", (int(self.statement_timeout * 1000),)
                     )
-        return conn
 
     def interrupt(self, conn: Any) -> None:
         sock = conn._sock  # pymysql's socket object, closed (not reused) once pymysql drops it
@@ -375,6 +373,65 @@ class PooledMySQLDatabase(BoundedPool, pool.PooledMySQLDatabase):
             except (MySQLError, OSError):
                 return False
         return True
+
+
+class PooledMySQLClientDatabase(PooledMySQLDatabase):
+    """PooledMySQLDatabase on mysqlclient (MySQLdb, libmariadb in C) instead of PyMySQL: a
+    statement costs the calling thread about half the CPU (docs/bksops-store.md), and the
+    driver releases the GIL while it waits on the server. Chosen by `driver=mysqlclient` in
+    the URL (server.db.connection)."""
+
+    def _open_at(self, address: tuple[str, int] | None) -> Any:
+        import MySQLdb  # imported by the URLs that ask for it only
+
+        params = dict(self.connect_params)
+        if address is not None:
+            params.update(host=address[0], port=address[1])
+        for seconds in ("connect_timeout", "read_timeout", "write_timeout"):
+            if params.get(seconds) is not None:  # libmariadb counts whole seconds
+                params[seconds] = max(1, math.ceil(float(params[seconds])))
+        # libmariadb keeps the read timeout a connection is opened with: the configured one
+        # (a serving store's), or none (loads, which may run long statements).
+        conn = MySQLdb.connect(database=self.database, autocommit=True, **params)
+        sock = socket.socket(fileno=os.dup(conn.fileno()))
+        try:
+            _keep_alive(sock)  # the duplicate shares the connection's socket
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+        finally:
+            sock.close()  # the duplicate only: the connection keeps its own descriptor
+        self._set_session(conn)
+        return conn
+
+    def interrupt(self, conn: Any) -> None:
+        try:
+            sock = socket.socket(fileno=os.dup(conn.fileno()))
+        except Exception:  # closed already (MySQLdb's own error): nothing to interrupt
+            return
+        try:
+            _shut(sock)  # shuts the connection's socket down: the duplicate shares it
+        finally:
+            sock.close()
+
+    def _is_closed(self, conn: Any) -> bool:
+        return not conn.open
+
+    def _can_reuse(self, conn: Any) -> bool:
+        # The store ends every transaction it begins (Store._end) before check-in.
+        return bool(conn.open)
+
+
+def _keep_alive(sock: socket.socket) -> None:
+    """TCP keepalive and user timeout of a server connection's socket (module docstring)."""
+    if sock.family == socket.AF_UNIX:
+        return
+    for option, value in (
+        ("TCP_KEEPIDLE", KEEPALIVE_IDLE_SECONDS),
+        ("TCP_KEEPINTVL", KEEPALIVE_INTERVAL_SECONDS),
+        ("TCP_KEEPCNT", KEEPALIVE_COUNT),
+        ("TCP_USER_TIMEOUT", TCP_USER_TIMEOUT_SECONDS * 1000),
+    ):
+        if hasattr(socket, option):
+            sock.setsockopt(socket.IPPROTO_TCP, getattr(socket, option), value)
 
 
 def _shut(sock: socket.socket) -> None:

@@ -99,7 +99,25 @@ ERRORS = (
 Row = tuple[Any, ...]
 
 
-class Generator:
+class StopsOnce:
+    """A task's run: nodes finish until it stops, one stops it, the rest never run."""
+
+    #: Nodes still to finish before the task stops (None: all of them), and the state of
+    #: the node it stops at (None: it never started).
+    finishing: int | None = None
+    stop: str | None = None
+
+    def _next_state(self) -> str | None:
+        """FINISHED until the task stops; then its stopping state once; then not run."""
+        if self.finishing is None:
+            return "FINISHED"
+        self.finishing -= 1
+        if self.finishing >= 0:
+            return "FINISHED"
+        return self.stop if self.finishing == -1 else None
+
+
+class Generator(StopsOnce):
     """Makes the rows of one task after another, from one seeded random source."""
 
     def __init__(self, seed: int) -> None:
@@ -230,15 +248,6 @@ class Generator:
         )  # fmt: skip
         self.nodes.append(row)
         return state, started
-
-    def _next_state(self) -> str | None:
-        """FINISHED until the task stops; then its stopping state once; then not run."""
-        if self.finishing is None:
-            return "FINISHED"
-        self.finishing -= 1
-        if self.finishing >= 0:
-            return "FINISHED"
-        return self.stop if self.finishing == -1 else None
 
     def _earlier_attempts(
         self, node_id: str, inputs: list[str], outputs: list[str]
@@ -415,14 +424,15 @@ def _rate(rows: int, seconds: float) -> str:
     return f"{rows:,} rows  {rows / max(seconds, 1e-9):,.0f} rows/s"
 
 
-def settle(db: Database) -> None:
+def settle(db: Database, tables: tuple[str, ...] | None = None) -> None:
     """Bring the planner's statistics (and PostgreSQL's visibility map) up to date.
 
     A database in use has them; right after a bulk load the first reads of each page
     would otherwise also write it (PostgreSQL's hint bits), which a benchmark would
     count against the lookups.
     """
-    tables = [model._meta.table_name for model in (Task, Node, Attempt)]
+    if tables is None:
+        tables = tuple(model._meta.table_name for model in (Task, Node, Attempt))
     with db.connection_context():
         if isinstance(db, PostgresqlDatabase):
             for table in tables:

@@ -723,9 +723,10 @@ class Store:
                 self._listings[key] = prepared
         return prepared
 
-    def stamp(self, task_id: int) -> tuple[str, int] | None:
+    def stamp(self, task_id: int, node_id: str) -> tuple[str, int] | None:
         """What a reply about the task is built from, stamped: the task's digest and the
-        catalog stamp (server.db.models). None for no such task."""
+        catalog stamp (server.db.models). None for no such task. One stamp covers every
+        node of a task: an import replaces a task whole."""
         rows = self._read("stamp", self._stamp, False, task_id=task_id)
         return (rows[0][0], rows[0][1]) if rows else None
 
@@ -765,6 +766,12 @@ class Store:
                 nodes[task_id].append(ListedRow(*row))
         self.end_snapshot()
         return {task_id: TaskState(stamps[task_id], tuple(nodes[task_id])) for task_id in changed}
+
+    def catalog_stamp(self) -> int:
+        """The catalog stamp alone (projects and schemas; server.db.models), for a store
+        that reads tasks elsewhere and schemas here (server.db.bksops)."""
+        rows = self._read("catalog_stamp", self._catalog_stamp, False)
+        return int(rows[0][0]) if rows else 0
 
     def business_of_project(self, project_id: int) -> int | None:
         """The business a project belongs to; None for no such project or none."""
@@ -865,6 +872,10 @@ class Store:
                 CatalogStamp.select(CatalogStamp.stamp).where(CatalogStamp.id == 1),
             ).where(Task.id == task_id),
             task_id=number(7),
+        )
+        self._catalog_stamp = Prepared(
+            self.db,
+            lambda: CatalogStamp.select(CatalogStamp.stamp).where(CatalogStamp.id == 1),
         )
         self._business_of_project = Prepared(
             self.db,

@@ -109,7 +109,13 @@ def _run(command: list[str]) -> None:
         )
 
 
-def run_pipelines(database_url: str, directory: Path) -> dict[str, Any]:
+def engine_schema(database_url: str, directory: Path) -> None:
+    """Creates the engine's tables (its own migrations) and bk-sops's two in database_url, an
+    empty database, running no pipeline: for server.db.bksops_scale to fill."""
+    run_pipelines(database_url, directory, "--schema-only")
+
+
+def run_pipelines(database_url: str, directory: Path, *options: str) -> dict[str, Any]:
     """Runs tests/engine/run_pipelines.py in the engine venv against database_url (an empty
     database of the kinds tests/conftest.py makes) and returns its manifest.
 
@@ -120,7 +126,7 @@ def run_pipelines(database_url: str, directory: Path) -> dict[str, Any]:
     log = directory / "engine.log"
     with log.open("w") as out:
         done = subprocess.run(
-            [str(python), str(RUNNER), database_url, str(manifest)],
+            [str(python), str(RUNNER), database_url, str(manifest), *options],
             stdout=out,
             stderr=subprocess.STDOUT,
             timeout=300,

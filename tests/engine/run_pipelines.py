@@ -8,6 +8,7 @@ runs the pipelines below synchronously (Celery in eager mode: no broker, no work
 to a task of a project, and writes a JSON manifest of what ran and what each node must show.
 
     python run_pipelines.py DATABASE_URL MANIFEST_PATH [--loop-passes N [--only-loop]]
+    python run_pipelines.py DATABASE_URL MANIFEST_PATH --schema-only
 
 The engine prints to stdout while it works, so the manifest goes to a file. With --loop-passes,
 a last pipeline `long_loop` loops N times; the manifest is written before it starts (its
@@ -1005,11 +1006,17 @@ def main(argv: list[str]) -> int:
     parser.add_argument("manifest", type=Path)
     parser.add_argument("--loop-passes", type=int, default=0)
     parser.add_argument("--only-loop", action="store_true", help="skip the other pipelines")
+    parser.add_argument(
+        "--schema-only", action="store_true", help="create the tables only (server.db.bksops_scale)"
+    )
     arguments = parser.parse_args(argv[1:])
     url, out = arguments.url, arguments.manifest
     configure(url)
     migrate()
     create_bksops_tables()
+    if arguments.schema_only:
+        out.write_text("{}")
+        return 0
     components = define_components()
     pipelines = Pipelines()
     pipelines.manifest["components"] = components

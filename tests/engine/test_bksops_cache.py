@@ -1,0 +1,239 @@
+"""The reply cache on a bk-sops database: a reply is reused only while nothing it shows changed.
+
+bamboo-engine stamps none of its changes: it updates eri_state and eri_executiondata rows in
+place (a node's version is refreshed only when it re-enters; a running node's data changes
+while its state row does not), and inserts eri_executionhistory rows. Each test here makes a
+server cache a reply (the second call is a hit), then changes the engine's rows the way the
+engine's runtime does (pipeline.eri.imp: set_execution_data, set_state without a new version,
+add_history, a child's set_state, a deleted task), and the next call must show the change.
+The database is one the real engine ran its pipelines in, one per store, for this module.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import sqlite3
+from collections.abc import Callable
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+from urllib.parse import unquote
+from urllib.parse import urlsplit
+
+import grpc
+import pytest
+from bksops.tasknode.v1 import task_node_pb2 as pb
+from bksops.tasknode.v1 import task_node_pb2_grpc as pb_grpc
+from peewee import MySQLDatabase
+from peewee import QueryEvent
+from prometheus_client import REGISTRY
+
+from server import values
+from server.app import Server
+from server.db.connection import open_read_only
+from tests.conftest import STORES
+from tests.conftest import fresh_database
+from tests.engine.conftest import EngineDatabase
+from tests.engine.harness import run_pipelines
+from tests.engine.test_bksops_store import engine_rows
+from tests.engine.test_bksops_store import serving
+
+Served = tuple[pb_grpc.TaskNodeServiceStub, Server, EngineDatabase]
+
+
+@pytest.fixture(scope="module", params=STORES)
+def writable(
+    request: pytest.FixtureRequest, engine_venv: Path, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Served]:
+    """A server with its reply cache on, over an engine database of this module's own (the
+    tests change its rows)."""
+    directory = tmp_path_factory.mktemp(f"cache-{request.param}")
+    with fresh_database(request.param, directory) as url:
+        engine = EngineDatabase(request.param, url, run_pipelines(url, directory))
+        with serving(engine, directory) as (stub, server):
+            assert server.cache is not None, "the reply cache is on for a bk-sops store"
+            yield stub, server, engine
+
+
+def write(engine: EngineDatabase, sql: str, *params: object) -> None:
+    """Run one statement on the engine's database, committed, as the engine's process would."""
+    if engine.store == "sqlite":
+        path = unquote(urlsplit(engine.url).path[1:])
+        conn = sqlite3.connect(path, isolation_level=None, timeout=10)
+        try:
+            conn.execute(sql, params)
+        finally:
+            conn.close()
+        return
+    db = open_read_only(engine.url)  # a plain pool on a server database: it writes too
+    sql = sql.replace("?", db.param)
+    if isinstance(db, MySQLDatabase):
+        sql = sql.replace('"loop"', "`loop`")
+    try:
+        db.connect()
+        with db.atomic():
+            db.execute_sql(sql, params)
+    finally:
+        db.close_all()  # type: ignore[attr-defined]
+
+
+def now(engine: EngineDatabase) -> object:
+    """The current time as the engine's Django stores it (text on SQLite)."""
+    moment = datetime.datetime.now(datetime.UTC).replace(tzinfo=None)
+    return str(moment) if engine.store == "sqlite" else moment
+
+
+def hits() -> float:
+    return REGISTRY.get_sample_value("tasknode_reply_cache_hits_total") or 0.0
+
+
+def call(served: Served, pipeline: str, label: str) -> pb.NodeDetail:
+    stub, _, engine = served
+    entry = engine.manifest["pipelines"][pipeline]
+    request = pb.GetTaskNodeDetailRequest(
+        bk_biz_id=str(entry["business_id"]),
+        task_id=str(entry["task_id"]),
+        node_id=entry["nodes"][label]["id"],
+    )
+    detail: pb.NodeDetail = stub.GetTaskNodeDetail(request, timeout=30)
+    return detail
+
+
+def node_id(engine: EngineDatabase, pipeline: str, label: str) -> str:
+    return str(engine.manifest["pipelines"][pipeline]["nodes"][label]["id"])
+
+
+def cached_then_changed(
+    served: Served, pipeline: str, label: str, change: Callable[[EngineDatabase], None]
+) -> tuple[pb.NodeDetail, pb.NodeDetail]:
+    """The node's reply once cached (the second call a hit, equal to the first), and the
+    reply after change: built afresh (not a hit)."""
+    engine = served[2]
+    first = call(served, pipeline, label)
+    before = hits()
+    assert call(served, pipeline, label) == first
+    assert hits() == before + 1, "the second call was not answered from the cache"
+    change(engine)
+    after = call(served, pipeline, label)
+    assert hits() == before + 1, "a reply built before the change was served"
+    return first, after
+
+
+def test_changed_execution_data_with_the_state_row_untouched(writable: Served) -> None:
+    """A running node's outputs change in place (set_execution_data), its state row not."""
+
+    def change(engine: EngineDatabase) -> None:
+        node = node_id(engine, "services", "ok")
+        ((text,),) = engine_rows(
+            engine, "SELECT outputs FROM eri_executiondata WHERE node_id = ?", node
+        )
+        outputs = {**json.loads(text), "word": "changed in place"}
+        write(
+            engine,
+            "UPDATE eri_executiondata SET outputs = ? WHERE node_id = ?",
+            json.dumps(outputs),
+            node,
+        )
+
+    first, after = cached_then_changed(writable, "services", "ok", change)
+    shown = {o.key: values.from_message(o.value) for o in after.outputs}
+    assert shown["word"] == "changed in place"
+    assert (after.state, after.version) == (first.state, first.version)
+
+
+def test_a_state_changed_without_a_new_version(writable: Served) -> None:
+    """A callback node finishing: set_state(FINISHED, version=its own, set_archive_time)."""
+
+    def change(engine: EngineDatabase) -> None:
+        write(
+            engine,
+            "UPDATE eri_state SET name = ?, archived_time = ? WHERE node_id = ?",
+            "FINISHED",
+            now(engine),
+            node_id(engine, "stuck", "wait"),
+        )
+
+    first, after = cached_then_changed(writable, "stuck", "wait", change)
+    assert first.state == pb.NODE_STATE_RUNNING and after.state == pb.NODE_STATE_FINISHED
+    assert after.version == first.version and after.HasField("finish_time")
+
+
+def test_a_history_row_inserted(writable: Served) -> None:
+    """add_history: a row inserted, the node's own rows untouched."""
+
+    def change(engine: EngineDatabase) -> None:
+        node = node_id(engine, "services", "skipped")
+        ((loop,),) = engine_rows(engine, 'SELECT "loop" FROM eri_state WHERE node_id = ?', node)
+        write(
+            engine,
+            'INSERT INTO eri_executionhistory (node_id, "loop", retry, skip, version,'
+            " started_time, archived_time, inputs_serializer, outputs_serializer, inputs,"
+            " outputs) VALUES (?, ?, 7, ?, ?, ?, ?, 'json', 'json', '{}', ?)",
+            node,
+            loop,
+            False,
+            "v" + "7" * 32,
+            now(engine),
+            now(engine),
+            json.dumps({"ex_data": "inserted", "_result": False, "_loop": loop}),
+        )
+
+    first, after = cached_then_changed(writable, "services", "skipped", change)
+    assert len(after.histories) == len(first.histories) + 1
+    assert after.histories[-1].version == "v" + "7" * 32
+
+
+def test_a_child_of_a_sub_process_changed(writable: Served) -> None:
+    """A sub-process's reply shows its children: a child's state row changes (retry_node's
+    set_state to READY), the sub-process's own rows do not."""
+
+    def change(engine: EngineDatabase) -> None:
+        write(
+            engine,
+            "UPDATE eri_state SET name = ?, archived_time = NULL WHERE node_id = ?",
+            "READY",
+            node_id(engine, "stuck", "fails"),
+        )
+
+    first, after = cached_then_changed(writable, "stuck", "sub", change)
+    child = node_id(writable[2], "stuck", "fails")
+    states = {c.id: c.state for c in first.children}, {c.id: c.state for c in after.children}
+    assert states[0][child] == pb.NODE_STATE_FAILED and states[1][child] == pb.NODE_STATE_READY
+
+
+def test_a_deleted_task(writable: Served) -> None:
+    """The task row changes (is_deleted): NOT_FOUND at once, not the cached reply."""
+    engine = writable[2]
+    call(writable, "other_business", "act")
+    before = hits()
+    call(writable, "other_business", "act")
+    assert hits() == before + 1
+    task = engine.manifest["pipelines"]["other_business"]["task_id"]
+    write(engine, "UPDATE taskflow3_taskflowinstance SET is_deleted = ? WHERE id = ?", True, task)
+    with pytest.raises(grpc.RpcError) as failure:
+        call(writable, "other_business", "act")
+    assert failure.value.code() == grpc.StatusCode.NOT_FOUND
+
+
+def test_a_hit_costs_one_statement_on_the_engine_database(writable: Served) -> None:
+    """A cached reply: one SELECT on the engine's database (no transaction), and the catalog
+    stamp's on the service's own."""
+    _, server, _ = writable
+    call(writable, "nested", "outer")  # built and cached
+    engine_sql: list[str] = []
+    own_sql: list[str] = []
+    store: Any = server.store
+    engine_hook: Callable[[QueryEvent], None] = lambda event: engine_sql.append(event.sql)  # noqa: E731
+    own_hook: Callable[[QueryEvent], None] = lambda event: own_sql.append(event.sql)  # noqa: E731
+    store.db.query_hooks.append(engine_hook)
+    store.native.db.query_hooks.append(own_hook)
+    try:
+        before = hits()
+        call(writable, "nested", "outer")
+    finally:
+        store.db.query_hooks.remove(engine_hook)
+        store.native.db.query_hooks.remove(own_hook)
+    assert hits() == before + 1
+    assert len(engine_sql) == 1 and engine_sql[0].startswith("SELECT"), engine_sql
+    assert len(own_sql) == 1 and "catalog" in own_sql[0], own_sql
