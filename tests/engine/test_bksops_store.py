@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import base64
 import datetime
+import json
+import math
 import pickle
 import sqlite3
 from collections.abc import Iterator
@@ -32,18 +34,28 @@ from peewee import MySQLDatabase
 from server import values
 from server.app import Server
 from server.app import create_server
+from server.cli import DEMO_APP
+from server.cli import DEMO_BUSINESS
+from server.cli import load_demo_if_empty
 from server.config import Config
 from server.db.apps import AppStore
+from server.db.bksops import BksopsStore
 from server.db.connection import ensure_schema
 from server.db.connection import open_database
 from server.db.connection import open_read_only
 from server.db.loader import FORMAT
 from server.db.loader import load_document
+from server.db.models import ComponentSchema
+from server.db.models import Task
+from server.db.store import Store
 from server.gateway.local import LocalBackend
 from tests.conftest import ALL_APP
 from tests.conftest import authorized
+from tests.engine import reference
 from tests.engine.conftest import EngineDatabase
 from tests.engine.harness import run_pipelines
+from tests.engine.to_import import task_record
+from tests.engine.to_import import tree_of
 from tests.gateway.conftest import running_shim
 
 GATE_CLOSED = "gate closed: ok is false"
@@ -532,16 +544,125 @@ def test_pickled_values_are_read_with_the_allow_list_and_sent_as_django_writes_t
     )
 
 
-def test_values_a_reply_cannot_carry_yet_answer_a_clear_error_naming_the_node(
+def test_the_legacy_data_of_every_node_is_what_bk_sops_computes(legacy: Any) -> None:
+    """Every node that ran (and every event and gateway that has not) of every engine-2
+    task, each older loop, with and without component_code: the legacy `data` equals what
+    bk-sops's rules make of the engine's rows (tests/engine/reference.py), field for field
+    and type for type, but for the `name` we add to a node that ran and to its children."""
+    client, engine = legacy
+    schemas = {(c["code"], c["version"]): c["outputs"] for c in engine.manifest["components"]}
+
+    def rows(sql: str, *params: object) -> list[tuple[Any, ...]]:
+        return engine_rows(engine, sql, *params)
+
+    seen = set()
+    for entry in engine.manifest["pipelines"].values():
+        if "task_id" not in entry or entry["deleted"] or entry["engine_ver"] != 2:
+            continue
+        (snapshot,) = rows(
+            "SELECT s.data FROM pipeline_snapshot s JOIN pipeline_pipelineinstance i"
+            " ON i.execution_snapshot_id = s.id WHERE i.id = ?",
+            entry["instance_pk"],
+        )
+        tree = reference.web_tree(bytes(snapshot[0]))
+        for node_id, stack in walk(tree_of(bytes(snapshot[0])), ()):
+            info = reference._node_info(tree, stack, node_id)
+            ran = bool(rows("SELECT id FROM eri_state WHERE node_id = ?", node_id))
+            if not ran and info["type"] in ("ServiceActivity", "SubProcess"):
+                continue  # the preview: checked against bk-sops above
+            state = rows('SELECT "loop" FROM eri_state WHERE node_id = ?', node_id)
+            loops: list[int | None] = [None, *range(1, state[0][0] if state else 1)]
+            code = (info.get("component") or {}).get("code", "")
+            for loop in loops:
+                for component_code in {"", code}:
+                    params = {
+                        **ALL_APP,
+                        "bk_biz_id": str(entry["business_id"]),
+                        "task_id": entry["task_id"],
+                        "node_id": node_id,
+                        "subprocess_stack": json.dumps(list(stack)),
+                        **({"loop": str(loop)} if loop else {}),
+                        **({"component_code": component_code} if component_code else {}),
+                    }
+                    response = client.get(
+                        "/api/c/compapi/v2/sops/get_task_node_detail/", params=params
+                    )
+                    ours = response.json()["data"]
+                    expected = reference.bk_sops_data(
+                        rows, tree, node_id, stack, schemas, loop, component_code
+                    )
+                    if ran:
+                        ours.pop("name")
+                        for child in ours["children"].values():
+                            child.pop("name")
+                    for answer in (
+                        ours,
+                        expected,
+                        *ours.get("children", {}).values(),
+                        *expected.get("children", {}).values(),
+                    ):
+                        if answer.get("finish_time", "") is None:
+                            answer.pop("elapsed_time")  # grows with the clock
+                    assert typed(ours) == typed(expected), (entry["task_id"], node_id, params)
+                    seen.add((info["type"], ran, bool(component_code), bool(loop)))
+    assert len(seen) >= 8, seen
+
+
+def typed(value: Any) -> Any:
+    """value with each leaf paired with its type, so 1 != 1.0 != True; NaN equal to NaN."""
+    if isinstance(value, dict):
+        return {k: typed(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [typed(v) for v in value]
+    if isinstance(value, float) and math.isnan(value):
+        return ("nan", float)
+    return (value, type(value))
+
+
+def test_nan_infinity_and_big_integers_are_served_as_the_engine_stored_them(
     served: Any,
 ) -> None:
-    """NaN, Infinity and 2**70 (services.odd) are not served yet: an error, not a crash."""
-    _, node_id = node(served[1], "services", "odd")
-    with pytest.raises(grpc.RpcError) as caught:
-        ask(served, "services", "odd")
-    code, reason, message = failure(caught.value)
-    assert (code, reason) == (grpc.StatusCode.FAILED_PRECONDITION, "UNREADABLE_DATA")
-    assert node_id in message and "not a finite number" in message
+    """services.odd: NaN, Infinity and 2**70, which the engine's JSON column holds as
+    Python's json writes them; the reply carries them as doubles and digits."""
+    detail = ask(served, "services", "odd")
+    outputs = {o.key: o.value for o in detail.outputs}
+    assert math.isnan(outputs["nan"].double_value)
+    assert outputs["inf"].double_value == math.inf
+    assert outputs["huge"].big_int_value == str(2**70)
+    assert values.from_message(outputs["huge"]) == 2**70
+    assert values.from_message(outputs["text"]) == "emoji \U0001f600 and 中文"
+    assert values.from_message(outputs["big"]) == "x" * 200_000
+
+
+def test_the_legacy_route_writes_them_as_bk_sops_does(legacy: Any) -> None:
+    """bk-sops's JsonResponse writes them with Python's json: NaN, Infinity, the digits."""
+    client, engine = legacy
+    entry, node_id = node(engine, "services", "odd")
+    response = client.get(
+        "/api/c/compapi/v2/sops/get_task_node_detail/",
+        params={**ALL_APP, "bk_biz_id": "2", "task_id": entry["task_id"], "node_id": node_id},
+    )
+    assert response.status_code == 200
+    for written in (
+        '{"key":"nan","value":NaN,',
+        '{"key":"inf","value":Infinity,',
+        '{"key":"huge","value":1180591620717411303424,',
+    ):
+        assert written in response.text
+    data = response.json()["data"]
+    assert data["outputs"][2] == {"key": "huge", "value": 2**70, "preset": False}
+
+
+def test_nodes_without_execution_data_answer_no_table_with_component_code(
+    served: Any,
+) -> None:
+    """bk-sops answers an event or gateway (run or not) before it formats outputs."""
+    gateway = ask(served, "loop", "decide", component_code="harness_echo")
+    assert (gateway.executed, list(gateway.outputs), gateway.ex_data) == (True, [], "")
+    end = ask(served, "stuck", "end", component_code="harness_echo")
+    assert (end.executed, list(end.outputs), end.ex_data) == (False, [], "")
+    # The engine's tree gives the events no name: bk-sops sends null.
+    assert (end.name, end.name_null) == ("", True)
 
 
 def test_a_batch_reads_each_item_from_the_engine(served: Any) -> None:
@@ -656,8 +777,8 @@ def shanghai(micros: int | None) -> str | None:
 
 
 def test_the_legacy_route_answers_a_retried_node_as_bk_sops_does(legacy: Any) -> None:
-    """Field for field and type for type, but for the keys listed: bk-sops's engine v2 keys
-    the contract leaves out (issue 11, item 2) and the legacy engine's `name` we add."""
+    """Field for field and type for type, with the engine v2 keys (`root_id:`, `parent_id`,
+    each history's `id`), but for the legacy engine's `name`, which we add."""
     client, engine = legacy
     entry, node_id = node(engine, "services", "retried")
     (history_id,) = history_ids(engine, node_id, 1)
@@ -718,10 +839,139 @@ def test_the_legacy_route_answers_a_retried_node_as_bk_sops_does(legacy: Any) ->
     assert (response.status_code, body["result"], body["code"]) == (200, True, 0)
     data = body["data"]
     assert data.pop("name") == "retried"
-    for key in ("root_id:", "parent_id"):
-        bk_sops.pop(key)
-    bk_sops["histories"][0].pop("id")
     assert data == bk_sops
+
+
+@pytest.fixture(scope="module")
+def converted(
+    engine_database: EngineDatabase, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[tuple[list[tuple[pb.GetTaskNodeDetailRequest, pb.NodeDetail]], Any]]:
+    """What a server on the engine's database answers for every node of every engine-2
+    task (every loop, with and without component_code), and a stub of a native server
+    whose own database holds those tasks converted to the import format
+    (tests/engine/to_import.py). The servers run one after the other: the models'
+    database is one per process."""
+    engine = engine_database
+    scratch = open_database(f"sqlite:///{tmp_path_factory.mktemp('scratch') / 'own.db'}")
+    ensure_schema(scratch)
+    reader = BksopsStore(open_read_only(engine.url), Store(scratch))
+    records: list[dict[str, Any]] = []
+    projects: dict[int, int] = {}
+    asked: list[tuple[dict[str, Any], str, tuple[str, ...]]] = []
+    for name, entry in engine.manifest["pipelines"].items():
+        if "task_id" not in entry or entry["deleted"] or entry["engine_ver"] != 2:
+            continue
+        (snapshot,) = engine_rows(
+            engine,
+            "SELECT s.data FROM pipeline_snapshot s JOIN pipeline_pipelineinstance i"
+            " ON i.execution_snapshot_id = s.id WHERE i.id = ?",
+            entry["instance_pk"],
+        )
+        tree = tree_of(bytes(snapshot[0]))
+        records.append(
+            task_record(
+                reader, entry["business_id"], entry["task_id"], name, entry["project_id"], tree
+            )
+        )
+        projects[entry["project_id"]] = entry["business_id"]
+        asked.extend((entry, node_id, stack) for node_id, stack in walk(tree, ()))
+    reader.close()
+    answers = []
+    with serving(engine, tmp_path_factory.mktemp("own")) as (engine_stub, _):
+        for entry, node_id, stack in asked:
+            base = pb.GetTaskNodeDetailRequest(
+                bk_biz_id=str(entry["business_id"]),
+                task_id=str(entry["task_id"]),
+                node_id=node_id,
+                subprocess_stack=stack,
+            )
+            first = engine_stub.GetTaskNodeDetail(base, timeout=30)
+            requests = [base]
+            requests += [
+                pb.GetTaskNodeDetailRequest(loop=loop, **fields(base))
+                for loop in range(1, first.loop)
+            ]
+            if first.component_code:
+                requests += [
+                    pb.GetTaskNodeDetailRequest(component_code=first.component_code, **fields(r))
+                    for r in list(requests)
+                ]
+            answers += [(r, engine_stub.GetTaskNodeDetail(r, timeout=30)) for r in requests]
+    config = Config(
+        database_url=f"sqlite:///{tmp_path_factory.mktemp('native') / 'tasknode.db'}",
+        grpc_addr="127.0.0.1:0",
+    )
+    db = open_database(config.database_url)
+    with db.connection_context():
+        ensure_schema(db)
+        load_document(
+            db,
+            {
+                "format": FORMAT,
+                "projects": [
+                    {"id": p, "name": f"project {p}", "bk_biz_id": b} for p, b in projects.items()
+                ],
+                "components": engine.manifest["components"],
+                "tasks": records,
+            },
+        )
+        AppStore(db).add(
+            ALL_APP["bk_app_code"],
+            ALL_APP["bk_app_secret"],
+            all_businesses=True,
+            may_assert_user=True,
+        )
+    db.close()
+    native = create_server(config)
+    native.start()
+    try:
+        with grpc.insecure_channel(f"127.0.0.1:{native.port}") as channel:
+            yield answers, pb_grpc.TaskNodeServiceStub(authorized(channel, ALL_APP))
+    finally:
+        native.stop(None)
+
+
+def walk(tree: list[Any], stack: tuple[str, ...]) -> Iterator[tuple[str, tuple[str, ...]]]:
+    for node_id, inner in tree:
+        yield node_id, stack
+        yield from walk(inner, (*stack, node_id))
+
+
+def test_a_task_loaded_from_its_import_record_answers_as_the_engine_read_one(
+    converted: Any,
+) -> None:
+    """Every node of every task, every loop, with and without component_code: the native
+    store, loaded from the import format, answers exactly what the bk-sops store does."""
+    answers, native_stub = converted
+    kinds = set()
+    for request, from_engine in answers:
+        from_file = native_stub.GetTaskNodeDetail(request, timeout=30)
+        assert steady(from_file) == steady(from_engine), request
+        kinds.add((from_engine.executed, bool(request.component_code), request.HasField("loop")))
+    assert kinds == {
+        (e, c, lp) for e in (True, False) for c in (True, False) for lp in (True, False)
+    } - {(False, c, True) for c in (True, False)}
+
+
+def fields(request: pb.GetTaskNodeDetailRequest) -> dict[str, Any]:
+    return {
+        "bk_biz_id": request.bk_biz_id,
+        "task_id": request.task_id,
+        "node_id": request.node_id,
+        "subprocess_stack": list(request.subprocess_stack),
+        **({"loop": request.loop} if request.HasField("loop") else {}),
+    }
+
+
+def steady(detail: pb.NodeDetail) -> pb.NodeDetail:
+    """detail without the seconds that grow while something runs (and so its etag's
+    hash may differ by a second between two calls)."""
+    if not detail.HasField("finish_time"):
+        detail.elapsed_seconds = 0
+    for child in detail.children:
+        if not child.HasField("finish_time"):
+            child.elapsed_seconds = 0
+    return detail
 
 
 def test_a_read_mask_reads_the_engine_too(served: Any) -> None:
@@ -744,3 +994,37 @@ def test_listing_a_tasks_nodes_is_refused_clearly(served: Any) -> None:
     code, reason, message = failure(caught.value)
     assert (code, reason) == (grpc.StatusCode.FAILED_PRECONDITION, "UNSUPPORTED_BY_STORE")
     assert "ListTaskNodes" in message
+
+
+def test_make_run_on_a_bksops_database_creates_the_demo_app_in_an_empty_own_database(
+    engine_database: EngineDatabase, tmp_path: Path
+) -> None:
+    """`make run` (serve --demo) with TASKNODE_BKSOPS_DATABASE_URL: the own database gets
+    the demo app (esb_test, granted business 2) and the demo's schemas, not its tasks; the
+    seed's credentials then read the engine's tasks of business 2, and no other."""
+    engine = engine_database
+    config = Config(
+        database_url=f"sqlite:///{tmp_path / 'own.db'}",
+        bksops_database_url=engine.url,
+        grpc_addr="127.0.0.1:0",
+    )
+    assert load_demo_if_empty(config)
+    assert not load_demo_if_empty(config)  # the next start adds nothing
+    db = open_database(config.database_url)
+    with db.connection_context():
+        assert (Task.select().count(), ComponentSchema.select().count()) == (0, 4)
+    db.close()
+    server = create_server(config)
+    server.start()
+    try:
+        with grpc.insecure_channel(f"127.0.0.1:{server.port}") as channel:
+            stub = pb_grpc.TaskNodeServiceStub(authorized(channel, DEMO_APP))
+            entry, node_id = node(engine, "nested", "taken")
+            assert entry["business_id"] == DEMO_BUSINESS
+            detail = ask((stub, engine), "nested", "taken")
+            assert (detail.id, detail.state) == (node_id, pb.NODE_STATE_FINISHED)
+            with pytest.raises(grpc.RpcError) as caught:
+                ask((stub, engine), "other_business", "act")
+            assert caught.value.code() == grpc.StatusCode.PERMISSION_DENIED
+    finally:
+        server.stop(None)
