@@ -92,18 +92,41 @@ def serving(
     """A server reading engine's database, its own database (in directory) holding ALL_APP
     and the plugins' output schemas; a stub calling as ALL_APP."""
     own = f"sqlite:///{directory / 'tasknode.db'}"
-    db = open_database(own)
+    make_own_database(own, engine, [], [])
+    config = Config(database_url=own, bksops_database_url=engine.url, grpc_addr="127.0.0.1:0")
+    with started(config, ALL_APP) as (stub, server):
+        yield stub, server
+
+
+@contextmanager
+def started(
+    config: Config, credentials: dict[str, str]
+) -> Iterator[tuple[pb_grpc.TaskNodeServiceStub, Server]]:
+    """A started server of config, and a stub calling it with credentials; stopped after."""
+    server: Server = create_server(config)
+    server.start()
+    try:
+        with grpc.insecure_channel(f"127.0.0.1:{server.port}") as channel:
+            yield pb_grpc.TaskNodeServiceStub(authorized(channel, credentials)), server
+    finally:
+        server.stop(None)
+
+
+def make_own_database(
+    url: str, engine: EngineDatabase, projects: list[dict[str, Any]], tasks: list[dict[str, Any]]
+) -> None:
+    """A new own database at url holding ALL_APP, the plugins' output schemas, and the
+    projects and tasks given."""
+    db = open_database(url)
     with db.connection_context():
         ensure_schema(db)
-        load_document(
-            db,
-            {
-                "format": FORMAT,
-                "projects": [],
-                "components": engine.manifest["components"],
-                "tasks": [],
-            },
-        )
+        document = {
+            "format": FORMAT,
+            "projects": projects,
+            "components": engine.manifest["components"],
+            "tasks": tasks,
+        }
+        load_document(db, document)
         AppStore(db).add(
             ALL_APP["bk_app_code"],
             ALL_APP["bk_app_secret"],
@@ -111,14 +134,20 @@ def serving(
             may_assert_user=True,
         )
     db.close()
-    config = Config(database_url=own, bksops_database_url=engine.url, grpc_addr="127.0.0.1:0")
-    server: Server = create_server(config)
-    server.start()
-    try:
-        with grpc.insecure_channel(f"127.0.0.1:{server.port}") as channel:
-            yield pb_grpc.TaskNodeServiceStub(authorized(channel, ALL_APP)), server
-    finally:
-        server.stop(None)
+
+
+def engine_two_tasks(engine: EngineDatabase) -> Iterator[tuple[str, dict[str, Any], bytes]]:
+    """(name, manifest entry, zlib web tree) of each task of engine v2 that is not deleted."""
+    for name, entry in engine.manifest["pipelines"].items():
+        if "task_id" not in entry or entry["deleted"] or entry["engine_ver"] != 2:
+            continue
+        (snapshot,) = engine_rows(
+            engine,
+            "SELECT s.data FROM pipeline_snapshot s JOIN pipeline_pipelineinstance i"
+            " ON i.execution_snapshot_id = s.id WHERE i.id = ?",
+            entry["instance_pk"],
+        )
+        yield name, entry, bytes(snapshot[0])
 
 
 def node(engine: EngineDatabase, pipeline: str, label: str) -> tuple[dict[str, Any], str]:
@@ -556,16 +585,9 @@ def test_the_legacy_data_of_every_node_is_what_bk_sops_computes(legacy: Any) -> 
         return engine_rows(engine, sql, *params)
 
     seen = set()
-    for entry in engine.manifest["pipelines"].values():
-        if "task_id" not in entry or entry["deleted"] or entry["engine_ver"] != 2:
-            continue
-        (snapshot,) = rows(
-            "SELECT s.data FROM pipeline_snapshot s JOIN pipeline_pipelineinstance i"
-            " ON i.execution_snapshot_id = s.id WHERE i.id = ?",
-            entry["instance_pk"],
-        )
-        tree = reference.web_tree(bytes(snapshot[0]))
-        for node_id, stack in walk(tree_of(bytes(snapshot[0])), ()):
+    for _, entry, snapshot in engine_two_tasks(engine):
+        tree = reference.web_tree(snapshot)
+        for node_id, stack in walk(tree_of(snapshot), ()):
             info = reference._node_info(tree, stack, node_id)
             ran = bool(rows("SELECT id FROM eri_state WHERE node_id = ?", node_id))
             if not ran and info["type"] in ("ServiceActivity", "SubProcess"):
@@ -858,16 +880,8 @@ def converted(
     records: list[dict[str, Any]] = []
     projects: dict[int, int] = {}
     asked: list[tuple[dict[str, Any], str, tuple[str, ...]]] = []
-    for name, entry in engine.manifest["pipelines"].items():
-        if "task_id" not in entry or entry["deleted"] or entry["engine_ver"] != 2:
-            continue
-        (snapshot,) = engine_rows(
-            engine,
-            "SELECT s.data FROM pipeline_snapshot s JOIN pipeline_pipelineinstance i"
-            " ON i.execution_snapshot_id = s.id WHERE i.id = ?",
-            entry["instance_pk"],
-        )
-        tree = tree_of(bytes(snapshot[0]))
+    for name, entry, snapshot in engine_two_tasks(engine):
+        tree = tree_of(snapshot)
         records.append(
             task_record(
                 reader, entry["business_id"], entry["task_id"], name, entry["project_id"], tree
@@ -901,34 +915,10 @@ def converted(
         database_url=f"sqlite:///{tmp_path_factory.mktemp('native') / 'tasknode.db'}",
         grpc_addr="127.0.0.1:0",
     )
-    db = open_database(config.database_url)
-    with db.connection_context():
-        ensure_schema(db)
-        load_document(
-            db,
-            {
-                "format": FORMAT,
-                "projects": [
-                    {"id": p, "name": f"project {p}", "bk_biz_id": b} for p, b in projects.items()
-                ],
-                "components": engine.manifest["components"],
-                "tasks": records,
-            },
-        )
-        AppStore(db).add(
-            ALL_APP["bk_app_code"],
-            ALL_APP["bk_app_secret"],
-            all_businesses=True,
-            may_assert_user=True,
-        )
-    db.close()
-    native = create_server(config)
-    native.start()
-    try:
-        with grpc.insecure_channel(f"127.0.0.1:{native.port}") as channel:
-            yield answers, pb_grpc.TaskNodeServiceStub(authorized(channel, ALL_APP))
-    finally:
-        native.stop(None)
+    projected = [{"id": p, "name": f"project {p}", "bk_biz_id": b} for p, b in projects.items()]
+    make_own_database(config.database_url, engine, projected, records)
+    with started(config, ALL_APP) as (native_stub, _):
+        yield answers, native_stub
 
 
 def walk(tree: list[Any], stack: tuple[str, ...]) -> Iterator[tuple[str, tuple[str, ...]]]:
@@ -1014,17 +1004,11 @@ def test_make_run_on_a_bksops_database_creates_the_demo_app_in_an_empty_own_data
     with db.connection_context():
         assert (Task.select().count(), ComponentSchema.select().count()) == (0, 4)
     db.close()
-    server = create_server(config)
-    server.start()
-    try:
-        with grpc.insecure_channel(f"127.0.0.1:{server.port}") as channel:
-            stub = pb_grpc.TaskNodeServiceStub(authorized(channel, DEMO_APP))
-            entry, node_id = node(engine, "nested", "taken")
-            assert entry["business_id"] == DEMO_BUSINESS
-            detail = ask((stub, engine), "nested", "taken")
-            assert (detail.id, detail.state) == (node_id, pb.NODE_STATE_FINISHED)
-            with pytest.raises(grpc.RpcError) as caught:
-                ask((stub, engine), "other_business", "act")
-            assert caught.value.code() == grpc.StatusCode.PERMISSION_DENIED
-    finally:
-        server.stop(None)
+    with started(config, DEMO_APP) as (stub, _):
+        entry, node_id = node(engine, "nested", "taken")
+        assert entry["business_id"] == DEMO_BUSINESS
+        detail = ask((stub, engine), "nested", "taken")
+        assert (detail.id, detail.state) == (node_id, pb.NODE_STATE_FINISHED)
+        with pytest.raises(grpc.RpcError) as caught:
+            ask((stub, engine), "other_business", "act")
+        assert caught.value.code() == grpc.StatusCode.PERMISSION_DENIED
