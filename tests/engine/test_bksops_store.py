@@ -34,27 +34,19 @@ from peewee import MySQLDatabase
 from server import values
 from server.app import Server
 from server.app import create_server
-from server.cli import DEMO_APP
-from server.cli import DEMO_BUSINESS
-from server.cli import load_demo_if_empty
 from server.config import Config
 from server.db.apps import AppStore
-from server.db.bksops import BksopsStore
 from server.db.connection import ensure_schema
 from server.db.connection import open_database
 from server.db.connection import open_read_only
 from server.db.loader import FORMAT
 from server.db.loader import load_document
-from server.db.models import ComponentSchema
-from server.db.models import Task
-from server.db.store import Store
 from server.gateway.local import LocalBackend
 from tests.conftest import ALL_APP
 from tests.conftest import authorized
 from tests.engine import reference
 from tests.engine.conftest import EngineDatabase
 from tests.engine.harness import run_pipelines
-from tests.engine.to_import import task_record
 from tests.engine.to_import import tree_of
 from tests.gateway.conftest import running_shim
 
@@ -573,74 +565,6 @@ def test_pickled_values_are_read_with_the_allow_list_and_sent_as_django_writes_t
     )
 
 
-def test_the_legacy_data_of_every_node_is_what_bk_sops_computes(legacy: Any) -> None:
-    """Every node that ran (and every event and gateway that has not) of every engine-2
-    task, each older loop, with and without component_code: the legacy `data` equals what
-    bk-sops's rules make of the engine's rows (tests/engine/reference.py), field for field
-    and type for type, but for the `name` we add to a node that ran and to its children."""
-    client, engine = legacy
-    schemas = {(c["code"], c["version"]): c["outputs"] for c in engine.manifest["components"]}
-
-    def rows(sql: str, *params: object) -> list[tuple[Any, ...]]:
-        return engine_rows(engine, sql, *params)
-
-    seen = set()
-    for _, entry, snapshot in engine_two_tasks(engine):
-        tree = reference.web_tree(snapshot)
-        for node_id, stack in walk(tree_of(snapshot), ()):
-            info = reference._node_info(tree, stack, node_id)
-            ran = bool(rows("SELECT id FROM eri_state WHERE node_id = ?", node_id))
-            if not ran and info["type"] in ("ServiceActivity", "SubProcess"):
-                continue  # the preview: checked against bk-sops above
-            state = rows('SELECT "loop" FROM eri_state WHERE node_id = ?', node_id)
-            loops: list[int | None] = [None, *range(1, state[0][0] if state else 1)]
-            code = (info.get("component") or {}).get("code", "")
-            for loop in loops:
-                for component_code in {"", code}:
-                    params = {
-                        **ALL_APP,
-                        "bk_biz_id": str(entry["business_id"]),
-                        "task_id": entry["task_id"],
-                        "node_id": node_id,
-                        "subprocess_stack": json.dumps(list(stack)),
-                        **({"loop": str(loop)} if loop else {}),
-                        **({"component_code": component_code} if component_code else {}),
-                    }
-                    response = client.get(
-                        "/api/c/compapi/v2/sops/get_task_node_detail/", params=params
-                    )
-                    ours = response.json()["data"]
-                    expected = reference.bk_sops_data(
-                        rows, tree, node_id, stack, schemas, loop, component_code
-                    )
-                    if ran:
-                        ours.pop("name")
-                        for child in ours["children"].values():
-                            child.pop("name")
-                    for answer in (
-                        ours,
-                        expected,
-                        *ours.get("children", {}).values(),
-                        *expected.get("children", {}).values(),
-                    ):
-                        if answer.get("finish_time", "") is None:
-                            answer.pop("elapsed_time")  # grows with the clock
-                    assert typed(ours) == typed(expected), (entry["task_id"], node_id, params)
-                    seen.add((info["type"], ran, bool(component_code), bool(loop)))
-    assert len(seen) >= 8, seen
-
-
-def typed(value: Any) -> Any:
-    """value with each leaf paired with its type, so 1 != 1.0 != True; NaN equal to NaN."""
-    if isinstance(value, dict):
-        return {k: typed(v) for k, v in value.items()}
-    if isinstance(value, list):
-        return [typed(v) for v in value]
-    if isinstance(value, float) and math.isnan(value):
-        return ("nan", float)
-    return (value, type(value))
-
-
 def test_nan_infinity_and_big_integers_are_served_as_the_engine_stored_them(
     served: Any,
 ) -> None:
@@ -654,25 +578,6 @@ def test_nan_infinity_and_big_integers_are_served_as_the_engine_stored_them(
     assert values.from_message(outputs["huge"]) == 2**70
     assert values.from_message(outputs["text"]) == "emoji \U0001f600 and 中文"
     assert values.from_message(outputs["big"]) == "x" * 200_000
-
-
-def test_the_legacy_route_writes_them_as_bk_sops_does(legacy: Any) -> None:
-    """bk-sops's JsonResponse writes them with Python's json: NaN, Infinity, the digits."""
-    client, engine = legacy
-    entry, node_id = node(engine, "services", "odd")
-    response = client.get(
-        "/api/c/compapi/v2/sops/get_task_node_detail/",
-        params={**ALL_APP, "bk_biz_id": "2", "task_id": entry["task_id"], "node_id": node_id},
-    )
-    assert response.status_code == 200
-    for written in (
-        '{"key":"nan","value":NaN,',
-        '{"key":"inf","value":Infinity,',
-        '{"key":"huge","value":1180591620717411303424,',
-    ):
-        assert written in response.text
-    data = response.json()["data"]
-    assert data["outputs"][2] == {"key": "huge", "value": 2**70, "preset": False}
 
 
 def test_nodes_without_execution_data_answer_no_table_with_component_code(
@@ -758,6 +663,28 @@ def test_businesses_map_to_projects_as_bk_sops_maps_them(served: Any) -> None:
     assert caught.value.code() == grpc.StatusCode.NOT_FOUND
 
 
+def test_a_read_mask_reads_the_engine_too(served: Any) -> None:
+    full = ask(served, "nested", "taken")
+    masked = ask(served, "nested", "taken", read_mask=FieldMask(paths=["state", "outputs"]))
+    assert masked.state == full.state and list(masked.outputs) == list(full.outputs)
+    assert not masked.inputs.fields and masked.etag and masked.etag != full.etag
+
+
+def test_listing_a_tasks_nodes_is_refused_clearly(served: Any) -> None:
+    """The listing reads our own node table; on an engine database it says so instead of
+    running that SQL there."""
+    stub, engine = served
+    entry, _ = node(engine, "nested", "taken")
+    request = pb.ListTaskNodesRequest(
+        bk_biz_id=str(entry["business_id"]), task_id=str(entry["task_id"])
+    )
+    with pytest.raises(grpc.RpcError) as caught:
+        stub.ListTaskNodes(request, timeout=30)
+    code, reason, message = failure(caught.value)
+    assert (code, reason) == (grpc.StatusCode.FAILED_PRECONDITION, "UNSUPPORTED_BY_STORE")
+    assert "ListTaskNodes" in message
+
+
 def test_a_malicious_pickle_in_the_engine_database_runs_nothing_and_names_the_node(
     engine_venv: Path, tmp_path: Path
 ) -> None:
@@ -788,6 +715,15 @@ def test_a_malicious_pickle_in_the_engine_database_runs_nothing_and_names_the_no
     assert (code, reason) == (grpc.StatusCode.FAILED_PRECONDITION, "UNREADABLE_DATA")
     assert node_id in message and "may not load io.open" in message
     assert not target.exists()
+
+
+def walk(tree: list[Any], stack: tuple[str, ...]) -> Iterator[tuple[str, tuple[str, ...]]]:
+    for node_id, inner in tree:
+        yield node_id, stack
+        yield from walk(inner, (*stack, node_id))
+
+
+# The legacy route last: its server binds the models' database, which `served` shares.
 
 
 def shanghai(micros: int | None) -> str | None:
@@ -864,151 +800,88 @@ def test_the_legacy_route_answers_a_retried_node_as_bk_sops_does(legacy: Any) ->
     assert data == bk_sops
 
 
-@pytest.fixture(scope="module")
-def converted(
-    engine_database: EngineDatabase, tmp_path_factory: pytest.TempPathFactory
-) -> Iterator[tuple[list[tuple[pb.GetTaskNodeDetailRequest, pb.NodeDetail]], Any]]:
-    """What a server on the engine's database answers for every node of every engine-2
-    task (every loop, with and without component_code), and a stub of a native server
-    whose own database holds those tasks converted to the import format
-    (tests/engine/to_import.py). The servers run one after the other: the models'
-    database is one per process."""
-    engine = engine_database
-    scratch = open_database(f"sqlite:///{tmp_path_factory.mktemp('scratch') / 'own.db'}")
-    ensure_schema(scratch)
-    reader = BksopsStore(open_read_only(engine.url), Store(scratch))
-    records: list[dict[str, Any]] = []
-    projects: dict[int, int] = {}
-    asked: list[tuple[dict[str, Any], str, tuple[str, ...]]] = []
-    for name, entry, snapshot in engine_two_tasks(engine):
-        tree = tree_of(snapshot)
-        records.append(
-            task_record(
-                reader, entry["business_id"], entry["task_id"], name, entry["project_id"], tree
-            )
-        )
-        projects[entry["project_id"]] = entry["business_id"]
-        asked.extend((entry, node_id, stack) for node_id, stack in walk(tree, ()))
-    reader.close()
-    answers = []
-    with serving(engine, tmp_path_factory.mktemp("own")) as (engine_stub, _):
-        for entry, node_id, stack in asked:
-            base = pb.GetTaskNodeDetailRequest(
-                bk_biz_id=str(entry["business_id"]),
-                task_id=str(entry["task_id"]),
-                node_id=node_id,
-                subprocess_stack=stack,
-            )
-            first = engine_stub.GetTaskNodeDetail(base, timeout=30)
-            requests = [base]
-            requests += [
-                pb.GetTaskNodeDetailRequest(loop=loop, **fields(base))
-                for loop in range(1, first.loop)
-            ]
-            if first.component_code:
-                requests += [
-                    pb.GetTaskNodeDetailRequest(component_code=first.component_code, **fields(r))
-                    for r in list(requests)
-                ]
-            answers += [(r, engine_stub.GetTaskNodeDetail(r, timeout=30)) for r in requests]
-    config = Config(
-        database_url=f"sqlite:///{tmp_path_factory.mktemp('native') / 'tasknode.db'}",
-        grpc_addr="127.0.0.1:0",
+def test_the_legacy_route_writes_them_as_bk_sops_does(legacy: Any) -> None:
+    """bk-sops's JsonResponse writes them with Python's json: NaN, Infinity, the digits."""
+    client, engine = legacy
+    entry, node_id = node(engine, "services", "odd")
+    response = client.get(
+        "/api/c/compapi/v2/sops/get_task_node_detail/",
+        params={**ALL_APP, "bk_biz_id": "2", "task_id": entry["task_id"], "node_id": node_id},
     )
-    projected = [{"id": p, "name": f"project {p}", "bk_biz_id": b} for p, b in projects.items()]
-    make_own_database(config.database_url, engine, projected, records)
-    with started(config, ALL_APP) as (native_stub, _):
-        yield answers, native_stub
+    assert response.status_code == 200
+    for written in (
+        '{"key":"nan","value":NaN,',
+        '{"key":"inf","value":Infinity,',
+        '{"key":"huge","value":1180591620717411303424,',
+    ):
+        assert written in response.text
+    data = response.json()["data"]
+    assert data["outputs"][2] == {"key": "huge", "value": 2**70, "preset": False}
 
 
-def walk(tree: list[Any], stack: tuple[str, ...]) -> Iterator[tuple[str, tuple[str, ...]]]:
-    for node_id, inner in tree:
-        yield node_id, stack
-        yield from walk(inner, (*stack, node_id))
+def test_the_legacy_data_of_every_node_is_what_bk_sops_computes(legacy: Any) -> None:
+    """Every node that ran (and every event and gateway that has not) of every engine-2
+    task, each older loop, with and without component_code: the legacy `data` equals what
+    bk-sops's rules make of the engine's rows (tests/engine/reference.py), field for field
+    and type for type, but for the `name` we add to a node that ran and to its children."""
+    client, engine = legacy
+    schemas = {(c["code"], c["version"]): c["outputs"] for c in engine.manifest["components"]}
+
+    def rows(sql: str, *params: object) -> list[tuple[Any, ...]]:
+        return engine_rows(engine, sql, *params)
+
+    seen = set()
+    for _, entry, snapshot in engine_two_tasks(engine):
+        tree = reference.web_tree(snapshot)
+        for node_id, stack in walk(tree_of(snapshot), ()):
+            info = reference._node_info(tree, stack, node_id)
+            ran = bool(rows("SELECT id FROM eri_state WHERE node_id = ?", node_id))
+            if not ran and info["type"] in ("ServiceActivity", "SubProcess"):
+                continue  # the preview: checked against bk-sops above
+            state = rows('SELECT "loop" FROM eri_state WHERE node_id = ?', node_id)
+            loops: list[int | None] = [None, *range(1, state[0][0] if state else 1)]
+            code = (info.get("component") or {}).get("code", "")
+            for loop in loops:
+                for component_code in {"", code}:
+                    params = {
+                        **ALL_APP,
+                        "bk_biz_id": str(entry["business_id"]),
+                        "task_id": entry["task_id"],
+                        "node_id": node_id,
+                        "subprocess_stack": json.dumps(list(stack)),
+                        **({"loop": str(loop)} if loop else {}),
+                        **({"component_code": component_code} if component_code else {}),
+                    }
+                    response = client.get(
+                        "/api/c/compapi/v2/sops/get_task_node_detail/", params=params
+                    )
+                    ours = response.json()["data"]
+                    expected = reference.bk_sops_data(
+                        rows, tree, node_id, stack, schemas, loop, component_code
+                    )
+                    if ran:
+                        ours.pop("name")
+                        for child in ours["children"].values():
+                            child.pop("name")
+                    for answer in (
+                        ours,
+                        expected,
+                        *ours.get("children", {}).values(),
+                        *expected.get("children", {}).values(),
+                    ):
+                        if answer.get("finish_time", "") is None:
+                            answer.pop("elapsed_time")  # grows with the clock
+                    assert typed(ours) == typed(expected), (entry["task_id"], node_id, params)
+                    seen.add((info["type"], ran, bool(component_code), bool(loop)))
+    assert len(seen) >= 8, seen
 
 
-def test_a_task_loaded_from_its_import_record_answers_as_the_engine_read_one(
-    converted: Any,
-) -> None:
-    """Every node of every task, every loop, with and without component_code: the native
-    store, loaded from the import format, answers exactly what the bk-sops store does."""
-    answers, native_stub = converted
-    kinds = set()
-    for request, from_engine in answers:
-        from_file = native_stub.GetTaskNodeDetail(request, timeout=30)
-        assert steady(from_file) == steady(from_engine), request
-        kinds.add((from_engine.executed, bool(request.component_code), request.HasField("loop")))
-    assert kinds == {
-        (e, c, lp) for e in (True, False) for c in (True, False) for lp in (True, False)
-    } - {(False, c, True) for c in (True, False)}
-
-
-def fields(request: pb.GetTaskNodeDetailRequest) -> dict[str, Any]:
-    return {
-        "bk_biz_id": request.bk_biz_id,
-        "task_id": request.task_id,
-        "node_id": request.node_id,
-        "subprocess_stack": list(request.subprocess_stack),
-        **({"loop": request.loop} if request.HasField("loop") else {}),
-    }
-
-
-def steady(detail: pb.NodeDetail) -> pb.NodeDetail:
-    """detail without the seconds that grow while something runs (and so its etag's
-    hash may differ by a second between two calls)."""
-    if not detail.HasField("finish_time"):
-        detail.elapsed_seconds = 0
-    for child in detail.children:
-        if not child.HasField("finish_time"):
-            child.elapsed_seconds = 0
-    return detail
-
-
-def test_a_read_mask_reads_the_engine_too(served: Any) -> None:
-    full = ask(served, "nested", "taken")
-    masked = ask(served, "nested", "taken", read_mask=FieldMask(paths=["state", "outputs"]))
-    assert masked.state == full.state and list(masked.outputs) == list(full.outputs)
-    assert not masked.inputs.fields and masked.etag and masked.etag != full.etag
-
-
-def test_listing_a_tasks_nodes_is_refused_clearly(served: Any) -> None:
-    """The listing reads our own node table; on an engine database it says so instead of
-    running that SQL there."""
-    stub, engine = served
-    entry, _ = node(engine, "nested", "taken")
-    request = pb.ListTaskNodesRequest(
-        bk_biz_id=str(entry["business_id"]), task_id=str(entry["task_id"])
-    )
-    with pytest.raises(grpc.RpcError) as caught:
-        stub.ListTaskNodes(request, timeout=30)
-    code, reason, message = failure(caught.value)
-    assert (code, reason) == (grpc.StatusCode.FAILED_PRECONDITION, "UNSUPPORTED_BY_STORE")
-    assert "ListTaskNodes" in message
-
-
-def test_make_run_on_a_bksops_database_creates_the_demo_app_in_an_empty_own_database(
-    engine_database: EngineDatabase, tmp_path: Path
-) -> None:
-    """`make run` (serve --demo) with TASKNODE_BKSOPS_DATABASE_URL: the own database gets
-    the demo app (esb_test, granted business 2) and the demo's schemas, not its tasks; the
-    seed's credentials then read the engine's tasks of business 2, and no other."""
-    engine = engine_database
-    config = Config(
-        database_url=f"sqlite:///{tmp_path / 'own.db'}",
-        bksops_database_url=engine.url,
-        grpc_addr="127.0.0.1:0",
-    )
-    assert load_demo_if_empty(config)
-    assert not load_demo_if_empty(config)  # the next start adds nothing
-    db = open_database(config.database_url)
-    with db.connection_context():
-        assert (Task.select().count(), ComponentSchema.select().count()) == (0, 4)
-    db.close()
-    with started(config, DEMO_APP) as (stub, _):
-        entry, node_id = node(engine, "nested", "taken")
-        assert entry["business_id"] == DEMO_BUSINESS
-        detail = ask((stub, engine), "nested", "taken")
-        assert (detail.id, detail.state) == (node_id, pb.NODE_STATE_FINISHED)
-        with pytest.raises(grpc.RpcError) as caught:
-            ask((stub, engine), "other_business", "act")
-        assert caught.value.code() == grpc.StatusCode.PERMISSION_DENIED
+def typed(value: Any) -> Any:
+    """value with each leaf paired with its type, so 1 != 1.0 != True; NaN equal to NaN."""
+    if isinstance(value, dict):
+        return {k: typed(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [typed(v) for v in value]
+    if isinstance(value, float) and math.isnan(value):
+        return ("nan", float)
+    return (value, type(value))
