@@ -31,6 +31,7 @@ from server.db.loader import LoadError
 from server.db.loader import load_document
 from server.db.loader import load_file
 from server.db.migrations import SchemaTooNew
+from server.db.models import App
 from server.db.models import Project
 from server.gateway.examples import banner
 from server.gateway.local import serve_shim
@@ -125,15 +126,21 @@ def load_demo_if_empty(config: Config) -> bool:
 
     True if it did. The demo app is the only credential with a known secret, and it
     exists only in a database that started out as the demo.
+
+    With a bk-sops database (TASKNODE_BKSOPS_DATABASE_URL), nodes come from there and
+    the own database never holds a business: "empty" is then "no app yet", and only the
+    demo app and the demo's component schemas are added, no demo task.
     """
     db = open_database(config.database_url)
     ensure_schema(db)
     with db.connection_context():
-        if Project.select().exists():
+        if Project.select().exists() or (config.bksops_database_url and App.select().exists()):
             return False
-        demo = resources.files("server.db").joinpath("demo.json").read_text(encoding="utf-8")
+        demo = loads(resources.files("server.db").joinpath("demo.json").read_text(encoding="utf-8"))
+        if config.bksops_database_url:
+            demo = {"format": demo["format"], "components": demo["components"]}
         with db.atomic():
-            report = load_document(db, loads(demo))
+            report = load_document(db, demo)
             apps = AppStore(db)
             apps.add(
                 DEMO_APP["bk_app_code"],

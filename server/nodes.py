@@ -32,6 +32,8 @@ from server.query import NodeQuery
 #: The plugin version a node without a recorded one runs (the engine's default).
 DEFAULT_COMPONENT_VERSION = "legacy"
 CURRENT_ATTEMPT = -1
+#: The node kinds bk-sops previews before they run; others answer no inputs or outputs.
+PREVIEWED_KINDS = frozenset({"ServiceActivity", "SubProcess"})
 #: Bytes of hash in an etag: 128 bits, no collision between versions of one node.
 ETAG_BYTES = 16
 _DETAIL_FIELDS = pb.NodeDetail.DESCRIPTOR.fields_by_name
@@ -178,6 +180,8 @@ def _build(store: NodeStore, query: NodeQuery, mask: Mask) -> pb.NodeDetail:
     detail = pb.NodeDetail(
         id=node.node_id,
         name=node.name,
+        name_null=node.name_null,
+        root_pipeline_id=node.root_id,
         executed=True,
         retry=node.retry,
         error_ignorable=node.error_ignored,
@@ -216,7 +220,11 @@ def _build(store: NodeStore, query: NodeQuery, mask: Mask) -> pb.NodeDetail:
     if wants("inputs"):
         detail.inputs.CopyFrom(values.object_message(values.loads(inputs)))
     if wants("outputs"):
-        detail.outputs.extend(_renamed(convert.outputs(values.loads(outputs), schema), node))
+        raw = values.loads(outputs)
+        # null: the engine keeps no execution data for the node (an event, a gateway, a
+        # node paused before it ran), and bk-sops answers no table, component_code or not.
+        if raw is not None:
+            detail.outputs.extend(_renamed(convert.outputs(raw, schema), node))
     shown_ex_data = convert.ex_data(ex_data, mask) if wants("ex_data") else None
     if shown_ex_data is not None:
         detail.ex_data = shown_ex_data
@@ -266,6 +274,7 @@ def _not_run(
     detail = pb.NodeDetail(
         id=node.node_id,
         name=node.name,
+        name_null=node.name_null,
         state=pb.NODE_STATE_READY,
         executed=False,
         error_ignorable=node.error_ignorable,
@@ -275,8 +284,11 @@ def _not_run(
     )
     if wants("inputs"):
         detail.inputs.CopyFrom(values.object_message(values.loads(node.inputs)))
-    if wants("outputs"):
-        detail.outputs.extend(_renamed(convert.outputs(values.loads(node.outputs), schema), node))
+    # bk-sops answers events and gateways that have not run with no table at all.
+    if wants("outputs") and node.kind in PREVIEWED_KINDS:
+        raw = values.loads(node.outputs)
+        if raw is not None:
+            detail.outputs.extend(_renamed(convert.outputs(raw, schema), node))
     return detail
 
 

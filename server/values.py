@@ -3,14 +3,17 @@
 Stored values are JSON text written by ``dumps`` and read by ``loads``. Python's
 json module already keeps what matters: ints stay ints of any size, floats are
 written with repr (so they read back bit for bit), and dicts keep key order.
-What it allows and JSON or our contract does not (NaN, infinities, integers
-outside int64, non-string keys) is refused by ``check``.
+NaN, the infinities and integers beyond 64 bits are kept too, written as Python's
+json writes them, because bk-sops's engine stores them and bk-sops sends them so;
+the JsonValue message carries them (doubles, and ``big_int_value`` digits).
+What neither JSON nor protobuf can hold (non-string keys, lone surrogates, which
+no UTF-8 text can encode) is refused by ``check``. Request bodies are read by
+``strict_loads``, which refuses the non-standard NaN and Infinity words.
 """
 
 from __future__ import annotations
 
 import json
-import math
 from typing import Any
 
 from bksops.tasknode.v1 import json_value_pb2 as pb
@@ -28,18 +31,14 @@ class ValueProblem(ValueError):
 
 
 def check(value: JSON, where: str = "value", depth: int = 0) -> None:
-    """Raise ValueProblem unless value is plain JSON that round-trips exactly."""
+    """Raise ValueProblem unless value is a JSON value (as Python's json writes them)
+    that round-trips exactly."""
     if depth > MAX_DEPTH:
         raise ValueProblem(f"{where}: nested deeper than {MAX_DEPTH} levels")
-    if value is None or isinstance(value, bool | str):
+    if value is None or isinstance(value, bool | int | float):
         return
-    if isinstance(value, int):
-        if not INT64_MIN <= value <= INT64_MAX:
-            raise ValueProblem(f"{where}: integer {value} is outside the signed 64-bit range")
-        return
-    if isinstance(value, float):
-        if not math.isfinite(value):
-            raise ValueProblem(f"{where}: {value} is not a finite number")
+    if isinstance(value, str):
+        check_text(value, where)
         return
     if isinstance(value, list):
         for i, item in enumerate(value):
@@ -49,18 +48,34 @@ def check(value: JSON, where: str = "value", depth: int = 0) -> None:
         for key, item in value.items():
             if not isinstance(key, str):
                 raise ValueProblem(f"{where}: key {key!r} is not a string")
+            check_text(key, f"{where}: key")
             check(item, f"{where}.{key}", depth + 1)
         return
     raise ValueProblem(f"{where}: {type(value).__name__} is not a JSON value")
 
 
+def check_text(text: str, where: str) -> None:
+    """Raise ValueProblem for a str holding half a surrogate pair (JSON's "\\ud800"):
+    valid in Python, but no database, protobuf or UTF-8 text can hold it."""
+    if not text.isascii():
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError:
+            raise ValueProblem(f"{where}: is not valid Unicode text (a lone surrogate)") from None
+
+
 def dumps(value: JSON) -> str:
-    """The storage text of a checked value."""
-    return json.dumps(value, ensure_ascii=False, separators=(",", ":"), allow_nan=False)
+    """The storage text of a checked value (NaN and Infinity as Python's json writes them)."""
+    return json.dumps(value, ensure_ascii=False, separators=(",", ":"))
 
 
 def loads(text: str) -> JSON:
-    """Read storage text (or any JSON text) back, refusing NaN and infinities."""
+    """Read storage text back: any JSON text, and NaN, Infinity and -Infinity."""
+    return json.loads(text)
+
+
+def strict_loads(text: str) -> JSON:
+    """Read standard JSON text (a request body), refusing NaN and infinities."""
     return json.loads(text, parse_constant=_refuse_constant)
 
 
@@ -78,7 +93,9 @@ def spec(value: JSON) -> dict[str, Any]:
     if kind is str:
         return {"string_value": value}
     if kind is int:
-        return {"int_value": value}
+        if INT64_MIN <= value <= INT64_MAX:
+            return {"int_value": value}
+        return {"big_int_value": str(value)}
     if kind is bool:
         return {"bool_value": value}
     if kind is float:
@@ -114,6 +131,8 @@ def from_message(message: pb.JsonValue) -> JSON:
         return object_from_message(message.object_value)
     if kind is None or kind == "null_value":
         return None
+    if kind == "big_int_value":
+        return int(message.big_int_value)
     return getattr(message, kind)
 
 

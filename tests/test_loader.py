@@ -4,6 +4,10 @@ from __future__ import annotations
 
 import copy
 import json
+import os
+import re
+import subprocess
+import sys
 from collections.abc import Iterator
 from importlib import resources
 from pathlib import Path
@@ -112,13 +116,19 @@ BAD = [
         r"tasks\[0\]\.nodes\[1\]\.children\[1\]\.children\[0\]\.execution\.state: 'DONE' is not",
     ),
     (
-        lambda d: break_node(d, outputs={"n": float("nan")}),
-        r"tasks\[0\]\.nodes\[1\]\.children\[1\]\.children\[0\]\.outputs\.n: nan is not a finite",
+        lambda d: break_node(d, outputs={"n": {1: 2}}),
+        r"tasks\[0\]\.nodes\[1\]\.children\[1\]\.children\[0\]\.outputs\.n: key 1 is not",
     ),
     (
-        lambda d: break_node(d, outputs={"n": 2**64}),
-        r"children\[0\]\.outputs\.n: integer 18446744073709551616 is outside",
+        lambda d: break_node(d, renamed={"greeting": 7}),
+        r"children\[0\]\.renamed: must be an object of strings",
     ),
+    (lambda d: break_node(d, inputs=None), r"children\[0\]\.inputs: must be an object, not null"),
+    (
+        lambda d: d["tasks"][1]["nodes"][0]["attempts"][0].update(id="h1"),
+        r"tasks\[1\]\.nodes\[0\]\.attempts\[0\]\.id: must be an integer",
+    ),
+    (lambda d: d["tasks"][1].update(pipeline_id=7), r"tasks\[1\]\.pipeline_id: must be a string"),
     (
         lambda d: break_node(d, id="node0df0431f8f553925af01a94854bd"),
         r"children\[0\]\.id: node node0df0431f8f553925af01a94854bd appears twice",
@@ -168,3 +178,54 @@ def test_unreadable_files_are_refused(db: Database, tmp_path: Path, text: str) -
     path.write_bytes(text.encode("latin-1"))
     with pytest.raises(LoadError, match=r"bad\.json|file"):
         load_file(db, path)
+
+
+def run_load(path: Path, database_url: str) -> subprocess.CompletedProcess[str]:
+    """`python -m server load path`, as a user runs it."""
+    return subprocess.run(
+        [sys.executable, "-m", "server", "load", str(path)],
+        env={**os.environ, "TASKNODE_DATABASE_URL": database_url, "TASKNODE_LOG_FORMAT": "text"},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+
+
+@pytest.mark.parametrize(
+    ("mutate", "where"),
+    [
+        (lambda n: n.update(inputs={"a": ["ok", "x \ud800 y"]}), r"children\[0\]\.inputs\.a\[1\]"),
+        (lambda n: n.update(outputs={"\udfff": 1}), r"children\[0\]\.outputs: key"),
+        (lambda n: n.update(name="half \ud83d"), r"children\[0\]\.name"),
+        (lambda n: n.update(ex_data="\ud800"), r"children\[0\]\.ex_data"),
+    ],
+)
+def test_a_lone_surrogate_is_refused_naming_the_field(
+    database_url: str, demo: dict[str, Any], tmp_path: Path, mutate: Any, where: str
+) -> None:
+    """JSON may spell half a surrogate pair ("\\ud800"); no database can store it. The
+    command names the field instead of crashing with a traceback."""
+    mutate(break_node(demo)["tasks"][0]["nodes"][1]["children"][1]["children"][0])
+    path = tmp_path / "surrogate.json"
+    path.write_text(json.dumps(demo), encoding="utf-8")  # ASCII: the escapes stay escapes
+    done = run_load(path, database_url)
+    assert done.returncode == 2, done.stderr
+    assert "Traceback" not in done.stderr
+    assert re.search(where + r".*not valid Unicode text", done.stderr), done.stderr
+
+
+def test_a_file_of_component_schemas_alone_loads(database_url: str, tmp_path: Path) -> None:
+    """Schemas for a server reading bk-sops's database, whose tasks are not loaded."""
+    path = tmp_path / "schemas.json"
+    path.write_text(
+        json.dumps(
+            {
+                "format": "tasknode-import/1",
+                "components": [{"code": "echo", "outputs": [{"key": "out", "name": "Out"}]}],
+            }
+        ),
+        encoding="utf-8",
+    )
+    done = run_load(path, database_url)
+    assert done.returncode == 0, done.stderr
+    assert "0 businesses, 1 component schemas, 0 tasks" in done.stdout

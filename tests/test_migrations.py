@@ -11,6 +11,9 @@ from importlib import resources
 
 import pytest
 from peewee import Database
+from peewee import SqliteDatabase
+from playhouse.migrate import SchemaMigrator
+from playhouse.migrate import migrate as run_migrations
 
 from server.config import Config
 from server.db import migrations
@@ -22,6 +25,7 @@ from server.db.models import Attempt
 from server.db.models import Node
 from server.db.models import Project
 from server.db.models import SchemaVersion
+from server.db.models import Task
 
 
 @pytest.fixture
@@ -42,7 +46,9 @@ def schema_of(db: Database) -> dict[str, list[str]]:
 
 def test_an_empty_database_gets_every_migration(db: Database) -> None:
     applied = migrations.migrate(db)
-    assert [m.version for m in applied] == [1, 2, 3] == [m.version for m in migrations.MIGRATIONS]
+    assert (
+        [m.version for m in applied] == [1, 2, 3, 4] == [m.version for m in migrations.MIGRATIONS]
+    )
     assert migrations.current_version(db) == migrations.LATEST
     assert migrations.migrate(db) == []
 
@@ -67,13 +73,36 @@ def test_upgrading_a_version_1_database_keeps_every_row(db: Database) -> None:
         *Attempt.select().order_by(Attempt.id).tuples(),
     ]
     assert "app" not in schema_of(db)
-    assert [m.version for m in migrations.migrate(db)] == [2, 3]
+    assert [m.version for m in migrations.migrate(db)] == [2, 3, 4]
     after = [
         *Node.select().order_by(Node.id).tuples(),
         *Attempt.select().order_by(Attempt.id).tuples(),
     ]
     assert after == before and len(before) == 20
     assert "app" in schema_of(db)
+
+
+def test_version_4_adds_the_engine_keys_to_an_older_database(db: Database) -> None:
+    """A database made by a release before version 4 (its tables without the columns)
+    gets them, its rows kept and given the defaults."""
+    migrations.migrate(db, target=3)
+    demo = json.loads(resources.files("server.db").joinpath("demo.json").read_text("utf-8"))
+    load_document(db, demo)
+    dropped = (("task", "pipeline_id"), ("node", "name_null"), ("node", "renamed"))
+    migrator = SchemaMigrator.from_database(db)
+    if isinstance(db, SqliteDatabase):
+        # SQLite drops a column by rebuilding the table: no cascade to the task's nodes.
+        db.pragma("foreign_keys", 0)
+    run_migrations(
+        *(migrator.drop_column(table, column) for table, column in dropped),
+        migrator.drop_column("attempt", "history_id"),
+    )
+    assert "pipeline_id" not in schema_of(db)["task"]
+    assert [m.version for m in migrations.migrate(db)] == [4]
+    assert schema_of(db)["task"] == sorted(f.column_name for f in Task._meta.sorted_fields)
+    assert {(n.name_null, n.renamed) for n in Node.select()} == {(False, None)}
+    assert {a.history_id for a in Attempt.select()} == {None}
+    assert {t.pipeline_id for t in Task.select()} == {""}
 
 
 def test_a_newer_schema_is_refused(db: Database, config: Config) -> None:

@@ -71,7 +71,8 @@ _REFERENCE = re.compile(r"\$\{\s*([A-Za-z_][A-Za-z0-9_]*)\s*\}")
 class _TreeNode:
     """One node of a task's tree: what the tree alone says about it."""
 
-    name: str
+    #: None when the tree has none (null, as for events): bk-sops then answers null.
+    name: str | None
     kind: str
     component_code: str
     component_version: str
@@ -248,7 +249,7 @@ class BksopsStore(Store):
             task_id=task_id,
             node_id=node_id,
             path=info.path,
-            name=info.name,
+            name=info.name or "",
             kind=info.kind,
             component_code=info.component_code,
             component_version=info.component_version,
@@ -265,6 +266,8 @@ class BksopsStore(Store):
             outputs="{}",
             ex_data=None,
             renamed=tree.renamed.get(node_id, ()),
+            name_null=info.name is None,
+            root_id=root_id,
         )
         states = self._rows("state", self._sql_state, True, node_id)
         if not states:
@@ -282,8 +285,9 @@ class BksopsStore(Store):
         )
         data = self._rows("data", self._sql_data, True, node_id)
         if not data:
-            # The engine keeps no data for events and gateways: bk-sops answers empty.
-            return row._replace(inputs="{}", outputs="{}", ex_data="")
+            # The engine keeps no data for events and gateways: bk-sops answers empty,
+            # with no output table (outputs null; server.nodes).
+            return row._replace(inputs="{}", outputs="null", ex_data="")
         inputs = _data(data[0][0], data[0][2], node_id, "inputs")
         outputs = _data(data[0][1], data[0][3], node_id, "outputs")
         if info.kind == SUBPROCESS:
@@ -363,7 +367,7 @@ class BksopsStore(Store):
         return [
             ChildRow(
                 child,
-                named[child].name if child in named else "",
+                (named[child].name if child in named else None) or "",
                 state,
                 loop,
                 retry,
@@ -600,7 +604,7 @@ def _node(
     component: dict[str, Any] | None = None,
 ) -> _TreeNode:
     return _TreeNode(
-        name=raw.get("name") or "",
+        name=raw.get("name"),
         kind=str(raw.get("type", "")),
         component_code=str((component or {}).get("code") or ""),
         component_version=str((component or {}).get("version") or ""),
@@ -688,7 +692,7 @@ def _summary(index: int, node_id: str, info: _TreeNode, state: tuple[Any, ...] |
         index,
         node_id,
         info.path,
-        info.name,
+        info.name or "",  # an event's null name: the summary has no null (name_null)
         info.component_code,
         name,
         loop,

@@ -179,7 +179,8 @@ class _Record:
             raise LoadError(f"{where}: must be an object, not {_kind(value)}")
         unknown = sorted(set(value) - set(allowed))
         if unknown:
-            raise LoadError(f"{where}.{unknown[0]}: unknown field")
+            shown = unknown[0].encode("utf-8", "backslashreplace").decode("utf-8")
+            raise LoadError(f"{where}.{shown}: unknown field")
         self.value = value
         self.where = where
 
@@ -207,7 +208,7 @@ class _Record:
             raise LoadError(f"{self.at(name)}: must be a string, not {_kind(found)}")
         if len(found) > max_length:
             raise LoadError(f"{self.at(name)}: longer than {max_length} characters")
-        return found
+        return _checked_text(found, self.at(name))
 
     def flag(self, name: str, default: bool = False) -> bool:
         found = self.value.get(name, default)
@@ -221,9 +222,10 @@ class _Record:
             raise LoadError(f"{self.at(name)}: must be a list, not {_kind(found)}")
         return found
 
-    def json_object(self, name: str) -> str:
+    def json_object(self, name: str, nullable: bool = False) -> str:
+        """The object's storage text; with nullable, null too (stored as "null")."""
         found = self.value.get(name, {})
-        if not isinstance(found, dict):
+        if not isinstance(found, dict) and not (nullable and found is None):
             raise LoadError(f"{self.at(name)}: must be an object, not {_kind(found)}")
         try:
             values.check(found, self.at(name))
@@ -231,11 +233,28 @@ class _Record:
             raise LoadError(str(exc)) from None
         return values.dumps(found)
 
-    def optional_text(self, name: str) -> str | None:
+    def optional_text(self, name: str, required: bool = False, max_length: int = 255) -> str | None:
+        """A string or null; with required, the field must be there (null allowed)."""
+        if required and name not in self.value:
+            raise LoadError(f"{self.at(name)}: required")
         found = self.value.get(name)
-        if found is not None and not isinstance(found, str):
+        if found is None:
+            return None
+        if not isinstance(found, str):
             raise LoadError(f"{self.at(name)}: must be a string or null, not {_kind(found)}")
-        return found
+        if required and len(found) > max_length:
+            raise LoadError(f"{self.at(name)}: longer than {max_length} characters")
+        return _checked_text(found, self.at(name))
+
+    def renamed(self, name: str) -> str | None:
+        """{output key: key shown} as stored ([[key, shown], ...] text); None for none."""
+        found = self.value.get(name, {})
+        if not isinstance(found, dict) or not all(isinstance(v, str) for v in found.values()):
+            raise LoadError(f"{self.at(name)}: must be an object of strings")
+        for key, shown in found.items():
+            _checked_text(key, self.at(name))
+            _checked_text(shown, f"{self.at(name)}.{key}")
+        return values.dumps([[key, shown] for key, shown in found.items()]) if found else None
 
     def state(self, name: str) -> str:
         found = self.text(name)
@@ -259,6 +278,15 @@ class _Record:
             raise LoadError(f"{self.at(name)}: {found!r} has no UTC offset")
         whole = int(moment.timestamp())
         return whole * 1_000_000 + moment.microsecond
+
+
+def _checked_text(text: str, where: str) -> str:
+    """text, unless it holds half a surrogate pair, which no database can store."""
+    try:
+        values.check_text(text, where)
+    except values.ValueProblem as exc:
+        raise LoadError(str(exc)) from None
+    return text
 
 
 def _kind(value: Any) -> str:
@@ -296,7 +324,11 @@ def _plan(document: Any) -> _Plan:
     seen_tasks: set[int] = set()
     for i, value in enumerate(top.items("tasks")):
         task = _task(
-            _Record(value, f"tasks[{i}]", ("id", "project_id", "name", "deleted", "nodes"))
+            _Record(
+                value,
+                f"tasks[{i}]",
+                ("id", "project_id", "name", "deleted", "pipeline_id", "nodes"),
+            )
         )
         if task.row["id"] in seen_tasks:
             raise LoadError(f"tasks[{i}].id: task {task.row['id']} appears twice")
@@ -317,6 +349,7 @@ NODE_FIELDS = (
     "execution",
     "attempts",
     "children",
+    "renamed",
 )
 EXECUTION_FIELDS = (
     "state",
@@ -329,6 +362,7 @@ EXECUTION_FIELDS = (
     "finish_time",
 )
 ATTEMPT_FIELDS = (
+    "id",
     "loop",
     "retry",
     "skip",
@@ -343,9 +377,6 @@ ATTEMPT_FIELDS = (
 
 
 def _task(r: _Record) -> _TaskPlan:
-    digest = hashlib.sha256(
-        json.dumps(r.value, ensure_ascii=False, separators=(",", ":")).encode()
-    ).hexdigest()
     task = _TaskPlan(
         r.where,
         {
@@ -353,7 +384,8 @@ def _task(r: _Record) -> _TaskPlan:
             "project": r.integer("project_id", 1),
             "name": r.text("name"),
             "deleted": r.flag("deleted"),
-            "digest": digest,
+            "digest": "",
+            "pipeline_id": r.text("pipeline_id", "", 64),
         },
     )
     seen: set[str] = set()
@@ -389,6 +421,7 @@ def _task(r: _Record) -> _TaskPlan:
                     "inputs": a.json_object("inputs"),
                     "outputs": a.json_object("outputs"),
                     "ex_data": a.optional_text("ex_data"),
+                    "history_id": a.integer("id", 1) if a.get("id") is not None else None,
                 }
             )
         children = node.items("children")
@@ -397,6 +430,10 @@ def _task(r: _Record) -> _TaskPlan:
         pending.extend(
             (c, f"{node.at('children')}[{j}]", (*path, node_id), j) for j, c in enumerate(children)
         )
+    # Last: only a record whose every string was checked encodes as UTF-8.
+    task.row["digest"] = hashlib.sha256(
+        json.dumps(r.value, ensure_ascii=False, separators=(",", ":")).encode()
+    ).hexdigest()
     return task
 
 
@@ -409,11 +446,13 @@ def _node_row(
         "parent_node_id": path[-1] if path else "",
         "path": values.dumps(list(path)),
         "position": position,
-        "name": node.text("name"),
+        "name": node.optional_text("name", required=True) or "",
+        "name_null": node.get("name", "") is None,
         "kind": node.text("type", "ServiceActivity", 64),
         "error_ignorable": node.flag("error_ignorable"),
         "inputs": node.json_object("inputs"),
-        "outputs": node.json_object("outputs"),
+        "outputs": node.json_object("outputs", nullable=True),
+        "renamed": node.renamed("renamed"),
         "ex_data": node.optional_text("ex_data"),
         "component_code": "",
         "component_version": "",

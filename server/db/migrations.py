@@ -18,8 +18,13 @@ import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from peewee import BigIntegerField
+from peewee import BooleanField
+from peewee import CharField
 from peewee import Database
 from peewee import PostgresqlDatabase
+from playhouse.migrate import SchemaMigrator
+from playhouse.migrate import migrate as run_migrations
 
 from server.db import models
 
@@ -59,10 +64,32 @@ def _v3_catalog_stamp(db: Database) -> None:
         models.CatalogStamp.insert(id=1, stamp=0).execute()
 
 
+def _v4_engine_keys(db: Database) -> None:
+    """The columns that let a task loaded from a file answer as bk-sops's engine does.
+
+    Version 1 builds its tables from today's models, so a database made new already has
+    them: each is added only where missing (a database made by an older release)."""
+    migrator = SchemaMigrator.from_database(db)
+    schema = _current_schema(db)
+    steps = []
+    for model, name, column in (
+        (models.Task, "pipeline_id", CharField(max_length=64, default="")),
+        (models.Node, "name_null", BooleanField(default=False)),
+        (models.Node, "renamed", models.JsonTextField(null=True)),
+        (models.Attempt, "history_id", BigIntegerField(null=True)),
+    ):
+        table = model._meta.table_name
+        if name not in {c.name for c in db.get_columns(table, schema=schema)}:
+            steps.append(migrator.add_column(table, name, column))
+    if steps:
+        run_migrations(*steps)
+
+
 MIGRATIONS: tuple[Migration, ...] = (
     Migration(1, "node records: projects, tasks, nodes, attempts, schemas", _v1_records),
     Migration(2, "app credentials, business grants and user tokens", _v2_credentials),
     Migration(3, "a stamp of projects and schemas, for reply caches", _v3_catalog_stamp),
+    Migration(4, "engine keys: root pipeline ids, null names, renamed outputs", _v4_engine_keys),
 )
 LATEST = MIGRATIONS[-1].version
 

@@ -59,6 +59,8 @@ class Task(BaseModel):
     #: sha256 of the imported task record; an identical re-import is skipped. Every
     #: write to the task's rows changes it: caches of replies rely on that.
     digest = CharField(max_length=64)
+    #: The engine's id of the task's root pipeline (bk-sops's `root_id:`); "" if not known.
+    pipeline_id = CharField(max_length=64, default="")
 
 
 class Node(BaseModel):
@@ -88,6 +90,11 @@ class Node(BaseModel):
     inputs = JsonTextField(default="{}")
     outputs = JsonTextField(default="{}")
     ex_data = JsonTextField(null=True)
+    #: The tree gives the node no name (null, as bk-sops's events); ``name`` is then "".
+    name_null = BooleanField(default=False)
+    #: [[output key, key shown], ...] that root-level component_outputs constants rename
+    #: (bk-sops's _format_outputs), as JSON text; NULL for none.
+    renamed = JsonTextField(null=True)
 
     class Meta:
         indexes = (
@@ -111,6 +118,8 @@ class Attempt(BaseModel):
     inputs = JsonTextField(default="{}")
     outputs = JsonTextField(default="{}")
     ex_data = JsonTextField(null=True)
+    #: The engine's own id of this history (what bk-sops's log API takes); NULL: use id.
+    history_id = BigIntegerField(null=True)
 
     class Meta:
         indexes = ((("task", "node_id", "loop"), False),)

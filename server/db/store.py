@@ -93,11 +93,16 @@ class NodeRow(NamedTuple):
     #: (output key, key shown): outputs a root-level `component_outputs` constant takes
     #: from this node are shown under the constant's key (bk-sops's _format_outputs).
     renamed: tuple[tuple[str, str], ...] = ()
+    #: The tree gives the node no name (JSON null); name is then "".
+    name_null: bool = False
+    #: The engine's id of the task's root pipeline (bk-sops's `root_id:`); "" if not known.
+    root_id: str = ""
 
 
 class AttemptRow(NamedTuple):
     """One earlier attempt of a node."""
 
+    #: The engine's id of the history when recorded (bk-sops's `history_id`), else ours.
     id: int
     loop: int
     retry: int
@@ -174,6 +179,9 @@ _NODE_COLUMNS = (
     Node.version,
     Node.started_at,
     Node.finished_at,
+    Node.name_null,
+    Node.renamed,
+    Task.pipeline_id,
     Node.inputs,
     Node.outputs,
     Node.ex_data,
@@ -591,6 +599,9 @@ class Store:
             state_version,
             started,
             finished,
+            name_null,
+            renamed,
+            pipeline_id,
             inputs,
             outputs,
             ex_data,
@@ -615,6 +626,9 @@ class Store:
             inputs=inputs,
             outputs=outputs,
             ex_data=ex_data,
+            renamed=tuple((key, shown) for key, shown in values.loads(renamed or "[]")),
+            name_null=bool(name_null),
+            root_id=pipeline_id,
         )
 
     def find_task(self, biz_id: int, by_project_id: bool, task_id: int) -> None:
@@ -1035,7 +1049,7 @@ def _summaries_query(task_ids: list[int]) -> Any:
 def _attempts_query(task_id: int, node_id: str, loop: int) -> Any:
     return (
         Attempt.select(
-            Attempt.id,
+            fn.COALESCE(Attempt.history_id, Attempt.id),
             Attempt.loop,
             Attempt.retry,
             Attempt.skip,

@@ -21,6 +21,7 @@ from server.errors import FieldViolation
 from server.gateway import statuses
 from server.gateway.requests import Request
 from server.gateway.requests import show
+from server.nodes import CURRENT_ATTEMPT
 
 Params = dict[str, values.JSON]
 
@@ -94,7 +95,7 @@ def _stack(value: values.JSON) -> list[str]:
         return []
     if isinstance(value, str):
         try:
-            value = values.loads(value)
+            value = values.strict_loads(value)
         except (ValueError, RecursionError):
             raise _bad_stack() from None
     if not isinstance(value, list) or not all(
@@ -142,23 +143,31 @@ def _invalid(error: type[errors.InvalidArgument], name: str, problem: str) -> Ex
 
 
 def render_detail(detail: pb.NodeDetail, named_outputs: bool, zone: tzinfo) -> dict[str, Any]:
-    """The legacy ``data`` of a NodeDetail; outputs carry names when component_code was given."""
+    """The legacy ``data`` of a NodeDetail; outputs carry names when component_code was given.
+
+    A node that ran gets the union of what bk-sops's two engines send: engine v2's
+    ``root_id:`` (the colon is bk-sops's) and ``parent_id`` (the root's id, as bk-sops
+    fills it), each history's ``id``, and the legacy engine's ``name``.
+    """
     inputs = values.object_from_message(detail.inputs)
     outputs = [_output(output, named_outputs) for output in detail.outputs]
     ex_data = detail.ex_data if detail.HasField("ex_data") else None
     if not detail.executed:
         return {
-            "name": detail.name,
+            "name": None if detail.name_null else detail.name,
             "error_ignorable": detail.error_ignorable,
             "state": _state(detail.state),
             "inputs": inputs,
             "outputs": outputs,
             "ex_data": ex_data,
         }
+    current = detail.history_id == CURRENT_ATTEMPT
     return {
         "id": detail.id,
-        "name": detail.name,
+        "name": None if detail.name_null else detail.name,
         "state": _state(detail.state),
+        "root_id:": detail.root_pipeline_id,
+        "parent_id": detail.root_pipeline_id,
         **_times(detail, zone),
         "skip": detail.skip,
         "retry": detail.retry,
@@ -169,8 +178,11 @@ def render_detail(detail: pb.NodeDetail, named_outputs: bool, zone: tzinfo) -> d
         "inputs": inputs,
         "outputs": outputs,
         "ex_data": ex_data,
-        "histories": [_attempt(attempt, zone) for attempt in detail.histories],
-        "children": {child.id: _child(child, zone) for child in detail.children},
+        "histories": [_attempt(attempt, current, zone) for attempt in detail.histories],
+        "children": {
+            child.id: _child(child, detail.root_pipeline_id, detail.id, zone)
+            for child in detail.children
+        },
         "history_id": detail.history_id,
     }
 
@@ -187,8 +199,12 @@ def _output(output: pb.NodeOutput, named: bool) -> dict[str, Any]:
     return {"key": output.key, "value": value, "preset": output.preset}
 
 
-def _attempt(attempt: pb.NodeAttempt, zone: tzinfo) -> dict[str, Any]:
-    return {
+def _attempt(attempt: pb.NodeAttempt, current: bool, zone: tzinfo) -> dict[str, Any]:
+    """One history as bk-sops shows it: in the current loop its ex_data is the outputs'
+    (``""`` when they hold none); an older loop's histories have no ex_data key at all
+    (bk-sops's _assemble_histroy_detail never sets it)."""
+    shown = {
+        "id": attempt.history_id,
         "history_id": attempt.history_id,
         "node_id": attempt.node_id,
         "loop": attempt.loop,
@@ -199,16 +215,22 @@ def _attempt(attempt: pb.NodeAttempt, zone: tzinfo) -> dict[str, Any]:
         **_times(attempt, zone),
         "inputs": values.object_from_message(attempt.inputs),
         "outputs": values.object_from_message(attempt.outputs),
-        "ex_data": attempt.ex_data if attempt.HasField("ex_data") else None,
         "children": {},
     }
+    if current:
+        shown["ex_data"] = attempt.ex_data if attempt.HasField("ex_data") else ""
+    return shown
 
 
-def _child(child: pb.ChildNode, zone: tzinfo) -> dict[str, Any]:
+def _child(child: pb.ChildNode, root_id: str, parent_id: str, zone: tzinfo) -> dict[str, Any]:
+    """A child's state; its parent_id is the sub-process's pipeline, whose id is the
+    sub-process node's."""
     return {
         "id": child.id,
         "name": child.name,
         "state": _state(child.state),
+        "root_id:": root_id,
+        "parent_id": parent_id,
         **_times(child, zone),
         "skip": child.skip,
         "retry": child.retry,

@@ -107,7 +107,7 @@ class Request:
         except UnicodeDecodeError:
             raise errors.InvalidArgument("the request body is not valid UTF-8") from None
         try:
-            return values.loads(text)
+            return values.strict_loads(text)
         except RecursionError:
             problem = "is nested too deeply"
         except (json.JSONDecodeError, values.ValueProblem) as exc:

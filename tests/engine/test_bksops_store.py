@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import base64
 import datetime
+import json
+import math
 import pickle
 import sqlite3
 from collections.abc import Iterator
@@ -44,8 +46,10 @@ from server.db.loader import load_document
 from server.gateway.local import LocalBackend
 from tests.conftest import ALL_APP
 from tests.conftest import authorized
+from tests.engine import reference
 from tests.engine.conftest import EngineDatabase
 from tests.engine.harness import run_pipelines
+from tests.engine.to_import import tree_of
 from tests.gateway.conftest import running_shim
 
 GATE_CLOSED = "gate closed: ok is false"
@@ -82,18 +86,41 @@ def serving(
     """A server reading engine's database, its own database (in directory) holding ALL_APP
     and the plugins' output schemas; a stub calling as ALL_APP."""
     own = f"sqlite:///{directory / 'tasknode.db'}"
-    db = open_database(own)
+    make_own_database(own, engine, [], [])
+    config = Config(database_url=own, bksops_database_url=engine.url, grpc_addr="127.0.0.1:0")
+    with started(config, ALL_APP) as (stub, server):
+        yield stub, server
+
+
+@contextmanager
+def started(
+    config: Config, credentials: dict[str, str]
+) -> Iterator[tuple[pb_grpc.TaskNodeServiceStub, Server]]:
+    """A started server of config, and a stub calling it with credentials; stopped after."""
+    server: Server = create_server(config)
+    server.start()
+    try:
+        with grpc.insecure_channel(f"127.0.0.1:{server.port}") as channel:
+            yield pb_grpc.TaskNodeServiceStub(authorized(channel, credentials)), server
+    finally:
+        server.stop(None)
+
+
+def make_own_database(
+    url: str, engine: EngineDatabase, projects: list[dict[str, Any]], tasks: list[dict[str, Any]]
+) -> None:
+    """A new own database at url holding ALL_APP, the plugins' output schemas, and the
+    projects and tasks given."""
+    db = open_database(url)
     with db.connection_context():
         ensure_schema(db)
-        load_document(
-            db,
-            {
-                "format": FORMAT,
-                "projects": [],
-                "components": engine.manifest["components"],
-                "tasks": [],
-            },
-        )
+        document = {
+            "format": FORMAT,
+            "projects": projects,
+            "components": engine.manifest["components"],
+            "tasks": tasks,
+        }
+        load_document(db, document)
         AppStore(db).add(
             ALL_APP["bk_app_code"],
             ALL_APP["bk_app_secret"],
@@ -101,14 +128,20 @@ def serving(
             may_assert_user=True,
         )
     db.close()
-    config = Config(database_url=own, bksops_database_url=engine.url, grpc_addr="127.0.0.1:0")
-    server: Server = create_server(config)
-    server.start()
-    try:
-        with grpc.insecure_channel(f"127.0.0.1:{server.port}") as channel:
-            yield pb_grpc.TaskNodeServiceStub(authorized(channel, ALL_APP)), server
-    finally:
-        server.stop(None)
+
+
+def engine_two_tasks(engine: EngineDatabase) -> Iterator[tuple[str, dict[str, Any], bytes]]:
+    """(name, manifest entry, zlib web tree) of each task of engine v2 that is not deleted."""
+    for name, entry in engine.manifest["pipelines"].items():
+        if "task_id" not in entry or entry["deleted"] or entry["engine_ver"] != 2:
+            continue
+        (snapshot,) = engine_rows(
+            engine,
+            "SELECT s.data FROM pipeline_snapshot s JOIN pipeline_pipelineinstance i"
+            " ON i.execution_snapshot_id = s.id WHERE i.id = ?",
+            entry["instance_pk"],
+        )
+        yield name, entry, bytes(snapshot[0])
 
 
 def node(engine: EngineDatabase, pipeline: str, label: str) -> tuple[dict[str, Any], str]:
@@ -534,16 +567,31 @@ def test_pickled_values_are_read_with_the_allow_list_and_sent_as_django_writes_t
     )
 
 
-def test_values_a_reply_cannot_carry_yet_answer_a_clear_error_naming_the_node(
+def test_nan_infinity_and_big_integers_are_served_as_the_engine_stored_them(
     served: Any,
 ) -> None:
-    """NaN, Infinity and 2**70 (services.odd) are not served yet: an error, not a crash."""
-    _, node_id = node(served[1], "services", "odd")
-    with pytest.raises(grpc.RpcError) as caught:
-        ask(served, "services", "odd")
-    code, reason, message = failure(caught.value)
-    assert (code, reason) == (grpc.StatusCode.FAILED_PRECONDITION, "UNREADABLE_DATA")
-    assert node_id in message and "not a finite number" in message
+    """services.odd: NaN, Infinity and 2**70, which the engine's JSON column holds as
+    Python's json writes them; the reply carries them as doubles and digits."""
+    detail = ask(served, "services", "odd")
+    outputs = {o.key: o.value for o in detail.outputs}
+    assert math.isnan(outputs["nan"].double_value)
+    assert outputs["inf"].double_value == math.inf
+    assert outputs["huge"].big_int_value == str(2**70)
+    assert values.from_message(outputs["huge"]) == 2**70
+    assert values.from_message(outputs["text"]) == "emoji \U0001f600 and 中文"
+    assert values.from_message(outputs["big"]) == "x" * 200_000
+
+
+def test_nodes_without_execution_data_answer_no_table_with_component_code(
+    served: Any,
+) -> None:
+    """bk-sops answers an event or gateway (run or not) before it formats outputs."""
+    gateway = ask(served, "loop", "decide", component_code="harness_echo")
+    assert (gateway.executed, list(gateway.outputs), gateway.ex_data) == (True, [], "")
+    end = ask(served, "stuck", "end", component_code="harness_echo")
+    assert (end.executed, list(end.outputs), end.ex_data) == (False, [], "")
+    # The engine's tree gives the events no name: bk-sops sends null.
+    assert (end.name, end.name_null) == ("", True)
 
 
 def test_a_batch_reads_each_item_from_the_engine(served: Any) -> None:
@@ -617,6 +665,46 @@ def test_businesses_map_to_projects_as_bk_sops_maps_them(served: Any) -> None:
     assert caught.value.code() == grpc.StatusCode.NOT_FOUND
 
 
+def test_a_read_mask_reads_the_engine_too(served: Any) -> None:
+    full = ask(served, "nested", "taken")
+    masked = ask(served, "nested", "taken", read_mask=FieldMask(paths=["state", "outputs"]))
+    assert masked.state == full.state and list(masked.outputs) == list(full.outputs)
+    assert not masked.inputs.fields and masked.etag and masked.etag != full.etag
+
+
+def test_each_engine_query_is_a_span_named_by_what_it_reads(served: Any) -> None:
+    exporter = InMemorySpanExporter()
+    traces.configure(Config(), exporter)
+    # A mask no other test asks: its reply is not in the cache, so it is built here.
+    mask = FieldMask(paths=["state", "inputs", "outputs", "retry"])
+    try:
+        ask(served, "services", "ok", read_mask=mask)
+    finally:
+        traces.shutdown()
+    found = exporter.get_finished_spans()
+    (call,) = [s for s in found if s.name.endswith("/GetTaskNodeDetail")]
+    assert call.context is not None
+    queries = {s.name for s in found if s.parent and s.parent.span_id == call.context.span_id}
+    # The task's tree may be cached from an earlier test: it is read once per snapshot.
+    assert {"store stamp", "store business", "store task", "store state", "store data"} <= queries
+    assert "store other" not in queries
+
+
+def test_listing_a_tasks_nodes_is_refused_clearly(served: Any) -> None:
+    """The listing reads our own node table; on an engine database it says so instead of
+    running that SQL there."""
+    stub, engine = served
+    entry, _ = node(engine, "nested", "taken")
+    request = pb.ListTaskNodesRequest(
+        bk_biz_id=str(entry["business_id"]), task_id=str(entry["task_id"])
+    )
+    with pytest.raises(grpc.RpcError) as caught:
+        stub.ListTaskNodes(request, timeout=30)
+    code, reason, message = failure(caught.value)
+    assert (code, reason) == (grpc.StatusCode.FAILED_PRECONDITION, "UNSUPPORTED_BY_STORE")
+    assert "ListTaskNodes" in message
+
+
 def test_a_malicious_pickle_in_the_engine_database_runs_nothing_and_names_the_node(
     engine_venv: Path, tmp_path: Path
 ) -> None:
@@ -649,6 +737,15 @@ def test_a_malicious_pickle_in_the_engine_database_runs_nothing_and_names_the_no
     assert not target.exists()
 
 
+def walk(tree: list[Any], stack: tuple[str, ...]) -> Iterator[tuple[str, tuple[str, ...]]]:
+    for node_id, inner in tree:
+        yield node_id, stack
+        yield from walk(inner, (*stack, node_id))
+
+
+# The legacy route last: its server binds the models' database, which `served` shares.
+
+
 def shanghai(micros: int | None) -> str | None:
     """A stored time as bk-sops prints it."""
     if micros is None:
@@ -658,8 +755,8 @@ def shanghai(micros: int | None) -> str | None:
 
 
 def test_the_legacy_route_answers_a_retried_node_as_bk_sops_does(legacy: Any) -> None:
-    """Field for field and type for type, but for the keys listed: bk-sops's engine v2 keys
-    the contract leaves out (issue 11, item 2) and the legacy engine's `name` we add."""
+    """Field for field and type for type, with the engine v2 keys (`root_id:`, `parent_id`,
+    each history's `id`), but for the legacy engine's `name`, which we add."""
     client, engine = legacy
     entry, node_id = node(engine, "services", "retried")
     (history_id,) = history_ids(engine, node_id, 1)
@@ -720,45 +817,91 @@ def test_the_legacy_route_answers_a_retried_node_as_bk_sops_does(legacy: Any) ->
     assert (response.status_code, body["result"], body["code"]) == (200, True, 0)
     data = body["data"]
     assert data.pop("name") == "retried"
-    for key in ("root_id:", "parent_id"):
-        bk_sops.pop(key)
-    bk_sops["histories"][0].pop("id")
     assert data == bk_sops
 
 
-def test_a_read_mask_reads_the_engine_too(served: Any) -> None:
-    full = ask(served, "nested", "taken")
-    masked = ask(served, "nested", "taken", read_mask=FieldMask(paths=["state", "outputs"]))
-    assert masked.state == full.state and list(masked.outputs) == list(full.outputs)
-    assert not masked.inputs.fields and masked.etag and masked.etag != full.etag
-
-
-def test_listing_a_tasks_nodes_is_refused_clearly(served: Any) -> None:
-    """The listing reads our own node table; on an engine database it says so instead of
-    running that SQL there."""
-    stub, engine = served
-    entry, _ = node(engine, "nested", "taken")
-    request = pb.ListTaskNodesRequest(
-        bk_biz_id=str(entry["business_id"]), task_id=str(entry["task_id"])
+def test_the_legacy_route_writes_them_as_bk_sops_does(legacy: Any) -> None:
+    """bk-sops's JsonResponse writes them with Python's json: NaN, Infinity, the digits."""
+    client, engine = legacy
+    entry, node_id = node(engine, "services", "odd")
+    response = client.get(
+        "/api/c/compapi/v2/sops/get_task_node_detail/",
+        params={**ALL_APP, "bk_biz_id": "2", "task_id": entry["task_id"], "node_id": node_id},
     )
-    with pytest.raises(grpc.RpcError) as caught:
-        stub.ListTaskNodes(request, timeout=30)
-    code, reason, message = failure(caught.value)
-    assert (code, reason) == (grpc.StatusCode.FAILED_PRECONDITION, "UNSUPPORTED_BY_STORE")
-    assert "ListTaskNodes" in message
+    assert response.status_code == 200
+    for written in (
+        '{"key":"nan","value":NaN,',
+        '{"key":"inf","value":Infinity,',
+        '{"key":"huge","value":1180591620717411303424,',
+    ):
+        assert written in response.text
+    data = response.json()["data"]
+    assert data["outputs"][2] == {"key": "huge", "value": 2**70, "preset": False}
 
 
-def test_each_engine_query_is_a_span_named_by_what_it_reads(served: Any) -> None:
-    exporter = InMemorySpanExporter()
-    traces.configure(Config(), exporter)
-    try:
-        ask(served, "services", "ok")
-    finally:
-        traces.shutdown()
-    found = exporter.get_finished_spans()
-    (call,) = [s for s in found if s.name.endswith("/GetTaskNodeDetail")]
-    assert call.context is not None
-    queries = {s.name for s in found if s.parent and s.parent.span_id == call.context.span_id}
-    # The task's tree may be cached from an earlier test: it is read once per snapshot.
-    assert {"store business", "store task", "store state", "store data"} <= queries, queries
-    assert "store other" not in queries
+def test_the_legacy_data_of_every_node_is_what_bk_sops_computes(legacy: Any) -> None:
+    """Every node that ran (and every event and gateway that has not) of every engine-2
+    task, each older loop, with and without component_code: the legacy `data` equals what
+    bk-sops's rules make of the engine's rows (tests/engine/reference.py), field for field
+    and type for type, but for the `name` we add to a node that ran and to its children."""
+    client, engine = legacy
+    schemas = {(c["code"], c["version"]): c["outputs"] for c in engine.manifest["components"]}
+
+    def rows(sql: str, *params: object) -> list[tuple[Any, ...]]:
+        return engine_rows(engine, sql, *params)
+
+    seen = set()
+    for _, entry, snapshot in engine_two_tasks(engine):
+        tree = reference.web_tree(snapshot)
+        for node_id, stack in walk(tree_of(snapshot), ()):
+            info = reference._node_info(tree, stack, node_id)
+            ran = bool(rows("SELECT id FROM eri_state WHERE node_id = ?", node_id))
+            if not ran and info["type"] in ("ServiceActivity", "SubProcess"):
+                continue  # the preview: checked against bk-sops above
+            state = rows('SELECT "loop" FROM eri_state WHERE node_id = ?', node_id)
+            loops: list[int | None] = [None, *range(1, state[0][0] if state else 1)]
+            code = (info.get("component") or {}).get("code", "")
+            for loop in loops:
+                for component_code in {"", code}:
+                    params = {
+                        **ALL_APP,
+                        "bk_biz_id": str(entry["business_id"]),
+                        "task_id": entry["task_id"],
+                        "node_id": node_id,
+                        "subprocess_stack": json.dumps(list(stack)),
+                        **({"loop": str(loop)} if loop else {}),
+                        **({"component_code": component_code} if component_code else {}),
+                    }
+                    response = client.get(
+                        "/api/c/compapi/v2/sops/get_task_node_detail/", params=params
+                    )
+                    ours = response.json()["data"]
+                    expected = reference.bk_sops_data(
+                        rows, tree, node_id, stack, schemas, loop, component_code
+                    )
+                    if ran:
+                        ours.pop("name")
+                        for child in ours["children"].values():
+                            child.pop("name")
+                    for answer in (
+                        ours,
+                        expected,
+                        *ours.get("children", {}).values(),
+                        *expected.get("children", {}).values(),
+                    ):
+                        if answer.get("finish_time", "") is None:
+                            answer.pop("elapsed_time")  # grows with the clock
+                    assert typed(ours) == typed(expected), (entry["task_id"], node_id, params)
+                    seen.add((info["type"], ran, bool(component_code), bool(loop)))
+    assert len(seen) >= 8, seen
+
+
+def typed(value: Any) -> Any:
+    """value with each leaf paired with its type, so 1 != 1.0 != True; NaN equal to NaN."""
+    if isinstance(value, dict):
+        return {k: typed(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [typed(v) for v in value]
+    if isinstance(value, float) and math.isnan(value):
+        return ("nan", float)
+    return (value, type(value))

@@ -133,6 +133,8 @@ def test_the_seed_request_reproduces_the_documented_example(http: httpx.Client) 
         "id",
         "name",
         "state",
+        "root_id:",
+        "parent_id",
         "start_time",
         "finish_time",
         "elapsed_time",

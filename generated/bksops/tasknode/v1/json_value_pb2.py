@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from google.protobuf import struct_pb2 as google_dot_protobuf_dot_struct__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n#bksops/tasknode/v1/json_value.proto\x12\x12\x62ksops.tasknode.v1\x1a\x1cgoogle/protobuf/struct.proto\"\x8c\x02\n\tJsonValue\x12\x30\n\nnull_value\x18\x01 \x01(\x0e\x32\x1a.google.protobuf.NullValueH\x00\x12\x14\n\nbool_value\x18\x02 \x01(\x08H\x00\x12\x13\n\tint_value\x18\x03 \x01(\x03H\x00\x12\x16\n\x0c\x64ouble_value\x18\x04 \x01(\x01H\x00\x12\x16\n\x0cstring_value\x18\x05 \x01(\tH\x00\x12\x32\n\nlist_value\x18\x06 \x01(\x0b\x32\x1c.bksops.tasknode.v1.JsonListH\x00\x12\x36\n\x0cobject_value\x18\x07 \x01(\x0b\x32\x1e.bksops.tasknode.v1.JsonObjectH\x00\x42\x06\n\x04kind\"9\n\x08JsonList\x12-\n\x06values\x18\x01 \x03(\x0b\x32\x1d.bksops.tasknode.v1.JsonValue\";\n\nJsonObject\x12-\n\x06\x66ields\x18\x01 \x03(\x0b\x32\x1d.bksops.tasknode.v1.JsonField\"F\n\tJsonField\x12\x0b\n\x03key\x18\x01 \x01(\t\x12,\n\x05value\x18\x02 \x01(\x0b\x32\x1d.bksops.tasknode.v1.JsonValueb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n#bksops/tasknode/v1/json_value.proto\x12\x12\x62ksops.tasknode.v1\x1a\x1cgoogle/protobuf/struct.proto\"\xa5\x02\n\tJsonValue\x12\x30\n\nnull_value\x18\x01 \x01(\x0e\x32\x1a.google.protobuf.NullValueH\x00\x12\x14\n\nbool_value\x18\x02 \x01(\x08H\x00\x12\x13\n\tint_value\x18\x03 \x01(\x03H\x00\x12\x16\n\x0c\x64ouble_value\x18\x04 \x01(\x01H\x00\x12\x16\n\x0cstring_value\x18\x05 \x01(\tH\x00\x12\x32\n\nlist_value\x18\x06 \x01(\x0b\x32\x1c.bksops.tasknode.v1.JsonListH\x00\x12\x36\n\x0cobject_value\x18\x07 \x01(\x0b\x32\x1e.bksops.tasknode.v1.JsonObjectH\x00\x12\x17\n\rbig_int_value\x18\x08 \x01(\tH\x00\x42\x06\n\x04kind\"9\n\x08JsonList\x12-\n\x06values\x18\x01 \x03(\x0b\x32\x1d.bksops.tasknode.v1.JsonValue\";\n\nJsonObject\x12-\n\x06\x66ields\x18\x01 \x03(\x0b\x32\x1d.bksops.tasknode.v1.JsonField\"F\n\tJsonField\x12\x0b\n\x03key\x18\x01 \x01(\t\x12,\n\x05value\x18\x02 \x01(\x0b\x32\x1d.bksops.tasknode.v1.JsonValueb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -33,11 +33,11 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'bksops.tasknode.v1.json_val
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_JSONVALUE']._serialized_start=90
-  _globals['_JSONVALUE']._serialized_end=358
-  _globals['_JSONLIST']._serialized_start=360
-  _globals['_JSONLIST']._serialized_end=417
-  _globals['_JSONOBJECT']._serialized_start=419
-  _globals['_JSONOBJECT']._serialized_end=478
-  _globals['_JSONFIELD']._serialized_start=480
-  _globals['_JSONFIELD']._serialized_end=550
+  _globals['_JSONVALUE']._serialized_end=383
+  _globals['_JSONLIST']._serialized_start=385
+  _globals['_JSONLIST']._serialized_end=442
+  _globals['_JSONOBJECT']._serialized_start=444
+  _globals['_JSONOBJECT']._serialized_end=503
+  _globals['_JSONFIELD']._serialized_start=505
+  _globals['_JSONFIELD']._serialized_end=575
 # @@protoc_insertion_point(module_scope)

@@ -180,7 +180,7 @@ class ListTaskNodesResponse(_message.Message):
     def __init__(self, nodes: _Optional[_Iterable[_Union[NodeDetail, _Mapping]]] = ..., next_page_token: _Optional[str] = ..., total_size: _Optional[int] = ...) -> None: ...
 
 class NodeDetail(_message.Message):
-    __slots__ = ("id", "name", "state", "executed", "start_time", "finish_time", "elapsed_seconds", "skip", "retry", "loop", "error_ignorable", "error_ignored", "version", "inputs", "outputs", "ex_data", "histories", "children", "history_id", "component_code", "subprocess_stack", "etag")
+    __slots__ = ("id", "name", "state", "executed", "start_time", "finish_time", "elapsed_seconds", "skip", "retry", "loop", "error_ignorable", "error_ignored", "version", "inputs", "outputs", "ex_data", "histories", "children", "history_id", "component_code", "subprocess_stack", "etag", "root_pipeline_id", "name_null")
     ID_FIELD_NUMBER: _ClassVar[int]
     NAME_FIELD_NUMBER: _ClassVar[int]
     STATE_FIELD_NUMBER: _ClassVar[int]
@@ -203,6 +203,8 @@ class NodeDetail(_message.Message):
     COMPONENT_CODE_FIELD_NUMBER: _ClassVar[int]
     SUBPROCESS_STACK_FIELD_NUMBER: _ClassVar[int]
     ETAG_FIELD_NUMBER: _ClassVar[int]
+    ROOT_PIPELINE_ID_FIELD_NUMBER: _ClassVar[int]
+    NAME_NULL_FIELD_NUMBER: _ClassVar[int]
     id: str
     name: str
     state: NodeState
@@ -225,7 +227,9 @@ class NodeDetail(_message.Message):
     component_code: str
     subprocess_stack: _containers.RepeatedScalarFieldContainer[str]
     etag: str
-    def __init__(self, id: _Optional[str] = ..., name: _Optional[str] = ..., state: _Optional[_Union[NodeState, str]] = ..., executed: _Optional[bool] = ..., start_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., finish_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., elapsed_seconds: _Optional[int] = ..., skip: _Optional[bool] = ..., retry: _Optional[int] = ..., loop: _Optional[int] = ..., error_ignorable: _Optional[bool] = ..., error_ignored: _Optional[bool] = ..., version: _Optional[str] = ..., inputs: _Optional[_Union[_json_value_pb2.JsonObject, _Mapping]] = ..., outputs: _Optional[_Iterable[_Union[NodeOutput, _Mapping]]] = ..., ex_data: _Optional[str] = ..., histories: _Optional[_Iterable[_Union[NodeAttempt, _Mapping]]] = ..., children: _Optional[_Iterable[_Union[ChildNode, _Mapping]]] = ..., history_id: _Optional[int] = ..., component_code: _Optional[str] = ..., subprocess_stack: _Optional[_Iterable[str]] = ..., etag: _Optional[str] = ...) -> None: ...
+    root_pipeline_id: str
+    name_null: bool
+    def __init__(self, id: _Optional[str] = ..., name: _Optional[str] = ..., state: _Optional[_Union[NodeState, str]] = ..., executed: _Optional[bool] = ..., start_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., finish_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., elapsed_seconds: _Optional[int] = ..., skip: _Optional[bool] = ..., retry: _Optional[int] = ..., loop: _Optional[int] = ..., error_ignorable: _Optional[bool] = ..., error_ignored: _Optional[bool] = ..., version: _Optional[str] = ..., inputs: _Optional[_Union[_json_value_pb2.JsonObject, _Mapping]] = ..., outputs: _Optional[_Iterable[_Union[NodeOutput, _Mapping]]] = ..., ex_data: _Optional[str] = ..., histories: _Optional[_Iterable[_Union[NodeAttempt, _Mapping]]] = ..., children: _Optional[_Iterable[_Union[ChildNode, _Mapping]]] = ..., history_id: _Optional[int] = ..., component_code: _Optional[str] = ..., subprocess_stack: _Optional[_Iterable[str]] = ..., etag: _Optional[str] = ..., root_pipeline_id: _Optional[str] = ..., name_null: _Optional[bool] = ...) -> None: ...
 
 class NodeOutput(_message.Message):
     __slots__ = ("key", "name", "value", "preset")
