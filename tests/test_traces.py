@@ -152,8 +152,13 @@ def test_a_failed_call_is_an_error_only_when_it_is_the_servers(
     with pytest.raises(grpc.RpcError) as late:
         stub.GetTaskNodeDetail(seed_request(), timeout=0.000001)
     assert late.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
-    for span in spans.get_finished_spans():  # served, if at all, after the deadline passed
-        assert span.name == GET_DETAIL and span.status.status_code == StatusCode.ERROR
+    # Served, if at all, after the deadline passed: the call is an error; the queries it
+    # may have run before it noticed are its own children.
+    for span in spans.get_finished_spans():
+        if span.name == GET_DETAIL:
+            assert span.status.status_code == StatusCode.ERROR
+        else:
+            assert span.name.startswith("store ") and span.parent is not None, span.name
 
 
 @pytest.fixture(params=["channel", "in-process"])

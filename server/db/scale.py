@@ -75,14 +75,16 @@ NODE_FIELDS: tuple[Field, ...] = (
     Node.task, Node.node_id, Node.parent_node_id, Node.path, Node.position, Node.name,
     Node.kind, Node.component_code, Node.component_version, Node.error_ignorable, Node.state,
     Node.loop, Node.retry, Node.skip, Node.error_ignored, Node.version, Node.started_at,
-    Node.finished_at, Node.inputs, Node.outputs, Node.ex_data,
+    Node.finished_at, Node.inputs, Node.outputs, Node.ex_data, Node.name_null,
 )  # fmt: skip
 ATTEMPT_FIELDS: tuple[Field, ...] = (
     Attempt.task, Attempt.node_id, Attempt.loop, Attempt.retry, Attempt.skip, Attempt.version,
     Attempt.state, Attempt.started_at, Attempt.finished_at, Attempt.inputs, Attempt.outputs,
     Attempt.ex_data,
 )  # fmt: skip
-TASK_FIELDS: tuple[Field, ...] = (Task.id, Task.project, Task.name, Task.deleted, Task.digest)
+TASK_FIELDS: tuple[Field, ...] = (
+    Task.id, Task.project, Task.name, Task.deleted, Task.digest, Task.pipeline_id,
+)  # fmt: skip
 PROJECT_FIELDS: tuple[Field, ...] = (Project.id, Project.name, Project.bk_biz_id)
 COMPONENT_FIELDS: tuple[Field, ...] = (
     ComponentSchema.code,
@@ -170,7 +172,7 @@ class Generator(StopsOnce):
         self._level("", (), 0)
         digest = hashlib.sha256(f"scale {self.seed} {task_id}".encode()).hexdigest()
         project = FIRST_ID + index % BUSINESSES
-        return (task_id, project, f"{rng.choice(VERBS)} release {index}", False, digest)
+        return (task_id, project, f"{rng.choice(VERBS)} release {index}", False, digest, "")
 
     def _level(
         self, parent: str, path: tuple[str, ...], depth: int
@@ -213,7 +215,7 @@ class Generator(StopsOnce):
         self.nodes[at] = (
             self.task_id, node_id, parent, path_text, position, f"Stage {position}",
             "SubProcess", "", "", False, state, 1, 0, False, False, version,
-            started, finished, "{}", "{}", None,
+            started, finished, "{}", "{}", None, False,
         )  # fmt: skip
         return state, started
 
@@ -244,7 +246,7 @@ class Generator(StopsOnce):
         row = (
             self.task_id, node_id, parent, path_text, position, name, kind, code, version,
             rng.random() < 0.05, state, loop, retry, False, False, run_version, started,
-            finished, rng.choice(inputs), rng.choice(outputs) if state else "{}", ex_data,
+            finished, rng.choice(inputs), rng.choice(outputs) if state else "{}", ex_data, False,
         )  # fmt: skip
         self.nodes.append(row)
         return state, started
