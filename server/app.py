@@ -193,7 +193,8 @@ def create_server(config: Config, reuse_port: bool = False) -> Server:
     if config.bksops_database_url:
         engine_db = open_read_only(config.bksops_database_url, timeout)
         engine_replicas = open_replicas(engine_db, config.bksops_database_replicas, timeout)
-        store = BksopsStore(engine_db, native, timeout, engine_replicas)
+        trees = config.bksops_tree_cache_mb * 1024 * 1024
+        store = BksopsStore(engine_db, native, timeout, engine_replicas, trees)
     access = AccessLog()
     apps = AppStore(db, Store(db, timeout), native) if replicas else AppStore(db, native)
     authenticator = Authenticator(

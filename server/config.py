@@ -36,6 +36,10 @@ class Config:
     bksops_database_url: str = ""
     #: Read replicas of bksops_database_url, as database_replicas are of database_url.
     bksops_database_replicas: URLs = ()
+    #: Megabytes of bk-sops task trees kept indexed per process (by snapshot id, least
+    #: recently used out first), so that a call does not decompress and parse its task's
+    #: tree again: ~5 KiB a task of ~12 nodes.
+    bksops_tree_cache_mb: int = 256
     #: host:port of the gRPC server; port 0 picks a free one.
     grpc_addr: str = "127.0.0.1:50051"
     #: Processes serving gRPC on the one address (SO_REUSEPORT); 0: one per core.

@@ -17,6 +17,7 @@ import datetime
 import hashlib
 import json
 import re
+import sys
 import threading
 import zlib
 from collections import OrderedDict
@@ -48,8 +49,9 @@ from server.db.store import Store
 from server.db.store import TaskState
 from server.filters import Term
 
-#: Parsed task trees kept, by snapshot id (a snapshot row never changes).
-TREES_KEPT = 256
+#: Bytes of indexed task trees kept per process, by default (BksopsStore tree_cache_bytes):
+#: ~5 KiB a tree of the bench's ~12 nodes, so ~50,000 trees.
+TREE_CACHE_BYTES = 256 * 1024 * 1024
 #: Node kinds kept for the stamp (a few MiB).
 KINDS_KEPT = 65_536
 #: The stamp's children column (count/digest sum) for a node with none, on every database.
@@ -65,11 +67,14 @@ _SQLITE_DIGEST = "tasknode_md5"
 _SQLITE_ROW_DIGEST = "tasknode_row_digest"
 _EPOCH = datetime.datetime(1970, 1, 1, tzinfo=datetime.UTC)
 _REFERENCE = re.compile(r"\$\{\s*([A-Za-z_][A-Za-z0-9_]*)\s*\}")
+#: One encoder for _compact: json.dumps with options builds a new one each call.
+_COMPACT = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False).encode
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class _TreeNode:
-    """One node of a task's tree: what the tree alone says about it."""
+    """One node of a task's tree: what a call needs of it, compactly (kinds, codes and
+    versions are interned, shared by every tree)."""
 
     #: None when the tree has none (null, as for events): bk-sops then answers null.
     name: str | None
@@ -79,19 +84,80 @@ class _TreeNode:
     error_ignorable: bool
     #: Ancestor sub-process node ids, root first.
     path: tuple[str, ...]
-    #: The configured inputs ({key: value}) of a service, or a sub-process's constants.
-    inputs: dict[str, Any]
+    #: The configured inputs ({key: value}) of a service, or a sub-process's constants, as
+    #: compact JSON ("" for none): only a READY preview reads them, and a dict of them
+    #: costs several times their text, which would bound the trees kept to a few.
+    inputs: str
 
 
-@dataclass
+@dataclass(slots=True)
 class _Tree:
-    """A task's tree, indexed by node id, with each pipeline's constants by its id."""
+    """A task's tree, indexed by node id, with each pipeline's constants (compact JSON, as
+    a node's inputs) by its id."""
 
     nodes: dict[str, _TreeNode] = field(default_factory=dict)
-    constants: dict[str, dict[str, Any]] = field(default_factory=dict)
+    constants: dict[str, str] = field(default_factory=dict)
     #: node id -> (output key, constant key without ${}) of each root-level constant
     #: of source_type component_outputs that the node feeds.
     renamed: dict[str, tuple[tuple[str, str], ...]] = field(default_factory=dict)
+    #: What the tree holds in memory, about (_Tree.measure), for the cache's bound.
+    size: int = 0
+
+    def measure(self) -> int:
+        """Bytes of the objects this tree holds of its own (interned strings, shared by
+        every tree, not counted): the dicts, each node, its id, name, inputs and path."""
+        size = sys.getsizeof(self) + sys.getsizeof(self.nodes) + sys.getsizeof(self.constants)
+        size += sys.getsizeof(self.renamed)
+        paths: set[int] = set()
+        for node_id, node in self.nodes.items():
+            size += sys.getsizeof(node_id) + sys.getsizeof(node) + sys.getsizeof(node.inputs)
+            size += 0 if node.name is None else sys.getsizeof(node.name)
+            if node.path and id(node.path) not in paths:  # one tuple per sub-process
+                paths.add(id(node.path))
+                size += sys.getsizeof(node.path)
+        size += sum(sys.getsizeof(text) for text in self.constants.values())
+        for shown in self.renamed.values():
+            size += sys.getsizeof(shown)
+            size += sum(sys.getsizeof(pair) + sum(map(sys.getsizeof, pair)) for pair in shown)
+        return size
+
+
+class _Trees:
+    """Indexed task trees by snapshot id (a snapshot row never changes), least recently
+    used first out when they hold more than max_bytes (_Tree.size)."""
+
+    def __init__(self, max_bytes: int) -> None:
+        self.max_bytes = max_bytes
+        self.bytes = 0
+        self._kept: OrderedDict[int, _Tree] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def __len__(self) -> int:
+        return len(self._kept)
+
+    def __contains__(self, snapshot_id: int) -> bool:
+        return snapshot_id in self._kept
+
+    def get(self, snapshot_id: int) -> _Tree | None:
+        with self._lock:
+            tree = self._kept.get(snapshot_id)
+            if tree is not None:
+                self._kept.move_to_end(snapshot_id)
+            return tree
+
+    def put(self, snapshot_id: int, tree: _Tree) -> None:
+        """Keep tree (unless it alone is over the bound), evicting the least recently used."""
+        if tree.size > self.max_bytes:
+            return
+        with self._lock:
+            old = self._kept.pop(snapshot_id, None)
+            if old is not None:
+                self.bytes -= old.size
+            self._kept[snapshot_id] = tree
+            self.bytes += tree.size
+            while self.bytes > self.max_bytes:
+                _, dropped = self._kept.popitem(last=False)
+                self.bytes -= dropped.size
 
 
 class _Current(threading.local):
@@ -109,9 +175,12 @@ class BksopsStore(Store):
         native: Store,
         timeout: float = Config.store_timeout_seconds,
         replicas: Sequence[Database] = (),
+        tree_cache_bytes: int = TREE_CACHE_BYTES,
     ) -> None:
         self.native = native
-        self._trees: OrderedDict[int, _Tree] = OrderedDict()
+        self.trees = _Trees(tree_cache_bytes)
+        #: Trees decompressed and indexed by this store (each is then kept, within bounds).
+        self.trees_parsed = 0
         self._trees_lock = threading.Lock()
         #: node id -> True for a node known not to be a sub-process (see stamp).
         self._plain: OrderedDict[str, bool] = OrderedDict()
@@ -262,7 +331,7 @@ class BksopsStore(Store):
             version="",
             started_at=None,
             finished_at=None,
-            inputs=values.dumps(self._preview(tree, info, root_id)),
+            inputs="{}",
             outputs="{}",
             ex_data=None,
             renamed=tree.renamed.get(node_id, ()),
@@ -270,8 +339,8 @@ class BksopsStore(Store):
             root_id=root_id,
         )
         states = self._rows("state", self._sql_state, True, node_id)
-        if not states:
-            return row
+        if not states:  # not run: the READY preview (its context read only then)
+            return row._replace(inputs=values.dumps(self._preview(tree, info, root_id)))
         state, version, loop, retry, skip, ignored, started, archived = states[0]
         row = row._replace(
             state=state,
@@ -303,20 +372,19 @@ class BksopsStore(Store):
         """The task's (snapshot id, root pipeline id); NotFound naming the first of
         business or task missing, UnsupportedEngine for the legacy engine's tasks."""
         if by_project_id:
-            projects = self._rows("project", self._sql_project, True, biz_id)
+            found = self._rows("task", self._sql_project_task, True, task_id, biz_id)
         else:
-            projects = self._rows("business", self._sql_business, True, biz_id, True)
-        if not projects:
+            found = self._rows("task", self._sql_business_task, True, task_id, biz_id, True)
+        if not found:
             scope = "project" if by_project_id else "cmdb_biz"
             raise errors.BusinessNotFound(
                 f"project({biz_id}) with scope({scope}) does not exist.",
                 {"bkBizId": str(biz_id), "scope": scope},
             )
-        tasks = self._rows("task", self._sql_task, True, task_id, projects[0][0])
         where = {"bkBizId": str(biz_id), "taskId": str(task_id)}
-        if not tasks:
+        task, deleted, engine_ver, snapshot_id, root_id = found[0]
+        if task is None or root_id is None:  # no task there, or no pipeline instance
             raise errors.TaskNotFound(f"task {task_id} of business {biz_id} does not exist", where)
-        deleted, engine_ver, snapshot_id, root_id = tasks[0]
         if deleted:
             raise errors.TaskNotFound(f"task {task_id} of business {biz_id} is deleted", where)
         if engine_ver != 2:
@@ -392,11 +460,9 @@ class BksopsStore(Store):
             raise errors.TaskNotFound(
                 f"task {task_id} has no pipeline tree", {"taskId": str(task_id)}
             )
-        with self._trees_lock:
-            tree = self._trees.get(snapshot_id)
-            if tree is not None:
-                self._trees.move_to_end(snapshot_id)
-                return tree
+        tree = self.trees.get(snapshot_id)
+        if tree is not None:
+            return tree
         rows = self._rows("tree", self._sql_snapshot, True, snapshot_id)
         if not rows:
             raise errors.TaskNotFound(
@@ -406,15 +472,15 @@ class BksopsStore(Store):
             web = json.loads(zlib.decompress(bytes(rows[0][0])))
             tree = _Tree()
             _index(web, (), tree)
+            tree.size = tree.measure()
         except (zlib.error, ValueError, TypeError, KeyError, AttributeError) as exc:
             raise errors.UnreadableData(
                 f"the pipeline tree of task {task_id} cannot be read ({type(exc).__name__})",
                 {"taskId": str(task_id)},
             ) from None
         with self._trees_lock:
-            self._trees[snapshot_id] = tree
-            while len(self._trees) > TREES_KEPT:
-                self._trees.popitem(last=False)
+            self.trees_parsed += 1
+        self.trees.put(snapshot_id, tree)
         return tree
 
     def _preview(self, tree: _Tree, info: _TreeNode, root_id: str) -> dict[str, Any]:
@@ -423,7 +489,7 @@ class BksopsStore(Store):
         plain context values first); events and gateways have none."""
         if info.kind not in ("ServiceActivity", SUBPROCESS):
             return {}
-        context = dict(tree.constants.get("", {}))
+        context = _decoded(tree.constants.get("", ""))
         for key, kind, serializer, value in self._rows("context", self._sql_context, True, root_id):
             if kind == PLAIN_CONTEXT and serializer == "json":
                 try:
@@ -433,9 +499,9 @@ class BksopsStore(Store):
         for sub in info.path:
             context = {
                 _unwrap(key): _render(value, context)
-                for key, value in tree.nodes[sub].inputs.items()
+                for key, value in _decoded(tree.nodes[sub].inputs).items()
             }
-        rendered = {key: _render(value, context) for key, value in info.inputs.items()}
+        rendered = {key: _render(value, context) for key, value in _decoded(info.inputs).items()}
         if info.kind == SUBPROCESS:
             return {_unwrap(key): value for key, value in rendered.items()}
         return rendered
@@ -444,17 +510,20 @@ class BksopsStore(Store):
         """The SQL of every query, in the database's dialect (`loop` is reserved in MySQL)."""
         p = self.db.param
         loop = "`loop`" if isinstance(self.db, MySQLDatabase) else '"loop"'
-        self._sql_project = f"SELECT id FROM core_project WHERE id = {p}"
-        self._sql_business = (
-            f"SELECT id FROM core_project WHERE bk_biz_id = {p} AND from_cmdb = {p} ORDER BY id"
+        # The task in the business's first project (by id), or a row of nulls when the
+        # business has a project and it no such task: one statement, not two.
+        task = (
+            "SELECT t.id, t.is_deleted, t.engine_ver, i.execution_snapshot_id, i.instance_id"
+            " FROM core_project pr"
+            f" LEFT JOIN taskflow3_taskflowinstance t ON t.id = {p} AND t.project_id = pr.id"
+            " LEFT JOIN pipeline_pipelineinstance i ON i.id = t.pipeline_instance_id"
+        )
+        self._sql_project_task = f"{task} WHERE pr.id = {p}"
+        self._sql_business_task = (
+            f"{task} WHERE pr.id = (SELECT MIN(id) FROM core_project"
+            f" WHERE bk_biz_id = {p} AND from_cmdb = {p})"
         )
         self._sql_project_business = f"SELECT bk_biz_id, from_cmdb FROM core_project WHERE id = {p}"
-        self._sql_task = (
-            "SELECT t.is_deleted, t.engine_ver, i.execution_snapshot_id, i.instance_id"
-            " FROM taskflow3_taskflowinstance t"
-            " JOIN pipeline_pipelineinstance i ON i.id = t.pipeline_instance_id"
-            f" WHERE t.id = {p} AND t.project_id = {p}"
-        )
         self._sql_snapshot = f"SELECT data FROM pipeline_snapshot WHERE id = {p}"
         self._sql_state = (
             f"SELECT name, version, {loop}, retry, skip, error_ignored, started_time,"
@@ -570,16 +639,16 @@ def _row_digest(*values: object) -> int:
 def _index(pipeline: dict[str, Any], path: tuple[str, ...], tree: _Tree) -> None:
     """Adds a (sub-)pipeline of the web tree, and those inside it, to tree."""
     scope = path[-1] if path else ""
-    tree.constants[scope] = {
-        key[2:-1]: constant.get("value") for key, constant in pipeline["constants"].items()
-    }
+    tree.constants[scope] = _compact(
+        {key[2:-1]: constant.get("value") for key, constant in pipeline["constants"].items()}
+    )
     if not path:
         for key, constant in pipeline["constants"].items():
             if constant.get("source_type") != "component_outputs":
                 continue
             for source, keys in (constant.get("source_info") or {}).items():
                 if keys:
-                    shown = (str(keys[0]), _unwrap(key))
+                    shown = (sys.intern(str(keys[0])), _unwrap(key))
                     tree.renamed[source] = (*tree.renamed.get(source, ()), shown)
     for event in (pipeline["start_event"], pipeline["end_event"]):
         tree.nodes[event["id"]] = _node(event, path, {})
@@ -605,13 +674,24 @@ def _node(
 ) -> _TreeNode:
     return _TreeNode(
         name=raw.get("name"),
-        kind=str(raw.get("type", "")),
-        component_code=str((component or {}).get("code") or ""),
-        component_version=str((component or {}).get("version") or ""),
+        kind=sys.intern(str(raw.get("type", ""))),
+        component_code=sys.intern(str((component or {}).get("code") or "")),
+        component_version=sys.intern(str((component or {}).get("version") or "")),
         error_ignorable=bool(raw.get("error_ignorable", False)),
         path=path,
-        inputs=inputs,
+        inputs=_compact(inputs),
     )
+
+
+def _compact(found: dict[str, Any]) -> str:
+    """A tree's dict of values as the compact JSON a _TreeNode keeps ("" for none): the
+    engine's JSON values only (NaN and big integers included), so it reads back equal."""
+    return _COMPACT(found) if found else ""
+
+
+def _decoded(text: str) -> dict[str, Any]:
+    """What _compact kept, as a new dict."""
+    return json.loads(text) if text else {}
 
 
 def _render(value: Any, context: dict[str, Any]) -> Any:
