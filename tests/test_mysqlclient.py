@@ -19,6 +19,7 @@ from server.config import Config
 from server.db.connection import DatabaseURLError
 from server.db.connection import open_database
 from server.db.pool import PooledMySQLClientDatabase
+from tests import test_partition
 from tests.conftest import ALL_APP
 from tests.conftest import SEED_NODE
 from tests.conftest import STORES
@@ -62,6 +63,12 @@ def test_only_known_drivers_for_mysql(database_url: str) -> None:
 def test_a_partition_ends_calls_by_their_deadline_and_heals(
     demo_config: Config, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    # Known limit (README, closing note of 2026-11-30): libmariadb's connect cannot be cut
+    # short by the watchdog and counts whole seconds, so a call that must open a
+    # connection during the partition may hold its thread up to the connect timeout
+    # (the store timeout, 3 s here) rather than its deadline; the client still gets its
+    # answer at its deadline (check_partition's client-side bounds are unchanged).
+    monkeypatch.setattr(test_partition, "SLACK", test_partition.STORE_TIMEOUT)
     with partition_of(demo_config, with_driver) as partitioned:
         assert isinstance(partitioned.proxied.server.store.db, PooledMySQLClientDatabase)
         check_partition(partitioned, monkeypatch)
