@@ -67,6 +67,9 @@ class Mailbox:
         self.error: errors.ServiceError | None = None
         #: Messages replaced by newer ones before the stream wrote them.
         self.coalesced = 0
+        #: When the stream last wrote (time.monotonic()), and whether a heartbeat is due.
+        self.written = time.monotonic()
+        self.beat = False
 
     def put_detail(self, detail: pb.NodeDetail, token: str, wire: bytes | None = None) -> None:
         """Pending: detail, resumable at token; wire, if given, is the whole message

@@ -21,6 +21,7 @@ to resume on another process.
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import threading
 import time
@@ -61,6 +62,9 @@ OPEN_NODE = f"/{_SERVICE.full_name}/WatchTaskNode"
 OPEN_TASK = f"/{_SERVICE.full_name}/WatchTask"
 #: Seconds an opening read may take when the stream has no deadline.
 OPEN_SECONDS = 30.0
+#: The collector's youngest-generation threshold in a process that serves watch streams
+#: (Python's default is 700): see WatchServer.start.
+GC_YOUNG = 50_000
 
 
 class WatchServicer:
@@ -194,15 +198,26 @@ class WatchServicer:
                 )
             if mailbox.error is not None:
                 await _abort(context, mailbox.error)
-            if mailbox.pending():
+            if mailbox.pending() or mailbox.beat:
+                mailbox.beat = False
+                mailbox.written = time.monotonic()
                 yield None
                 continue
             mailbox.event.clear()
-            try:  # asyncio.timeout, not wait_for: no task per wait for 10^4 streams
-                async with asyncio.timeout(self.heartbeat):
-                    await mailbox.event.wait()
-            except TimeoutError:
-                yield None
+            await mailbox.event.wait()
+
+    async def beat(self) -> None:
+        """Ask each stream quiet for a heartbeat interval for a heartbeat: one timer for
+        every stream, so writing a message costs no timer set and cancelled (with 10^4
+        streams on one loop, per-wait timers were a tenth of the loop's time)."""
+        period = min(1.0, self.heartbeat / 4)
+        while True:
+            await asyncio.sleep(period)
+            quiet = time.monotonic() - self.heartbeat
+            for mailbox in self.mailboxes:
+                if mailbox.written <= quiet and not mailbox.beat:
+                    mailbox.beat = True
+                    mailbox.event.set()
 
     def drain(self) -> None:
         """End every stream (see _waiting) and refuse new ones; on the loop's thread."""
@@ -264,8 +279,17 @@ class WatchServer:
         )
         self.servicer = WatchServicer(server, config, self.hub)
         self._aio: grpc.aio.Server | None = None
+        self._beats: asyncio.Task[None] | None = None
 
     def start(self) -> None:
+        """Serve, and make the cyclic garbage collector run less often in this process:
+        with 10^4 streams open, each a few long-lived coroutines and futures, every
+        collection of the older generations walks all of them, and at Python's default
+        threshold that was a tenth of the process's time while changes fanned out (the
+        server's CPU a message delivered fell from ~116 to ~70 µs in bench.watch's
+        one-node step at 10^4 streams). Memory freed by reference counting, which is
+        nearly all, is unaffected."""
+        gc.set_threshold(GC_YOUNG, *gc.get_threshold()[1:])
         self._thread.start()
         self.port = self._call(self._start())
         self.hub.start()
@@ -310,6 +334,7 @@ class WatchServer:
             raise CannotListen(f"cannot listen on {self.config.watch_listen()}: is it in use?")
         await aio.start()
         self._aio = aio
+        self._beats = asyncio.get_running_loop().create_task(self.servicer.beat())
         return port
 
     def stop(self, grace: float | None = None) -> None:
@@ -327,6 +352,8 @@ class WatchServer:
     async def _stop(self, aio: grpc.aio.Server, grace: float) -> None:
         self.servicer.drain()
         await aio.stop(grace)
+        if self._beats is not None:
+            self._beats.cancel()
 
     def _call(self, coroutine: Any) -> Any:
         return asyncio.run_coroutine_threadsafe(coroutine, self.loop).result()
