@@ -87,6 +87,8 @@ class Server:
     #: The service's handlers by method path, interceptors applied: what in-process
     #: callers (the shim in this process, server.gateway.local) call.
     handlers: dict[str, grpc.RpcMethodHandler]
+    #: Who calls: the watch streams check their callers again with it while they last.
+    authenticator: Authenticator
 
     def start(self) -> None:
         self.grpc_server.start()
@@ -252,7 +254,9 @@ def create_server(config: Config, reuse_port: bool = False) -> Server:
     if port == 0:
         raise CannotListen(f"cannot listen on {config.grpc_addr}: is the address in use?")
     handlers = in_process_handlers(servicer, interceptors)
-    return Server(server, port, health_servicer, store, cache, access, workers, gate, handlers)
+    return Server(
+        server, port, health_servicer, store, cache, access, workers, gate, handlers, authenticator
+    )
 
 
 def method_path(method: MethodDescriptor) -> str:

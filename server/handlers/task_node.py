@@ -17,6 +17,7 @@ from server.listing import list_task_nodes
 from server.nodes import Masker
 from server.nodes import authorize
 from server.nodes import read_node_detail
+from server.query import ListQuery
 from server.query import NodeQuery
 from server.query import check_batch
 from server.query import parse_list_request
@@ -103,9 +104,11 @@ class TaskNodeServicer(pb_grpc.TaskNodeServiceServicer):
         query = parse_request(request.node)
         return query, read_node_detail(self.store, query, self.mask, _principal(), self.cache)
 
-    def open_watch_task(self, request: pb.WatchTaskRequest, context: grpc.ServicerContext) -> int:
-        """The task id of a WatchTask stream, once the caller may read the business and
-        the task is there (NotFound otherwise)."""
+    def open_watch_task(
+        self, request: pb.WatchTaskRequest, context: grpc.ServicerContext
+    ) -> ListQuery:
+        """Which task a WatchTask stream watches, once the caller may read the business
+        and the task is there (NotFound otherwise)."""
         query = parse_list_request(
             pb.ListTaskNodesRequest(
                 bk_biz_id=request.bk_biz_id, task_id=request.task_id, scope=request.scope
@@ -113,7 +116,7 @@ class TaskNodeServicer(pb_grpc.TaskNodeServiceServicer):
         )
         authorize(self.store, query.biz_id, query.by_project_id, _principal())
         self.store.find_task(query.biz_id, query.by_project_id, query.task_id)
-        return query.task_id
+        return query
 
     def _read(self, request: pb.GetTaskNodeDetailRequest, principal: Principal) -> pb.NodeDetail:
         return read_node_detail(

@@ -12,6 +12,11 @@ sync server's worker threads (server.app.in_process_handlers), so a stream gets 
 request fields, auth and errors GetTaskNodeDetail has. Afterwards the stream only
 waits on its mailbox, and writes what the Hub put there, or a heartbeat.
 
+A stream's caller is checked again every config.auth_cache_seconds while it lasts (one
+check for all the streams opened with the same credentials for the same business), so
+a revoked app, a rotated secret or a withdrawn grant ends its streams (UNAUTHENTICATED,
+PERMISSION_DENIED) within twice that time, as it refuses its unary calls within once.
+
 Bounds: config.watch_max_streams streams per process (RESOURCE_EXHAUSTED beyond);
 one pending message per stream whatever its reader does (hub.Mailbox); on drain every
 stream ends UNAVAILABLE (SHUTTING_DOWN) with its last resume token in the ErrorInfo,
@@ -29,6 +34,7 @@ from collections.abc import AsyncIterator
 from collections.abc import Iterator
 from concurrent import futures
 from contextlib import contextmanager
+from dataclasses import dataclass
 from typing import Any
 
 import grpc
@@ -51,6 +57,7 @@ from server.gateway.local import LocalContext
 from server.interceptors import rich_status
 from server.listing import summary
 from server.nodes import Masker
+from server.nodes import authorize
 from server.tls import server_credentials
 from server.watch import tokens
 from server.watch.hub import Hub
@@ -67,12 +74,31 @@ OPEN_SECONDS = 30.0
 GC_YOUNG = 50_000
 
 
+@dataclass(frozen=True)
+class Grant:
+    """What a stream's caller was let in with: checked again while the stream lasts."""
+
+    metadata: tuple[tuple[str, str], ...]
+    peer: str
+    biz_id: int
+    by_project_id: bool
+
+
+#: Errors that mean the caller may no longer watch; any other failure of a check
+#: (the store down, checks throttled) leaves the streams open until the next one.
+_REFUSALS = (errors.Unauthenticated, errors.PermissionDenied)
+
+
 class WatchServicer:
     """The two streaming methods; see the module docstring."""
 
     def __init__(self, server: Server, config: Config, hub: Hub) -> None:
         self.handlers = server.handlers
         self.executor: futures.Executor = server.workers
+        self.store = server.store
+        self.authenticator = server.authenticator
+        self.recheck_seconds = config.auth_cache_seconds
+        self.grants: dict[Mailbox, Grant] = {}
         self.hub = hub
         self.limit = config.watch_max_streams
         self.heartbeat = config.watch_heartbeat_seconds
@@ -88,6 +114,7 @@ class WatchServicer:
             query, detail = await self._opened(OPEN_NODE, request, context)
             scope = tokens.scope_of("node", query)
             mailbox = Mailbox(scope)
+            self.grants[mailbox] = _grant(context, query.biz_id, query.by_project_id)
             etag = ""
             if request.resume_token:
                 etag = await _checked(context, tokens.read_node_token, request.resume_token, scope)
@@ -116,12 +143,14 @@ class WatchServicer:
     ) -> AsyncIterator[pb.WatchTaskResponse]:
         await self._admit(context)
         with metrics.watch_stream("WatchTask"), self._counted():
-            task_id = await self._opened(OPEN_TASK, request, context)
+            opened = await self._opened(OPEN_TASK, request, context)
+            task_id = opened.task_id
             scope = tokens.scope_of("task", task_id)
             seen: frozenset[bytes] = frozenset()
             if request.resume_token:
                 seen = await _checked(context, tokens.read_task_token, request.resume_token, scope)
             mailbox = Mailbox(scope)
+            self.grants[mailbox] = _grant(context, opened.biz_id, opened.by_project_id)
             mailbox.token = request.resume_token
             self.hub.watch_task(task_id, mailbox, seen)
             try:
@@ -161,19 +190,14 @@ class WatchServicer:
 
     def _leave(self, task_id: int, mailbox: Mailbox) -> None:
         self.mailboxes.discard(mailbox)
+        self.grants.pop(mailbox, None)
         self.hub.forget(task_id, mailbox)
 
     async def _opened(self, path: str, request: Any, context: grpc.aio.ServicerContext) -> Any:
         """What the open_* handler returns, run as a unary call of path would be."""
         remaining = context.time_remaining()
         deadline = time.monotonic() + (OPEN_SECONDS if remaining is None else remaining)
-        # Binary (-bin) values are no credentials: only text ones are handed on.
-        metadata = [
-            (key, value)
-            for key, value in context.invocation_metadata() or ()
-            if isinstance(value, str)
-        ]
-        local = LocalContext(metadata, deadline, context.peer())
+        local = LocalContext(_text_metadata(context), deadline, context.peer())
         behaviour: Any = self.handlers[path].unary_unary
         loop = asyncio.get_running_loop()
         try:
@@ -219,11 +243,55 @@ class WatchServicer:
                     mailbox.beat = True
                     mailbox.event.set()
 
+    async def recheck(self) -> None:
+        """Every recheck_seconds, check each distinct grant of the open streams again
+        (on a worker thread: a check may read the store) and end the streams of those
+        refused with the refusal."""
+        loop = asyncio.get_running_loop()
+        while True:
+            await asyncio.sleep(self.recheck_seconds)
+            streams: dict[Grant, list[Mailbox]] = {}
+            for mailbox, grant in self.grants.items():
+                streams.setdefault(grant, []).append(mailbox)
+            if not streams:
+                continue
+            refused = await loop.run_in_executor(self.executor, self._refusals, list(streams))
+            for grant, refusal in refused.items():
+                for mailbox in streams[grant]:
+                    mailbox.put_error(refusal)
+
+    def _refusals(self, grants: list[Grant]) -> dict[Grant, errors.ServiceError]:
+        """The grants no longer good, each with why: what a unary call with the same
+        credentials for the same business would be refused with now."""
+        refused: dict[Grant, errors.ServiceError] = {}
+        for grant in grants:
+            try:
+                with self.store.session(time.monotonic() + OPEN_SECONDS):
+                    principal = self.authenticator.authenticate(grant.metadata, grant.peer)
+                    authorize(self.store, grant.biz_id, grant.by_project_id, principal)
+            except _REFUSALS as exc:
+                refused[grant] = type(exc)(exc.message, exc.metadata)
+            except errors.ServiceError as exc:
+                log.warning("watch streams' caller check: %s; trying again later", exc.message)
+        return refused
+
     def drain(self) -> None:
         """End every stream (see _waiting) and refuse new ones; on the loop's thread."""
         self.draining.set()
         for mailbox in list(self.mailboxes):
             mailbox.event.set()
+
+
+def _text_metadata(context: grpc.aio.ServicerContext) -> tuple[tuple[str, str], ...]:
+    """A call's metadata as credentials are read from it: binary (-bin) values are no
+    credentials, so only text ones are handed on."""
+    return tuple(
+        (key, value) for key, value in context.invocation_metadata() or () if isinstance(value, str)
+    )
+
+
+def _grant(context: grpc.aio.ServicerContext, biz_id: int, by_project_id: bool) -> Grant:
+    return Grant(_text_metadata(context), context.peer(), biz_id, by_project_id)
 
 
 async def _checked(context: grpc.aio.ServicerContext, read: Any, token: str, scope: str) -> Any:
@@ -279,7 +347,8 @@ class WatchServer:
         )
         self.servicer = WatchServicer(server, config, self.hub)
         self._aio: grpc.aio.Server | None = None
-        self._beats: asyncio.Task[None] | None = None
+        #: The servicer's timers for every stream: heartbeats and caller checks.
+        self._chores: list[asyncio.Task[None]] = []
 
     def start(self) -> None:
         """Serve, and make the cyclic garbage collector run less often in this process:
@@ -334,7 +403,11 @@ class WatchServer:
             raise CannotListen(f"cannot listen on {self.config.watch_listen()}: is it in use?")
         await aio.start()
         self._aio = aio
-        self._beats = asyncio.get_running_loop().create_task(self.servicer.beat())
+        loop = asyncio.get_running_loop()
+        self._chores = [
+            loop.create_task(self.servicer.beat()),
+            loop.create_task(self.servicer.recheck()),
+        ]
         return port
 
     def stop(self, grace: float | None = None) -> None:
@@ -352,8 +425,8 @@ class WatchServer:
     async def _stop(self, aio: grpc.aio.Server, grace: float) -> None:
         self.servicer.drain()
         await aio.stop(grace)
-        if self._beats is not None:
-            self._beats.cancel()
+        for chore in self._chores:
+            chore.cancel()
 
     def _call(self, coroutine: Any) -> Any:
         return asyncio.run_coroutine_threadsafe(coroutine, self.loop).result()
