@@ -29,6 +29,7 @@ from tests.engine.conftest import EngineDatabase
 from tests.engine.harness import open_reader
 from tests.engine.harness import writing_pipelines
 from tests.engine.test_bksops_store import serving
+from tests.engine.test_bksops_while_writing import outputs_loop
 
 PASSES = 100
 INTERVAL = 0.02
@@ -108,7 +109,9 @@ def test_streams_follow_the_engine_as_it_loops_a_node(
                     for message in node_stream:
                         if message.HasField("detail"):
                             node_loops.append((message.detail.loop, message.detail.state))
-                            if _done(message.detail):
+                            # The engine writes a pass's outputs after its FINISHED state:
+                            # the stream must be sent them too.
+                            if _done(message.detail) and outputs_loop(message.detail) == PASSES:
                                 break
                     node_stream.cancel()
                     follower.join(60)
