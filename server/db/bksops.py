@@ -65,6 +65,8 @@ _STATE_NAME = 7
 #: The digest functions a SQLite connection of this store is given for the stamp.
 _SQLITE_DIGEST = "tasknode_md5"
 _SQLITE_ROW_DIGEST = "tasknode_row_digest"
+#: The digest of a node's execution data the watch poll reads, on SQLite.
+_SQLITE_DATA_DIGEST = "tasknode_data_digest"
 _EPOCH = datetime.datetime(1970, 1, 1, tzinfo=datetime.UTC)
 _REFERENCE = re.compile(r"\$\{\s*([A-Za-z_][A-Za-z0-9_]*)\s*\}")
 #: One encoder for _compact: json.dumps with options builds a new one each call.
@@ -237,10 +239,13 @@ class BksopsStore(Store):
     def task_changes(self, known: Mapping[int, Hashable | None]) -> dict[int, TaskState]:
         """See Store.task_changes. The engine, not this service, writes here, and no
         engine row stamps a task, so each poll reads the tasks' roots and then the
-        eri_state rows of every watched task (one statement per WATCH_BATCH tasks,
-        by the indexed root_id); the stamp is a hash of the summaries those make, with
-        the tree's nodes that have not run (no eri_state row yet) as READY. A task whose
-        tree cannot be read counts as not there: its streams then read why."""
+        eri_state rows of every watched task, each with a digest of its node's
+        eri_executiondata (one statement per WATCH_BATCH tasks, by the indexed root_id and
+        node_id); the stamp is a hash of the summaries those make, with the tree's nodes
+        that have not run (no eri_state row yet) as READY, and of the data digests. So
+        outputs the engine rewrites while a node stays RUNNING move the stamp (and the
+        node's streams are sent them) but no summary. A task whose tree cannot be read
+        counts as not there: its streams then read why."""
         ids = list(known)
         roots: dict[int, tuple[str, int]] = {}
         for start in range(0, len(ids), WATCH_BATCH):
@@ -250,13 +255,15 @@ class BksopsStore(Store):
             ):
                 roots[int(task_id)] = (root_id, snapshot_id)
         states: dict[str, tuple[Any, ...]] = {}
+        data: dict[str, Any] = {}
         root_ids = [root for root, _ in roots.values()]
         for start in range(0, len(root_ids), WATCH_BATCH):
             batch_roots = root_ids[start : start + WATCH_BATCH]
-            for node_id, *state in self._rows(
+            for node_id, *state, digest in self._rows(
                 "watch_states", self._sql_watch_states(len(batch_roots)), True, *batch_roots
             ):
                 states[node_id] = tuple(state)
+                data[node_id] = digest
         changed: dict[int, TaskState] = {}
         for task_id in ids:
             found = TaskState(None, ())
@@ -270,7 +277,10 @@ class BksopsStore(Store):
                         _summary(index, node_id, info, states.get(node_id))
                         for index, (node_id, info) in enumerate(tree.nodes.items())
                     )
-                    found = TaskState(hash(nodes), nodes)
+                    # The data's digests move the stamp, not the summaries (they hold no
+                    # data): the node's streams re-read it, the task's are sent nothing.
+                    digests = tuple(data.get(node_id) for node_id in tree.nodes)
+                    found = TaskState(hash((nodes, digests)), nodes)
             if found.stamp != known[task_id]:
                 changed[task_id] = found
         self.end_snapshot()
@@ -543,6 +553,8 @@ class BksopsStore(Store):
             f" archived_time FROM eri_state WHERE parent_id = {p} ORDER BY id"
         )
         self._prepare_stamp()
+        if isinstance(self.db, SqliteDatabase):
+            self.db.register_function(_data_digest, _SQLITE_DATA_DIGEST, 2)
         self._sql_context = (
             f"SELECT {self._quoted('key')}, type, serializer, value FROM eri_contextvalue"
             f" WHERE pipeline_id = {p}"
@@ -559,12 +571,35 @@ class BksopsStore(Store):
         )
 
     def _sql_watch_states(self, count: int) -> str:
+        """The state rows of count root pipelines' nodes, each with a digest of its
+        execution data (see _watch_data_digest): the engine rewrites a node's data in place,
+        its state row untouched, at each schedule of a RUNNING node, and after the state
+        when a node finishes or fails (bamboo_engine.handlers.service_activity)."""
         p = self.db.param
         loop = "`loop`" if isinstance(self.db, MySQLDatabase) else '"loop"'
         return (
-            f"SELECT node_id, name, {loop}, retry, started_time, archived_time FROM eri_state"
-            f" WHERE root_id IN ({', '.join([p] * count)})"
+            f"SELECT s.node_id, s.name, s.{loop}, s.retry, s.started_time, s.archived_time,"
+            f" {self._watch_data_digest()} FROM eri_state s"
+            " LEFT JOIN eri_executiondata d ON d.node_id = s.node_id"
+            f" WHERE s.root_id IN ({', '.join([p] * count)})"
         )
+
+    def _watch_data_digest(self) -> str:
+        """What changes whenever a node's eri_executiondata row does, cheaply, for the
+        watch poll (which reads it for every node of every watched task, every interval).
+        PostgreSQL: the row's xmin, the transaction that wrote its version: no data read
+        (a rewrite of equal data moves it too: a re-read that sends nothing). MySQL and
+        MariaDB: the length and CRC32 of inputs and outputs (CRC32 costs a fraction of
+        MD5's time on kilobytes; a change of same length and CRC32, chance 2^-32, would
+        wait for the node's next change). SQLite: the same, by a function of this store."""
+        if isinstance(self.db, PostgresqlDatabase):
+            return "d.xmin::text"
+        if isinstance(self.db, MySQLDatabase):
+            return (
+                "CONCAT_WS(':', LENGTH(d.inputs), CRC32(d.inputs),"
+                " LENGTH(d.outputs), CRC32(d.outputs))"
+            )
+        return f"{_SQLITE_DATA_DIGEST}(d.inputs, d.outputs)"
 
     def _prepare_stamp(self) -> None:
         """The stamp's statement (see stamp): digests are MD5 on MySQL and PostgreSQL, and
@@ -634,6 +669,18 @@ def _row_digest(*values: object) -> int:
     """60 bits of a digest of a row's values, as the MySQL and PostgreSQL stamps take them."""
     text = "|".join("-" if v is None else str(v) for v in values)
     return int(hashlib.md5(text.encode(), usedforsecurity=False).hexdigest()[:15], 16)
+
+
+def _data_digest(inputs: str | None, outputs: str | None) -> str | None:
+    """The length and CRC32 of each of a node's execution data columns, as the MySQL
+    statement has them (BksopsStore._watch_data_digest); None for no row."""
+    if inputs is None and outputs is None:
+        return None
+    found = []
+    for text in (inputs, outputs):
+        data = (text or "").encode()
+        found.append(f"{len(data)}:{zlib.crc32(data)}")
+    return ":".join(found)
 
 
 def _index(pipeline: dict[str, Any], path: tuple[str, ...], tree: _Tree) -> None:

@@ -141,19 +141,32 @@ def run_pipelines(database_url: str, directory: Path, *options: str) -> dict[str
 
 @contextmanager
 def writing_pipelines(
-    database_url: str, directory: Path, loop_passes: int, only_loop: bool = True
+    database_url: str,
+    directory: Path,
+    loop_passes: int,
+    only_loop: bool = True,
+    poll_passes: int = 0,
+    poll_pause: float = 0.2,
 ) -> Iterator[tuple[dict[str, Any], subprocess.Popen[bytes]]]:
     """Runs a `long_loop` of loop_passes passes (at most 100: the engine fails a node re-entered
-    more often), after the other pipelines unless only_loop, yielding the manifest as soon as the
-    loop is announced and the engine's process while it still writes; on leaving, waits for it
-    to end cleanly."""
+    more often), then, given poll_passes, a `long_poll` whose node stays RUNNING through that
+    many schedules poll_pause seconds apart (each rewriting its outputs), after the other
+    pipelines unless only_loop, yielding the manifest as soon as the first of them is announced
+    and the engine's process while it still writes; on leaving, waits for it to end cleanly."""
     python = engine_python()
     manifest = directory / "manifest.json"
     log = directory / "engine.log"
     command = [str(python), str(RUNNER), database_url, str(manifest)]
+    polling = ["--poll-passes", str(poll_passes), "--poll-pause", str(poll_pause)]
     with log.open("w") as out:
         process = subprocess.Popen(
-            [*command, "--loop-passes", str(loop_passes), *(["--only-loop"] if only_loop else [])],
+            [
+                *command,
+                "--loop-passes",
+                str(loop_passes),
+                *(polling if poll_passes else []),
+                *(["--only-loop"] if only_loop else []),
+            ],
             stdout=out,
             stderr=subprocess.STDOUT,
         )

@@ -7,12 +7,15 @@ creates bk-sops's own `core_project` and `taskflow3_taskflowinstance` tables wit
 runs the pipelines below synchronously (Celery in eager mode: no broker, no worker), links each
 to a task of a project, and writes a JSON manifest of what ran and what each node must show.
 
-    python run_pipelines.py DATABASE_URL MANIFEST_PATH [--loop-passes N [--only-loop]]
+    python run_pipelines.py DATABASE_URL MANIFEST_PATH [--loop-passes N] [--poll-passes N
+        [--poll-pause SECONDS]] [--only-loop]
     python run_pipelines.py DATABASE_URL MANIFEST_PATH --schema-only
 
 The engine prints to stdout while it works, so the manifest goes to a file. With --loop-passes,
-a last pipeline `long_loop` loops N times; the manifest is written before it starts (its
-`running` true) and again when it ends, so a reader can watch the engine write.
+a last pipeline `long_loop` loops N times; with --poll-passes, then `long_poll` polls N times
+(a node RUNNING whose outputs the engine rewrites at each schedule). The manifest is written
+before each starts (its `running` true) and again when it ends, so a reader can watch the
+engine write.
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ import decimal
 import json
 import os
 import sys
+import time
 import uuid
 from pathlib import Path
 from typing import Any
@@ -190,6 +194,7 @@ def define_components() -> list[dict[str, Any]]:
     (docs/import-format.md) writes components: what each plugin's outputs_format() declares."""
     from pipeline.component_framework.component import Component
     from pipeline.core.flow.activity import Service
+    from pipeline.core.flow.activity import StaticIntervalGenerator
     from pipeline.core.flow.io import StringItemSchema
 
     class EchoService(Service):
@@ -264,12 +269,37 @@ def define_components() -> list[dict[str, Any]]:
         def outputs_format(self) -> list[Any]:
             return []
 
+    class PollService(Service):
+        """Polls: RUNNING through `polls` schedules (its input), each writing a new `polled`
+        output (1, 2, ...) while its state and version stay, then finishes. Each schedule
+        first waits `pause` seconds (its input), so a reader sees each one: Celery is eager
+        here, so the next schedule runs at once, not after the interval."""
+
+        __need_schedule__ = True
+        interval = StaticIntervalGenerator(0)
+
+        def execute(self, data: Any, parent_data: Any) -> bool:
+            data.set_outputs("polled", 0)
+            return True
+
+        def schedule(self, data: Any, parent_data: Any, callback_data: Any = None) -> bool:
+            time.sleep(float(data.get_one_of_inputs("pause")))
+            polled = int(data.get_one_of_outputs("polled")) + 1
+            data.set_outputs("polled", polled)
+            if polled >= int(data.get_one_of_inputs("polls")):
+                self.finish_schedule()
+            return True
+
+        def outputs_format(self) -> list[Any]:
+            return []
+
     schemas = []
     for code, service in (
         ("harness_echo", EchoService),
         ("harness_gate", GateService),
         ("harness_values", ValuesService),
         ("harness_wait", WaitService),
+        ("harness_poll", PollService),
     ):
         component: Any = type(
             f"{service.__name__}Component",
@@ -988,6 +1018,33 @@ class Pipelines:
         self.finish(name)
         self.manifest["pipelines"][name]["running"] = False
 
+    def long_poll(self, polls: int, pause: float, out: Path) -> None:
+        """A polling node (harness_poll) that stays RUNNING through polls schedules, each
+        writing new outputs in place, announced in the manifest before it runs."""
+        from bamboo_engine.builder import EmptyEndEvent
+        from bamboo_engine.builder import EmptyStartEvent
+        from bamboo_engine.builder import ServiceActivity
+        from bamboo_engine.builder import Var
+        from bamboo_engine.builder import build_tree
+
+        name = "long_poll"
+        self.new(name)
+        start = EmptyStartEvent(id=nid())
+        poll = ServiceActivity(id=nid(), component_code="harness_poll", name="polls")
+        poll.component.inputs.polls = Var(type=Var.PLAIN, value=polls)
+        poll.component.inputs.pause = Var(type=Var.PLAIN, value=pause)
+        end = EmptyEndEvent(id=nid())
+        start.extend(poll).extend(end)
+        tree = build_tree(start, id=uuid.uuid4().hex)
+        self.record(name, "poll", poll, "polled", state="FINISHED", outputs={"polled": polls})
+        self.record(name, "end", end, "end_event", state="FINISHED", data=False)
+        self.manifest["pipelines"][name]["running"] = True
+        self.manifest["pipelines"][name]["polls"] = polls
+        self.write(out)
+        self.start(name, tree)
+        self.finish(name)
+        self.manifest["pipelines"][name]["running"] = False
+
     def write(self, out: Path) -> None:
         """The manifest, replaced whole (a reader never sees half of it)."""
         partial = out.with_name(out.name + ".partial")
@@ -1005,6 +1062,8 @@ def main(argv: list[str]) -> int:
     parser.add_argument("url")
     parser.add_argument("manifest", type=Path)
     parser.add_argument("--loop-passes", type=int, default=0)
+    parser.add_argument("--poll-passes", type=int, default=0)
+    parser.add_argument("--poll-pause", type=float, default=0.2)
     parser.add_argument("--only-loop", action="store_true", help="skip the other pipelines")
     parser.add_argument(
         "--schema-only", action="store_true", help="create the tables only (server.db.bksops_scale)"
@@ -1036,6 +1095,8 @@ def main(argv: list[str]) -> int:
         pipelines.small("legacy_engine", run=False, engine_ver=1)
     if arguments.loop_passes:
         pipelines.long_loop(arguments.loop_passes, out)
+    if arguments.poll_passes:
+        pipelines.long_poll(arguments.poll_passes, arguments.poll_pause, out)
     pipelines.write(out)
     return 0
 

@@ -2,7 +2,9 @@
 
 The engine loops a node (tests.engine.harness.writing_pipelines) in a database of each
 store; a server reads that database as a bk-sops store and a WatchTaskNode and a
-WatchTask stream follow the node as the engine moves it, pass by pass.
+WatchTask stream follow the node as the engine moves it, pass by pass. Then the engine
+polls a node: RUNNING throughout, its state row untouched, the engine rewrites its
+outputs at each schedule, and a WatchTaskNode stream must be sent each of them.
 """
 
 from __future__ import annotations
@@ -18,16 +20,24 @@ from bksops.tasknode.v1 import task_node_pb2 as pb
 from bksops.tasknode.v1 import task_node_pb2_grpc as pb_grpc
 from playhouse import db_url
 
+from server import values
 from server.config import Config
+from server.metrics import REGISTRY
 from server.watch.service import serve_watch
 from tests.conftest import ALL_APP
 from tests.engine.conftest import EngineDatabase
 from tests.engine.harness import open_reader
 from tests.engine.harness import writing_pipelines
 from tests.engine.test_bksops_store import serving
+from tests.engine.test_bksops_while_writing import outputs_loop
 
 PASSES = 100
 INTERVAL = 0.02
+#: Schedules of the polling node, and seconds between two (many watch intervals).
+POLLS = 8
+POLL_PAUSE = 0.3
+#: Streams opened beside the two followed, never read: the poll must not grow with them.
+IDLE_STREAMS = 20
 
 
 def _task_of(url: str, pipeline: str, deadline: float) -> int:
@@ -99,7 +109,9 @@ def test_streams_follow_the_engine_as_it_loops_a_node(
                     for message in node_stream:
                         if message.HasField("detail"):
                             node_loops.append((message.detail.loop, message.detail.state))
-                            if _done(message.detail):
+                            # The engine writes a pass's outputs after its FINISHED state:
+                            # the stream must be sent them too.
+                            if _done(message.detail) and outputs_loop(message.detail) == PASSES:
                                 break
                     node_stream.cancel()
                     follower.join(60)
@@ -117,3 +129,111 @@ def test_streams_follow_the_engine_as_it_loops_a_node(
 
 def _done(node: Any) -> bool:
     return bool(node.loop == PASSES and node.state == pb.NODE_STATE_FINISHED)
+
+
+def _queries(name: str) -> float:
+    """Store reads of kind name so far in this process (server.metrics)."""
+    value = REGISTRY.get_sample_value(
+        "tasknode_store_query_duration_seconds_count", {"query": name}
+    )
+    return value or 0.0
+
+
+def _polled(detail: pb.NodeDetail) -> int | None:
+    found = {o.key: values.from_message(o.value) for o in detail.outputs}
+    value = found.get("polled")
+    return None if value is None else int(value)
+
+
+def test_a_running_node_whose_outputs_the_engine_rewrites_is_sent_each_of_them(
+    database_url: str, engine_venv: Path, tmp_path: Path
+) -> None:
+    """The engine's polling service stays RUNNING (same state row, same version) while each
+    schedule rewrites its eri_executiondata: the WatchTaskNode stream gets each new output;
+    the WatchTask stream, whose summaries hold no outputs, nothing more than the node's
+    state changes; and the poll stays two statements whatever the number of streams."""
+    store = database_url.split(":", 1)[0]
+    node_seen: list[tuple[int, int | None]] = []
+    task_seen: list[int] = []
+    with writing_pipelines(database_url, tmp_path, 0, poll_passes=POLLS, poll_pause=POLL_PAUSE) as (
+        manifest,
+        process,
+    ):
+        node = manifest["pipelines"]["long_poll"]["nodes"]["poll"]["id"]
+        business = str(manifest["business_id"])
+        engine = EngineDatabase(store, database_url, manifest)
+        own = tmp_path / "own"
+        own.mkdir()
+        with serving(engine, own) as (_, server):
+            config = Config(
+                grpc_addr="127.0.0.1:0", watch_addr="127.0.0.1:0", watch_interval=INTERVAL
+            )
+            watch = serve_watch(config, server)
+            assert watch is not None
+            try:
+                task_id = _task_of(database_url, "long_poll", time.monotonic() + 60)
+                metadata = [("x-bkapi-authorization", json.dumps(ALL_APP))]
+                node_request = pb.WatchTaskNodeRequest(
+                    node=pb.GetTaskNodeDetailRequest(
+                        bk_biz_id=business, task_id=str(task_id), node_id=node
+                    )
+                )
+                task_request = pb.WatchTaskRequest(bk_biz_id=business, task_id=str(task_id))
+                with grpc.insecure_channel(f"127.0.0.1:{watch.port}") as channel:
+                    stub = pb_grpc.TaskNodeServiceStub(channel)
+                    idle = [
+                        stub.WatchTaskNode(node_request, metadata=metadata, timeout=120)
+                        for _ in range(IDLE_STREAMS // 2)
+                    ] + [
+                        stub.WatchTask(task_request, metadata=metadata, timeout=120)
+                        for _ in range(IDLE_STREAMS // 2)
+                    ]
+                    node_stream = stub.WatchTaskNode(node_request, metadata=metadata, timeout=120)
+                    task_stream = stub.WatchTask(task_request, metadata=metadata, timeout=120)
+                    polls = watch.hub.polls
+                    statements = _queries("watch_tasks") + _queries("watch_states")
+                    stamps = _queries("stamp")
+
+                    def follow_task() -> None:
+                        for message in task_stream:
+                            for shown in message.nodes:
+                                if shown.id == node:
+                                    task_seen.append(shown.state)
+                                    if shown.state == pb.NODE_STATE_FINISHED:
+                                        return
+
+                    follower = threading.Thread(target=follow_task)
+                    follower.start()
+                    for message in node_stream:
+                        if message.HasField("detail"):
+                            node_seen.append((message.detail.state, _polled(message.detail)))
+                            if message.detail.state == pb.NODE_STATE_FINISHED:
+                                break
+                    node_stream.cancel()
+                    follower.join(60)
+                    task_stream.cancel()
+                    polls = watch.hub.polls - polls
+                    statements = _queries("watch_tasks") + _queries("watch_states") - statements
+                    stamps = _queries("stamp") - stamps
+                    for stream in idle:
+                        stream.cancel()
+            finally:
+                watch.stop(0)
+        assert process.wait(timeout=120) == 0
+    running = [
+        polled
+        for state, polled in node_seen
+        if state == pb.NODE_STATE_RUNNING and polled is not None
+    ]
+    assert node_seen[-1] == (pb.NODE_STATE_FINISHED, POLLS), node_seen
+    assert running == sorted(running), node_seen
+    # Each schedule lasts 15 intervals: a stream told of data changes sees nearly all.
+    assert len(set(running)) >= POLLS // 2, f"RUNNING with outputs {running} only"
+    # The task's summaries (no outputs) change only with the node's state: one each.
+    assert task_seen.count(pb.NODE_STATE_RUNNING) <= 1, task_seen
+    assert task_seen[-1] == pb.NODE_STATE_FINISHED, task_seen
+    # Two statements a poll (the tasks, then their nodes' state and data) for 22 streams,
+    # give or take the poll under way at either count; and one re-read of the watched
+    # rendering per change (its stamp: the cache's), not one per stream.
+    assert statements <= 2 * (polls + 1), (statements, polls)
+    assert stamps <= 2 * (POLLS + 4), stamps
