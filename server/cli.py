@@ -8,6 +8,7 @@ import logging
 import signal
 import sys
 import threading
+from collections.abc import Mapping
 from importlib import resources
 from types import FrameType
 
@@ -61,6 +62,14 @@ DEMO_NODE = {
     "subprocess_stack": ["nodeaaa0ce51d2143aa9b0dbc27cb7df"],
     "component_code": "job_fast_execute_script",
 }
+
+
+def example_node(config: Config) -> Mapping[str, object]:
+    """The request serve's printed example asks for: the demo's node, or, on a bk-sops
+    database (whose tasks are not the demo's), placeholders for one of its own."""
+    if config.bksops_database_url:
+        return {"bk_biz_id": str(DEMO_BUSINESS), "task_id": "TASK_ID", "node_id": "NODE_ID"}
+    return DEMO_NODE
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -247,12 +256,18 @@ def _serve_calls(config: Config, demo: bool, count: int, metrics_url: str) -> in
         config.database_url,
     )
     if demo:
+        which = (
+            "; TASK_ID and NODE_ID: a task of a project of business 2 in the bk-sops"
+            " database, and one of its nodes"
+            if config.bksops_database_url
+            else ""
+        )
         _tell(
             config,
-            "\nTry it (demo app credentials, granted business 2):\n"
+            f"\nTry it (demo app credentials, granted business 2{which}):\n"
             f"  .venv/bin/grpcurl {_grpcurl_transport(config)}"
             f" -H 'x-bkapi-authorization: {_json(DEMO_APP)}' \\\n"
-            f"    -d '{_json(DEMO_NODE)}' \\\n"
+            f"    -d '{_json(example_node(config))}' \\\n"
             f"    {address} {SERVICE_NAME}/GetTaskNodeDetail\n",
         )
     if watch_port:
@@ -276,7 +291,7 @@ def _announce_shim(config: Config, shim_url: str, calling: str, examples: bool) 
     """Log where the shim serves and what it calls; with examples, print curl commands
     for every route (as the demo app)."""
     log.info("HTTP/JSON shim on %s, calling gRPC %s", shim_url, calling)
-    if examples:
+    if examples and not config.bksops_database_url:  # the banner's routes ask the demo's nodes
         _tell(config, banner(DEMO_APP, shim_url, config.gateway_prefix, _cacert(config)))
 
 
