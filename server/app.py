@@ -196,7 +196,14 @@ def create_server(config: Config, reuse_port: bool = False) -> Server:
         engine_db = open_read_only(config.bksops_database_url, timeout)
         engine_replicas = open_replicas(engine_db, config.bksops_database_replicas, timeout)
         trees = config.bksops_tree_cache_mb * 1024 * 1024
-        store = BksopsStore(engine_db, native, timeout, engine_replicas, trees)
+        store = BksopsStore(
+            engine_db,
+            native,
+            timeout,
+            engine_replicas,
+            trees,
+            config.bksops_catalog_refresh_seconds,
+        )
     access = AccessLog()
     apps = AppStore(db, Store(db, timeout), native) if replicas else AppStore(db, native)
     authenticator = Authenticator(

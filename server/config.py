@@ -40,6 +40,11 @@ class Config:
     #: recently used out first), so that a call does not decompress and parse its task's
     #: tree again: ~5 KiB a task of ~12 nodes.
     bksops_tree_cache_mb: int = 256
+    #: Seconds a reply cached from a bk-sops database may go on showing output schemas
+    #: that a `server load` has since changed: each process reads the catalog stamp of
+    #: database_url every half of it on a thread of its own, not once per call. 0: every
+    #: call reads it (a statement more per cached reply).
+    bksops_catalog_refresh_seconds: float = 1.0
     #: host:port of the gRPC server; port 0 picks a free one.
     grpc_addr: str = "127.0.0.1:50051"
     #: Processes serving gRPC on the one address (SO_REUSEPORT); 0: one per core.

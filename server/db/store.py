@@ -224,6 +224,7 @@ class _Call:
         "failed",
         "interrupt",
         "killed",
+        "pending",
         "proven",
         "retried",
         "snapshot",
@@ -251,6 +252,9 @@ class _Call:
         self.snapshot = False
         #: A statement of the call has succeeded, so its connection is known alive.
         self.proven = False
+        #: A lazy session (Store.session) holding no connection yet: its first read takes
+        #: one, from pending[0] first (None: in Nodes.order).
+        self.pending: tuple[Database | None] | None = None
 
 
 class _ThisCall(threading.local):
@@ -350,10 +354,14 @@ class Store:
     def time_left(self) -> float | None:
         """Seconds left to this thread's call on the store; None outside a call."""
         call = self._this.call
-        return None if call.db is None else call.expiry - time.monotonic()
+        if call.db is None and call.pending is None:
+            return None
+        return call.expiry - time.monotonic()
 
     @contextmanager
-    def session(self, deadline: float | None = None, primary: bool = False) -> Iterator[None]:
+    def session(
+        self, deadline: float | None = None, primary: bool = False, lazy: bool = False
+    ) -> Iterator[None]:
         """One connection for a call, given back afterwards; see _read for its snapshot.
 
         deadline: the seconds the call has left, if it has a deadline. The call waits
@@ -361,6 +369,9 @@ class Store:
         primary: read the primary first, replicas only if it fails. The watch streams'
         polls do (server.watch.hub): two polls on two replicas could see a task go
         back in time and send the older state as a change.
+        lazy: take the connection at the call's first read, not now; a call that reads
+        nothing here takes none (server.db.bksops: a cached reply reads only the
+        engine's database).
         """
         call = self._this.call
         budget = self.timeout if deadline is None else min(deadline, self.timeout)
@@ -368,14 +379,22 @@ class Store:
         call.expiry = time.monotonic() + budget
         call.snapshot = call.proven = call.killed = False
         call.failed, call.retried = [], None
-        with unavailable_on_db_error():
-            self._connect(call, self.nodes.primary if primary else None)
-        metrics.STORE_CONNECTIONS.inc()
+        first = self.nodes.primary if primary else None
+        if lazy:
+            call.pending = (first,)
+        else:
+            call.pending = None
+            with unavailable_on_db_error():
+                self._connect(call, first)
+            metrics.STORE_CONNECTIONS.inc()
         try:
             yield
         finally:
-            metrics.STORE_CONNECTIONS.dec()
-            self._end(call)
+            if call.pending is not None:  # lazy, and nothing was read: nothing to give back
+                call.pending = None
+            else:
+                metrics.STORE_CONNECTIONS.dec()
+                self._end(call)
 
     def _connect(self, call: _Call, first: Database | None = None) -> None:
         """Give the call a connection to the first node (first, if given, then in
@@ -468,6 +487,11 @@ class Store:
     def _read_retrying(self, work: Callable[[], T], snapshot: bool) -> T:
         call = self._this.call
         with unavailable_on_db_error():
+            if call.pending is not None:  # a lazy session's first read: its connection now
+                (node,) = call.pending
+                self._connect(call, node)
+                call.pending = None
+                metrics.STORE_CONNECTIONS.inc()
             while True:
                 db = self.db
                 try:

@@ -11,9 +11,12 @@ The database is one the real engine ran its pipelines in, one per store, for thi
 
 from __future__ import annotations
 
+import copy
 import datetime
 import json
 import sqlite3
+import threading
+import time
 from collections.abc import Callable
 from collections.abc import Iterator
 from pathlib import Path
@@ -31,7 +34,11 @@ from prometheus_client import REGISTRY
 
 from server import values
 from server.app import Server
+from server.config import Config
+from server.db.connection import open_database
 from server.db.connection import open_read_only
+from server.db.loader import FORMAT
+from server.db.loader import load_document
 from tests.conftest import STORES
 from tests.conftest import fresh_database
 from tests.engine.conftest import EngineDatabase
@@ -216,24 +223,95 @@ def test_a_deleted_task(writable: Served) -> None:
     assert failure.value.code() == grpc.StatusCode.NOT_FOUND
 
 
-def test_a_hit_costs_one_statement_on_the_engine_database(writable: Served) -> None:
-    """A cached reply: one SELECT on the engine's database (no transaction), and the catalog
-    stamp's on the service's own."""
+def test_a_hit_costs_one_statement_and_none_on_the_service_database(writable: Served) -> None:
+    """A cached reply: one SELECT on the engine's database (no transaction), and nothing on
+    the service's own (the catalog stamp is kept by a thread of its own: CatalogEpoch)."""
     _, server, _ = writable
     call(writable, "nested", "outer")  # built and cached
+    call(writable, "nested", "outer")  # the catalog stamp read (kept by then anyway)
     engine_sql: list[str] = []
     own_sql: list[str] = []
     store: Any = server.store
-    engine_hook: Callable[[QueryEvent], None] = lambda event: engine_sql.append(event.sql)  # noqa: E731
-    own_hook: Callable[[QueryEvent], None] = lambda event: own_sql.append(event.sql)  # noqa: E731
+
+    def engine_hook(event: QueryEvent) -> None:
+        engine_sql.append(event.sql)
+
+    def own_hook(event: QueryEvent) -> None:
+        if threading.current_thread().name != "catalog-epoch":  # its reads serve all calls
+            own_sql.append(event.sql)
+
     store.db.query_hooks.append(engine_hook)
     store.native.db.query_hooks.append(own_hook)
     try:
         before = hits()
-        call(writable, "nested", "outer")
+        for _ in range(5):
+            call(writable, "nested", "outer")
     finally:
         store.db.query_hooks.remove(engine_hook)
         store.native.db.query_hooks.remove(own_hook)
-    assert hits() == before + 1
-    assert len(engine_sql) == 1 and engine_sql[0].startswith("SELECT"), engine_sql
-    assert len(own_sql) == 1 and "catalog" in own_sql[0], own_sql
+    assert hits() == before + 5
+    assert len(engine_sql) == 5 and all(sql.startswith("SELECT") for sql in engine_sql), engine_sql
+    assert own_sql == []
+
+
+def test_a_schema_loaded_while_serving_shows_within_the_refresh_bound(writable: Served) -> None:
+    """`server load` of a changed output schema while the server runs: cached replies that
+    show it are served at most Config.bksops_catalog_refresh_seconds after the load."""
+    stub, server, engine = writable
+    store: Any = server.store
+    bound = store.catalog.refresh
+    assert bound == Config.bksops_catalog_refresh_seconds > 0
+    entry = engine.manifest["pipelines"]["services"]
+    request = pb.GetTaskNodeDetailRequest(
+        bk_biz_id=str(entry["business_id"]),
+        task_id=str(entry["task_id"]),
+        node_id=entry["nodes"]["ok"]["id"],
+        component_code="harness_echo",
+    )
+
+    def greeting() -> str:
+        detail = stub.GetTaskNodeDetail(request, timeout=30)
+        return next(o.name for o in detail.outputs if o.key == "greeting_text")
+
+    assert greeting() == "Greeting"
+    before = hits()
+    assert greeting() == "Greeting" and hits() == before + 1  # cached
+    components = copy.deepcopy(engine.manifest["components"])
+    for component in components:
+        for output in component["outputs"]:
+            if component["code"] == "harness_echo" and output["key"] == "greeting":
+                output["name"] = "Greeting, reloaded"
+    db = open_database(f"sqlite:///{store.native.db.database}")
+    try:
+        with db.connection_context():
+            document = {"format": FORMAT, "projects": [], "components": components, "tasks": []}
+            load_document(db, document)
+    finally:
+        db.close()
+    loaded = time.monotonic()
+    while greeting() != "Greeting, reloaded":
+        assert time.monotonic() - loaded <= bound + 0.5, "the schema loaded was not shown"
+        time.sleep(0.02)
+    assert time.monotonic() - loaded <= bound + 0.5
+
+
+def test_same_length_data_changed_in_place(writable: Served) -> None:
+    """Outputs rewritten in place to text of the same length (a counter 7 -> 8): the digest,
+    not the length, must tell."""
+    node = node_id(writable[2], "services", "retried")
+
+    def change(engine: EngineDatabase) -> None:
+        ((text,),) = engine_rows(
+            engine, "SELECT outputs FROM eri_executiondata WHERE node_id = ?", node
+        )
+        outputs = json.loads(text)
+        outputs["_loop"] = outputs.get("_loop", 1) + 1 if outputs.get("_loop", 1) < 9 else 2
+        new = json.dumps(outputs)
+        assert len(new) == len(json.dumps(json.loads(text)))
+        write(engine, "UPDATE eri_executiondata SET outputs = ? WHERE node_id = ?", new, node)
+
+    first, after = cached_then_changed(writable, "services", "retried", change)
+    loops = [
+        values.from_message(o.value) for d in (first, after) for o in d.outputs if o.key == "_loop"
+    ]
+    assert loops[0] != loops[1]
