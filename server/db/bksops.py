@@ -329,7 +329,8 @@ class BksopsStore(Store):
         node_id); the stamp is a hash of the summaries those make, with the tree's nodes
         that have not run (no eri_state row yet) as READY, and of the data digests. So
         outputs the engine rewrites while a node stays RUNNING move the stamp (and the
-        node's streams are sent them) but no summary. A task whose tree cannot be read
+        node's streams are sent them) but no summary; so does the catalog epoch (output
+        schemas loaded into the service's own database). A task whose tree cannot be read
         counts as not there: its streams then read why."""
         ids = list(known)
         roots: dict[int, tuple[str, int]] = {}
@@ -349,6 +350,9 @@ class BksopsStore(Store):
             ):
                 states[node_id] = tuple(state)
                 data[node_id] = digest
+        # Output schemas are the service's own (a `server load` bumps the catalog epoch):
+        # a node's rendering names its outputs by them, so they move every stamp too.
+        catalog = self.catalog.get()
         changed: dict[int, TaskState] = {}
         for task_id in ids:
             found = TaskState(None, ())
@@ -365,7 +369,7 @@ class BksopsStore(Store):
                     # The data's digests move the stamp, not the summaries (they hold no
                     # data): the node's streams re-read it, the task's are sent nothing.
                     digests = tuple(data.get(node_id) for node_id in tree.nodes)
-                    found = TaskState(hash((nodes, digests)), nodes)
+                    found = TaskState(hash((nodes, digests, catalog)), nodes)
             if found.stamp != known[task_id]:
                 changed[task_id] = found
         self.end_snapshot()

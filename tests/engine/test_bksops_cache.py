@@ -39,6 +39,8 @@ from server.db.connection import open_database
 from server.db.connection import open_read_only
 from server.db.loader import FORMAT
 from server.db.loader import load_document
+from server.watch.service import serve_watch
+from tests.conftest import ALL_APP
 from tests.conftest import STORES
 from tests.conftest import fresh_database
 from tests.engine.conftest import EngineDatabase
@@ -254,33 +256,30 @@ def test_a_hit_costs_one_statement_and_none_on_the_service_database(writable: Se
     assert own_sql == []
 
 
-def test_a_schema_loaded_while_serving_shows_within_the_refresh_bound(writable: Served) -> None:
-    """`server load` of a changed output schema while the server runs: cached replies that
-    show it are served at most Config.bksops_catalog_refresh_seconds after the load."""
-    stub, server, engine = writable
-    store: Any = server.store
-    bound = store.catalog.refresh
-    assert bound == Config.bksops_catalog_refresh_seconds > 0
+def _greeting_request(engine: EngineDatabase) -> pb.GetTaskNodeDetailRequest:
+    """The services pipeline's ok node, with its harness_echo output names."""
     entry = engine.manifest["pipelines"]["services"]
-    request = pb.GetTaskNodeDetailRequest(
+    return pb.GetTaskNodeDetailRequest(
         bk_biz_id=str(entry["business_id"]),
         task_id=str(entry["task_id"]),
         node_id=entry["nodes"]["ok"]["id"],
         component_code="harness_echo",
     )
 
-    def greeting() -> str:
-        detail = stub.GetTaskNodeDetail(request, timeout=30)
-        return next(o.name for o in detail.outputs if o.key == "greeting_text")
 
-    assert greeting() == "Greeting"
-    before = hits()
-    assert greeting() == "Greeting" and hits() == before + 1  # cached
+def _greeting(detail: pb.NodeDetail) -> str:
+    return next(o.name for o in detail.outputs if o.key == "greeting_text")
+
+
+def _load_greeting(server: Server, engine: EngineDatabase, name: str) -> float:
+    """`server load` of harness_echo's schema with its greeting output named name, into
+    the service's own database; when (time.monotonic()) it committed."""
     components = copy.deepcopy(engine.manifest["components"])
     for component in components:
         for output in component["outputs"]:
             if component["code"] == "harness_echo" and output["key"] == "greeting":
-                output["name"] = "Greeting, reloaded"
+                output["name"] = name
+    store: Any = server.store
     db = open_database(f"sqlite:///{store.native.db.database}")
     try:
         with db.connection_context():
@@ -288,11 +287,58 @@ def test_a_schema_loaded_while_serving_shows_within_the_refresh_bound(writable: 
             load_document(db, document)
     finally:
         db.close()
-    loaded = time.monotonic()
-    while greeting() != "Greeting, reloaded":
+    return time.monotonic()
+
+
+def test_a_schema_loaded_while_serving_shows_within_the_refresh_bound(writable: Served) -> None:
+    """`server load` of a changed output schema while the server runs: cached replies that
+    show it are served at most Config.bksops_catalog_refresh_seconds after the load."""
+    stub, server, engine = writable
+    store: Any = server.store
+    bound = store.catalog.refresh
+    assert bound == Config.bksops_catalog_refresh_seconds > 0
+    request = _greeting_request(engine)
+
+    def greeting() -> str:
+        return _greeting(stub.GetTaskNodeDetail(request, timeout=30))
+
+    before_name = greeting()
+    before = hits()
+    assert greeting() == before_name and hits() == before + 1  # cached
+    loaded = _load_greeting(server, engine, f"{before_name}, reloaded")
+    while greeting() != f"{before_name}, reloaded":
         assert time.monotonic() - loaded <= bound + 0.5, "the schema loaded was not shown"
         time.sleep(0.02)
     assert time.monotonic() - loaded <= bound + 0.5
+
+
+def test_a_schema_loaded_while_watching_is_sent_to_the_node_streams(writable: Served) -> None:
+    """A WatchTaskNode stream whose rendering names outputs by the schema is sent the
+    reloaded names, though nothing of the engine's changed: the watch poll's stamp holds
+    the catalog epoch too."""
+    _, server, engine = writable
+    store: Any = server.store
+    interval = 0.05
+    config = Config(grpc_addr="127.0.0.1:0", watch_addr="127.0.0.1:0", watch_interval=interval)
+    watch = serve_watch(config, server)
+    assert watch is not None
+    try:
+        with grpc.insecure_channel(f"127.0.0.1:{watch.port}") as channel:
+            stream = pb_grpc.TaskNodeServiceStub(channel).WatchTaskNode(
+                pb.WatchTaskNodeRequest(node=_greeting_request(engine)),
+                metadata=[("x-bkapi-authorization", json.dumps(ALL_APP))],
+                timeout=30,
+            )
+            name = f"{_greeting(next(stream).detail)}, watched"
+            loaded = _load_greeting(server, engine, name)
+            for message in stream:
+                if message.HasField("detail") and _greeting(message.detail) == name:
+                    break
+            took = time.monotonic() - loaded
+            stream.cancel()
+    finally:
+        watch.stop(0)
+    assert took <= store.catalog.refresh + interval + 1.0, took
 
 
 def test_same_length_data_changed_in_place(writable: Served) -> None:
