@@ -235,11 +235,13 @@ class Hub:
                         if changed or view.dirty:
                             view.dirty = False
                             reread.append((task_id, query))
+            if deliveries:  # the task streams' summaries, before any rendering is re-read
+                self.loop.call_soon_threadsafe(_deliver, deliveries)
             for task_id, query in reread:
-                deliveries.extend(self._reread(task_id, query))
+                read = self._reread(task_id, query)
                 self.store.end_snapshot()
-        if deliveries:
-            self.loop.call_soon_threadsafe(_deliver, deliveries)
+                if read:  # a rendering's streams as soon as it is read, not after every one
+                    self.loop.call_soon_threadsafe(_deliver, read)
 
     def _task_delivery(self, task: _Task, mailbox: Mailbox) -> list[Delivery]:
         seen = task.streams.get(mailbox, frozenset())
