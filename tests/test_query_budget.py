@@ -131,3 +131,23 @@ def test_children_do_not_add_queries(
     child, child_sql = statements.of(all_stub, request(TASK, "child7", stack=("sub",)))
     assert child.id == "child7"
     assert tables(child_sql) == (STAMP, sorted(["project", "attempt"])), "no schema, no children"
+
+
+def test_a_batch_of_a_tasks_nodes_reads_its_stamp_once(
+    statements: Statements, all_stub: pb_grpc.TaskNodeServiceStub
+) -> None:
+    """A batch's nodes of one task share the task's stamp: read once for the whole call."""
+    nodes = [("h0", ()), ("h10", ()), ("child3", ("sub",)), ("child4", ("sub",))]
+    batch = pb.BatchGetTaskNodeDetailsRequest(
+        requests=[request(TASK, node_id, stack=stack) for node_id, stack in nodes]
+    )
+    statements.of(all_stub, request(TASK, "h1000"))  # warm-up
+    for _ in range(2):  # built, then reused from the cache
+        with statements.lock:
+            statements.seen.clear()
+        reply = all_stub.BatchGetTaskNodeDetails(batch, timeout=10)
+        with statements.lock:
+            sql = list(statements.seen)
+        assert [r.detail.id for r in reply.results] == [node_id for node_id, _ in nodes]
+        stamps = [s for s in sql if TABLE.search(s) and TABLE.search(s).group(1) == "task"]  # type: ignore[union-attr]
+        assert len(stamps) == 1, sql

@@ -228,6 +228,7 @@ class _Call:
         "proven",
         "retried",
         "snapshot",
+        "stamps",
     )
 
     def __init__(self) -> None:
@@ -255,6 +256,8 @@ class _Call:
         #: A lazy session (Store.session) holding no connection yet: its first read takes
         #: one, from pending[0] first (None: in Nodes.order).
         self.pending: tuple[Database | None] | None = None
+        #: The stamps the session read, by task (Store.stamp); None outside a session.
+        self.stamps: dict[int, tuple[str, int] | None] | None = None
 
 
 class _ThisCall(threading.local):
@@ -379,6 +382,7 @@ class Store:
         call.expiry = time.monotonic() + budget
         call.snapshot = call.proven = call.killed = False
         call.failed, call.retried = [], None
+        call.stamps = {}
         first = self.nodes.primary if primary else None
         if lazy:
             call.pending = (first,)
@@ -390,6 +394,7 @@ class Store:
         try:
             yield
         finally:
+            call.stamps = None
             if call.pending is not None:  # lazy, and nothing was read: nothing to give back
                 call.pending = None
             else:
@@ -764,9 +769,22 @@ class Store:
     def stamp(self, task_id: int, node_id: str) -> tuple[str, int] | None:
         """What a reply about the task is built from, stamped: the task's digest and the
         catalog stamp (server.db.models). None for no such task. One stamp covers every
-        node of a task: an import replaces a task whole."""
+        node of a task: an import replaces a task whole.
+
+        A session reads each task's stamp once: a batch of a task's nodes (or the watch
+        hub's re-reads of a task's renderings) costs one stamp statement, not one a node.
+        Each node's reply is still as new as the stamp: read after it (its snapshot
+        begins later), and a reply newer than its stamp is only ever missed later, when
+        the stamp moves, never served stale (server.cache)."""
+        call = self._this.call
+        kept = call.stamps
+        if kept is not None and task_id in kept:
+            return kept[task_id]
         rows = self._read("stamp", self._stamp, False, task_id=task_id)
-        return (rows[0][0], rows[0][1]) if rows else None
+        stamp = (rows[0][0], rows[0][1]) if rows else None
+        if kept is not None:
+            kept[task_id] = stamp
+        return stamp
 
     def _model_rows(self, query: Any) -> list[tuple[Any, ...]]:
         """The rows of a peewee model query, run on the call's node: the models are
