@@ -16,7 +16,7 @@ Every figure of the real server is checked against its own count of OK replies
 (its access log).
 
     .venv/bin/python -m bench.run [--seconds 10]
-        [--only auth-flood|read-mask|list-nodes|overhead|watch|bksops]
+        [--only auth-flood|read-mask|list-nodes|overhead|watch|bksops|batch]
 
 `--only bksops` runs the bk-sops store's step alone (bench.bksops: MariaDB, its own datasets).
 """
@@ -214,7 +214,7 @@ def main() -> int:
     parser.add_argument("--seconds", type=float, default=10)
     parser.add_argument(
         "--only",
-        choices=["auth-flood", "read-mask", "list-nodes", "overhead", "watch", "bksops"],
+        choices=["auth-flood", "read-mask", "list-nodes", "overhead", "watch", "bksops", "batch"],
         help="run this step alone",
     )
     args = parser.parse_args()
@@ -251,6 +251,9 @@ def main() -> int:
         return 0
     if args.only == "overhead":
         print_overhead(measure_overhead(env, body, args.seconds))
+        return 0
+    if args.only == "batch":
+        measure_batch_ratio(env, body, args.seconds)
         return 0
     runs: list[Row] = []
     log = WORK / "server.log"
@@ -511,6 +514,26 @@ def measure_batch(seconds: float) -> h2.Run:
     url = f"http://{GRPC_ADDR}{BATCH_METHOD}"
     h2.h2load(url, body, BATCH_LOAD, 2, AUTH, warm_up=0)  # warm-up, not counted
     return h2.h2load(url, body, BATCH_LOAD, seconds, AUTH, warm_up=0)
+
+
+def measure_batch_ratio(env: dict[str, str], body: Path, seconds: float) -> None:
+    """`--only batch`: on one server, single calls at 16 in flight and then the batch
+    step, twice, each pair printed with its ratio of node details a second."""
+    log = WORK / "batch-server.log"
+    server = procs.start([sys.executable, "-m", "server", "serve"], env, log, "serving")
+    try:
+        pids = procs.tree(server.pid)
+        for _ in range(REPEATS):
+            single = measure(SERVICE, GRPC_ADDR, body, h2.Load(16, 1), seconds, pids, log)
+            batch = measure_batch(seconds)
+            details = batch.per_second * BATCH_SIZE
+            print(
+                f"single calls at 16 in flight: {single.run.per_second:,.0f}/s; batches of"
+                f" {BATCH_SIZE}: {batch.per_second:,.1f}/s = {details:,.0f} node details/s;"
+                f" {details / single.run.per_second:.2f}x single calls (target >= 5)"
+            )
+    finally:
+        procs.stop(server)
 
 
 def cold_ms(addr: str, node_id: str) -> float:
