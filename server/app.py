@@ -89,6 +89,8 @@ class Server:
     handlers: dict[str, grpc.RpcMethodHandler]
     #: Who calls: the watch streams check their callers again with it while they last.
     authenticator: Authenticator
+    #: The service's servicer (its watch_addr is set once the watch server has a port).
+    servicer: TaskNodeServicer
 
     def start(self) -> None:
         self.grpc_server.start()
@@ -262,7 +264,17 @@ def create_server(config: Config, reuse_port: bool = False) -> Server:
         raise CannotListen(f"cannot listen on {config.grpc_addr}: is the address in use?")
     handlers = in_process_handlers(servicer, interceptors)
     return Server(
-        server, port, health_servicer, store, cache, access, workers, gate, handlers, authenticator
+        server,
+        port,
+        health_servicer,
+        store,
+        cache,
+        access,
+        workers,
+        gate,
+        handlers,
+        authenticator,
+        servicer,
     )
 
 

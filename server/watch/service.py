@@ -438,4 +438,6 @@ def serve_watch(config: Config, server: Server, reuse_port: bool = False) -> Wat
         return None
     watch = WatchServer(config, server, reuse_port)
     watch.start()
+    # The unary server's WATCH_ON_WATCH_ADDR names the address taken, not a port 0 asked for.
+    server.servicer.watch_addr = f"{config.watch_listen().rsplit(':', 1)[0]}:{watch.port}"
     return watch
