@@ -22,6 +22,7 @@ from server.app import Server
 from server.app import create_server
 from server.config import Config
 from server.db.apps import AppStore
+from server.watch.service import Grant
 from server.watch.service import serve_watch
 from tests import documents
 from tests.conftest import ALL_APP
@@ -136,3 +137,11 @@ def test_a_caller_still_let_in_keeps_its_streams(watching: tuple[Server, grpc.Ch
         while time.monotonic() < until:  # heartbeats every 0.3 s, checks every 0.2 s
             assert next(stream).HasField("heartbeat_time")
         stream.cancel()
+
+
+def test_a_grant_never_shows_its_credentials() -> None:
+    """A stream's grant holds the caller's credentials to check them again; its repr (what
+    a log line or a traceback would show) holds none of them."""
+    grant = Grant((("x-bkapi-authorization", json.dumps(WATCHER)),), "ipv4:127.0.0.1:1", 900, False)
+    assert WATCHER["bk_app_secret"] not in repr(grant)
+    assert "x-bkapi-authorization" not in repr(grant)
