@@ -13,9 +13,7 @@ such an entry keeps when they started and is given fresh elapsed times on reuse.
 
 from __future__ import annotations
 
-import threading
 import time
-from collections import OrderedDict
 from collections.abc import Hashable
 from dataclasses import dataclass
 
@@ -23,6 +21,7 @@ from bksops.tasknode.v1 import task_node_pb2 as pb
 
 from server import convert
 from server import metrics
+from server.lru import SizedLRU
 
 #: Replies larger than this are rebuilt each time rather than crowd out the others.
 MAX_ENTRY_BYTES = 8 * 1024 * 1024
@@ -32,7 +31,6 @@ MAX_ENTRY_BYTES = 8 * 1024 * 1024
 class _Entry:
     stamp: Hashable
     detail: pb.NodeDetail
-    size: int
     #: started_at of the node itself when it is running, else None.
     running_since: int | None
     #: (child index, started_at) of each running child.
@@ -44,18 +42,14 @@ class DetailCache:
 
     def __init__(self, max_bytes: int) -> None:
         self.max_bytes = max_bytes
-        self._entries: OrderedDict[Hashable, _Entry] = OrderedDict()
-        self._bytes = 0
-        self._lock = threading.Lock()
+        self._entries: SizedLRU[Hashable, _Entry] = SizedLRU(max_bytes)
 
     def get(self, key: Hashable, stamp: Hashable) -> pb.NodeDetail | None:
         """The reply for key if it was built from what stamp stands for."""
-        with self._lock:
-            entry = self._entries.get(key)
-            if entry is None or entry.stamp != stamp:
-                metrics.REPLY_CACHE_MISSES.inc()
-                return None
-            self._entries.move_to_end(key)
+        entry = self._entries.get(key)
+        if entry is None or entry.stamp != stamp:
+            metrics.REPLY_CACHE_MISSES.inc()
+            return None
         metrics.REPLY_CACHE_HITS.inc()
         if entry.running_since is None and not entry.running_children:
             return entry.detail  # never mutated: safe to hand out to every caller
@@ -78,18 +72,13 @@ class DetailCache:
     ) -> None:
         """Keep detail (which the caller must not change afterwards) for key."""
         size = detail.ByteSize()
-        if size > MAX_ENTRY_BYTES or size > self.max_bytes:
+        if size > MAX_ENTRY_BYTES:
             return
-        entry = _Entry(stamp, detail, size, running_since, running_children)
-        with self._lock:
-            old = self._entries.pop(key, None)
-            if old is not None:
-                self._bytes -= old.size
-            self._entries[key] = entry
-            self._bytes += size
-            while self._bytes > self.max_bytes:
-                _, evicted = self._entries.popitem(last=False)
-                self._bytes -= evicted.size
+        self._entries.put(key, _Entry(stamp, detail, running_since, running_children), size)
 
     def __len__(self) -> int:
         return len(self._entries)
+
+    def clear(self) -> None:
+        """Forget every reply (they are then built again)."""
+        self._entries.clear()

@@ -134,6 +134,12 @@ STORE_FAILURES = Counter(
     "Store reads that failed (the database unreachable or refusing), by query.",
     ["query"],
 )
+SHARED_READS = Counter(
+    "tasknode_store_shared_reads_total",
+    "Store reads a call took from a statement another call ran for both, begun after it "
+    "asked (server.db.coalescing), by query: statements saved.",
+    ["query"],
+)
 WATCH_STREAMS = Gauge(
     "tasknode_watch_streams_open",
     "Watch streams (WatchTaskNode, WatchTask) open now, by method.",
@@ -181,6 +187,7 @@ _http_seconds = _Children(HTTP_SECONDS)
 _store_seconds = _Children(STORE_SECONDS)
 _store_failures = _Children(STORE_FAILURES)
 _refused = _Children(REFUSED)
+_shared_reads = _Children(SHARED_READS)
 
 
 def http_answered(method: str, route: str, status: int, seconds: float) -> None:
@@ -208,6 +215,11 @@ def store_read(query: str, seconds: float) -> None:
 def store_failed(query: str) -> None:
     """Record one store read of the named query that failed."""
     _store_failures(query).inc()
+
+
+def shared_read(query: str) -> None:
+    """Record one read of the named query a call took from another call's statement."""
+    _shared_reads(query).inc()
 
 
 def refused(reason: str) -> None:

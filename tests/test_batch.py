@@ -188,7 +188,7 @@ def test_a_running_node_has_a_weak_etag_that_holds_while_it_runs(
     built = stub.GetTaskNodeDetail(request, timeout=10)
     assert built.etag.startswith('W/"')
     assert server.cache is not None
-    server.cache._entries.clear()  # rebuilt, at another moment: the same tag
+    server.cache.clear()  # rebuilt, at another moment: the same tag
     assert stub.GetTaskNodeDetail(request, timeout=10).etag == built.etag
     assert stub.GetTaskNodeDetail(seed_request(), timeout=10).etag.startswith('"')
 

@@ -147,7 +147,7 @@ def test_a_partial_reply_has_its_own_etag(
     again = all_stub.GetTaskNodeDetail(masked(call, *reversed(STATE_AND_TIMES)), timeout=10)
     assert again == times
     assert loaded.cache is not None
-    loaded.cache._entries.clear()
+    loaded.cache.clear()
     assert all_stub.GetTaskNodeDetail(masked(call, *STATE_AND_TIMES), timeout=10) == times
     # A mask naming every field that is set sends the full reply's bytes, under another tag.
     every = masked(call, *(f.name for f, _ in full.ListFields() if f.name != "etag"))

@@ -42,6 +42,7 @@ from server import errors
 from server import values
 from server.config import Config
 from server.db import pickles
+from server.db.coalescing import Coalescer
 from server.db.store import WATCH_BATCH
 from server.db.store import After
 from server.db.store import AttemptRow
@@ -51,6 +52,7 @@ from server.db.store import NodeRow
 from server.db.store import Store
 from server.db.store import TaskState
 from server.filters import Term
+from server.lru import SizedLRU
 
 log = logging.getLogger(__name__)
 
@@ -77,6 +79,8 @@ _EPOCH = datetime.datetime(1970, 1, 1, tzinfo=datetime.UTC)
 _REFERENCE = re.compile(r"\$\{\s*([A-Za-z_][A-Za-z0-9_]*)\s*\}")
 #: One encoder for _compact: json.dumps with options builds a new one each call.
 _COMPACT = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False).encode
+#: A row as the driver gives it.
+Row = tuple[Any, ...]
 
 
 @dataclass(frozen=True, slots=True)
@@ -128,44 +132,6 @@ class _Tree:
             size += sys.getsizeof(shown)
             size += sum(sys.getsizeof(pair) + sum(map(sys.getsizeof, pair)) for pair in shown)
         return size
-
-
-class _Trees:
-    """Indexed task trees by snapshot id (a snapshot row never changes), least recently
-    used first out when they hold more than max_bytes (_Tree.size)."""
-
-    def __init__(self, max_bytes: int) -> None:
-        self.max_bytes = max_bytes
-        self.bytes = 0
-        self._kept: OrderedDict[int, _Tree] = OrderedDict()
-        self._lock = threading.Lock()
-
-    def __len__(self) -> int:
-        return len(self._kept)
-
-    def __contains__(self, snapshot_id: int) -> bool:
-        return snapshot_id in self._kept
-
-    def get(self, snapshot_id: int) -> _Tree | None:
-        with self._lock:
-            tree = self._kept.get(snapshot_id)
-            if tree is not None:
-                self._kept.move_to_end(snapshot_id)
-            return tree
-
-    def put(self, snapshot_id: int, tree: _Tree) -> None:
-        """Keep tree (unless it alone is over the bound), evicting the least recently used."""
-        if tree.size > self.max_bytes:
-            return
-        with self._lock:
-            old = self._kept.pop(snapshot_id, None)
-            if old is not None:
-                self.bytes -= old.size
-            self._kept[snapshot_id] = tree
-            self.bytes += tree.size
-            while self.bytes > self.max_bytes:
-                _, dropped = self._kept.popitem(last=False)
-                self.bytes -= dropped.size
 
 
 class _Current(threading.local):
@@ -260,13 +226,16 @@ class BksopsStore(Store):
         #: The stamp's statements by id of the database node they were made for (see
         #: _stamp_sql: the digests depend on the server's kind and version).
         self._stamp_sqls: dict[int, tuple[str, str]] = {}
-        self.trees = _Trees(tree_cache_bytes)
+        #: Indexed trees by snapshot id (a snapshot row never changes), within the bound.
+        self.trees: SizedLRU[int, _Tree] = SizedLRU(tree_cache_bytes)
         #: Trees decompressed and indexed by this store (each is then kept, within bounds).
         self.trees_parsed = 0
         self._trees_lock = threading.Lock()
         #: node id -> True for a node known not to be a sub-process (see stamp).
         self._plain: OrderedDict[str, bool] = OrderedDict()
         self._current = _Current()
+        #: Concurrent calls' stamps, read together (server.db.coalescing).
+        self._stamps = Coalescer(self._read_stamps, "stamp")
         super().__init__(db, timeout, replicas)
 
     @contextmanager
@@ -303,18 +272,33 @@ class BksopsStore(Store):
         of its data, the count and last id of its histories (only ever inserted), and the
         count and a sum of digests of its children's state rows (a sub-process's). None
         for a node that has not run (its preview follows the context values) or no task.
+
+        Calls asking at once share a statement (server.db.coalescing): each takes its
+        stamp from one begun after it asked.
         """
-        plain = self._plain.get(node_id, False)  # one dict read: no lock needed
+        try:
+            found = self._stamps.read((task_id, node_id), self.time_left())
+        except TimeoutError:
+            raise self._late(self._this.call) from None
+        return None if found is None else (*found, self.catalog.get())
+
+    def _read_stamps(self, keys: Sequence[tuple[int, str]]) -> dict[tuple[int, str], Row]:
+        """The stamps of keys (task id, node id), in one statement on this call's session:
+        a SELECT per key, tagged with its place, joined by UNION ALL (each keeps the plan
+        of one key's). A node known not to be a sub-process skips the children's subquery
+        (on MariaDB it costs ~0.4 ms even when it finds none)."""
         full, cheap = self._stamp_sql()
-        if plain:  # not a sub-process: no children's subquery
-            rows = self._rows("stamp", cheap, False, node_id, node_id, node_id, task_id)
-        else:
-            rows = self._rows("stamp", full, False, *self._stamp_params(task_id, node_id))
-        if not rows or rows[0][0] is None:
-            return None
-        if plain:  # the children's column as the full statement has it for a node with none
-            return (*rows[0], NO_CHILDREN, self.catalog.get())
-        return (*rows[0], self.catalog.get())
+        parts: list[str] = []
+        params: list[object] = []
+        for tag, (task_id, node_id) in enumerate(keys):
+            if self._plain.get(node_id, False):  # one dict read: no lock needed
+                parts.append(f"SELECT {tag}, {cheap}")
+                params.extend((node_id, node_id, node_id, task_id))
+            else:
+                parts.append(f"SELECT {tag}, {full}")
+                params.extend((node_id, node_id, node_id, node_id, task_id))
+        rows = self._rows("stamp", " UNION ALL ".join(parts), False, *params)
+        return {keys[row[0]]: row[1:] for row in rows if row[1] is not None}
 
     def find_task(self, biz_id: int, by_project_id: bool, task_id: int) -> None:
         """NotFound naming the business or task missing (or deleted), UnsupportedEngine
@@ -579,7 +563,7 @@ class BksopsStore(Store):
             ) from None
         with self._trees_lock:
             self.trees_parsed += 1
-        self.trees.put(snapshot_id, tree)
+        self.trees.put(snapshot_id, tree, tree.size)
         return tree
 
     def _preview(self, tree: _Tree, info: _TreeNode, root_id: str) -> dict[str, Any]:
@@ -755,7 +739,7 @@ class BksopsStore(Store):
             f" FROM eri_executionhistory h WHERE h.node_id = {p})"
         )
         columns = [*shown, digest("d.inputs"), digest("d.outputs"), histories]
-        head = f"SELECT s.name, {', '.join(columns)}"
+        head = f"s.name, {', '.join(columns)}"
         summed = "SUM({})".format(row(", ".join(kids)))
         children = f", (SELECT {pair('COUNT(*)', summed)} FROM eri_state c WHERE c.parent_id = {p})"
         tail = (
@@ -766,11 +750,7 @@ class BksopsStore(Store):
             f" LEFT JOIN eri_executiondata d ON d.node_id = {p}"
             f" WHERE t.id = {p}"
         )
-        return head + children + tail, head + tail
-
-    @staticmethod
-    def _stamp_params(task_id: int, node_id: str) -> tuple[object, ...]:
-        return (node_id, node_id, node_id, node_id, task_id)
+        return head + children + tail, f"{head}, '{NO_CHILDREN}'{tail}"
 
     def _quoted(self, name: str) -> str:
         return f"`{name}`" if isinstance(self.db, MySQLDatabase) else f'"{name}"'

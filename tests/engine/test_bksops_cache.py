@@ -19,6 +19,7 @@ import threading
 import time
 from collections.abc import Callable
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 from urllib.parse import unquote
@@ -361,3 +362,47 @@ def test_same_length_data_changed_in_place(writable: Served) -> None:
         values.from_message(o.value) for d in (first, after) for o in d.outputs if o.key == "_loop"
     ]
     assert loops[0] != loops[1]
+
+
+def shared_stamps() -> float:
+    return REGISTRY.get_sample_value("tasknode_store_shared_reads_total", {"query": "stamp"}) or 0.0
+
+
+def outcome(served: Served, pipeline: str, label: str) -> pb.NodeDetail | grpc.StatusCode:
+    """The node's reply with the elapsed times (which grow while a node runs) left out, or
+    the code of its error (another test of this module deleted a task)."""
+    try:
+        detail = call(served, pipeline, label)
+    except grpc.RpcError as exc:
+        return exc.code()
+    detail.ClearField("elapsed_seconds")
+    for child in detail.children:
+        child.ClearField("elapsed_seconds")
+    return detail
+
+
+def test_calls_at_once_share_stamp_statements_and_answer_as_alone(writable: Served) -> None:
+    """Calls asking at once share a stamp statement (server.db.coalescing): one SELECT per
+    key joined by UNION ALL. It reads what each key's statement alone reads, and replies
+    stay those of calls made one at a time."""
+    _, server, engine = writable
+    asked = [
+        (pipeline, label)
+        for pipeline, entry in engine.manifest["pipelines"].items()
+        for label in entry["nodes"]
+    ]
+    alone = {key: outcome(writable, *key) for key in asked}  # each built and cached
+    store: Any = server.store
+    keys = [
+        (int(engine.manifest["pipelines"][p]["task_id"]), node_id(engine, p, label))
+        for p, label in asked
+    ]
+    with store.session():
+        together = store._read_stamps(keys)
+        apart = {key: store._read_stamps([key]).get(key) for key in keys}
+    assert len(together) > 10 and together == {k: v for k, v in apart.items() if v is not None}
+    before = shared_stamps()
+    with ThreadPoolExecutor(16) as pool:
+        answers = list(pool.map(lambda key: outcome(writable, *key), asked * 10))
+    assert answers == [alone[key] for key in asked * 10]
+    assert shared_stamps() > before, "no call took its stamp from another's statement"

@@ -2,7 +2,7 @@
 while kept.
 
 A call finds its node in its task's tree (the zlib JSON snapshot row), which the store
-decompresses and indexes once and keeps (server.db.bksops._Trees). On each store, over a
+decompresses and indexes once and keeps (in a server.lru.SizedLRU). On each store, over a
 database of the scale generator's tasks (more than the 256 trees the store once kept by
 count): a bound of a few MiB keeps every tree, and calls on every node of every task then
 parse none again; a bound of a few trees' bytes keeps the most recently used trees that fit,
