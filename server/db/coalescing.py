@@ -15,7 +15,6 @@ already in flight). So sharing changes what a call costs, never what it answers.
 from __future__ import annotations
 
 import threading
-import time
 from collections.abc import Callable
 from collections.abc import Hashable
 from collections.abc import Sequence
@@ -31,12 +30,14 @@ V = TypeVar("V")
 class _Turn(Generic[K, V]):
     """One statement's keys, queued before it begins, and then what it read."""
 
-    __slots__ = ("done", "failed", "keys", "rows", "woken")
+    __slots__ = ("done", "failed", "keys", "rows", "waiting")
 
-    def __init__(self, lock: threading.Lock) -> None:
+    def __init__(self) -> None:
         self.keys: dict[K, None] = {}
-        #: Wakes this turn's calls only: when it is done, or when one of them may read.
-        self.woken = threading.Condition(lock)
+        #: A held lock per call waiting on this turn, released to wake it: when the turn
+        #: is done, or (the first) when it is to read for the turn. A woken call takes no
+        #: shared lock, so a turn's calls do not queue behind each other as they wake.
+        self.waiting: list[threading.Lock] = []
         self.done = False
         self.rows: dict[K, V] = {}
         #: The statement failed; each of its calls then reads on its own.
@@ -58,43 +59,65 @@ class Coalescer(Generic[K, V]):
         self._lock = threading.Lock()
         #: The turn that queues keys, not yet begun; None when no key waits.
         self._open: _Turn[K, V] | None = None
-        #: A statement is in flight.
+        #: A statement is in flight, or a woken call is about to begin one.
         self._busy = False
 
     def read(self, key: K, timeout: float | None) -> V | None:
         """key's value, from a statement begun after this call; TimeoutError when timeout
         seconds (None: no limit) pass before one answers it."""
-        until = None if timeout is None else time.monotonic() + timeout
-        leading = False
         with self._lock:
             turn = self._open
             if turn is None:
-                turn = self._open = _Turn(self._lock)
+                turn = self._open = _Turn()
             turn.keys[key] = None
-            while not turn.done:
-                if not self._busy and self._open is turn:  # this call reads for the turn
-                    self._busy = leading = True
-                    self._open = None
-                    break
-                left = None if until is None else until - time.monotonic()
-                if left is not None and left <= 0:
-                    raise TimeoutError(f"no {self._name} read answered in time")
-                turn.woken.wait(left)
-            if not leading and not turn.failed:
+            if self._busy:
+                woken = threading.Lock()
+                woken.acquire()
+                turn.waiting.append(woken)
+            else:  # nothing in flight: this call reads for the turn now
+                self._busy = True
+                self._open = None
+                woken = None
+        if woken is not None:
+            self._wait(turn, woken, timeout)
+            if turn.done:
+                if turn.failed:  # that statement failed: this call's own
+                    return self._read_many((key,)).get(key)
                 metrics.shared_read(self._name)
                 return turn.rows.get(key)
-        if not leading:  # the turn's statement failed: this call's own
-            return self._read_many((key,)).get(key)
-        try:
+        try:  # this call reads for its turn (self._busy is set for it)
             turn.rows = self._read_many(tuple(turn.keys))
         except BaseException:
             turn.failed = True
             raise
         finally:
-            with self._lock:
-                turn.done = True
-                self._busy = False
-                turn.woken.notify_all()
-                if self._open is not None:  # one of the next turn's calls reads for it
-                    self._open.woken.notify()
+            self._end(turn)
         return turn.rows.get(key)
+
+    def _wait(self, turn: _Turn[K, V], woken: threading.Lock, timeout: float | None) -> None:
+        """Until woken is released; TimeoutError (and out of the turn) after timeout."""
+        if woken.acquire(timeout=-1 if timeout is None else max(timeout, 0)):
+            return
+        with self._lock:
+            try:
+                turn.waiting.remove(woken)
+            except ValueError:  # released meanwhile: woken after all
+                return
+        raise TimeoutError(f"no {self._name} read answered in time")
+
+    def _end(self, turn: _Turn[K, V]) -> None:
+        """Mark turn done, wake its calls, and the first waiting call of the next turn
+        (if any) to read for it; no lock is held while waking them."""
+        with self._lock:
+            turn.done = True
+            following = self._open
+            if following is not None and following.waiting:
+                self._open = None  # begun: the call woken below reads for it
+                reader: threading.Lock | None = following.waiting.pop(0)
+            else:  # the next call to come reads for the open turn, if any
+                self._busy = False
+                reader = None
+        for woken in turn.waiting:
+            woken.release()
+        if reader is not None:
+            reader.release()
