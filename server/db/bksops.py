@@ -242,11 +242,13 @@ class BksopsStore(Store):
     def session(
         self, deadline: float | None = None, primary: bool = False, lazy: bool = False
     ) -> Iterator[None]:
-        """The call's connections to both databases (see Store.session); the service's
-        own is taken only when the call reads there (a cached reply does not)."""
+        """The call's connections to both databases (see Store.session), each taken at
+        the call's first read there: a cached reply reads only the engine's, and a call
+        that takes its stamp from another call's statement (server.db.coalescing) reads
+        neither."""
         with (
             self.native.session(deadline, primary, lazy=True),
-            super().session(deadline, primary, lazy),
+            super().session(deadline, primary, lazy=True),
         ):
             yield
 
