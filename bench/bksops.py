@@ -12,7 +12,11 @@ own database (apps, schemas) is var/bench/bksops-own.db.
    `make bench` runs it) reading the large dataset, against the ceiling server answering the
    same reply; the best of REPEATS interleaved runs of each; with each driver, and with the
    cache off (every call reads the engine's rows; the task's tree parsed once and kept).
-   PyMySQL and mysqlclient (`driver=mysqlclient`) take turns.
+   PyMySQL and mysqlclient (`driver=mysqlclient`) take turns. One row asks the same node
+   in every call (h2load sends one body), as `make bench` asks the native store, and calls
+   asking at once share one stamp statement (server.db.coalescing); the spread row has
+   SPREAD callers each asking its own node (an h2load each, one call in flight), against
+   the ceiling driven the same way, so statements are shared only between different keys.
 2. Sequential calls from a Python stub for random nodes that ran, cache off, on a server per
    dataset, the sizes taking turns (bench.scale.measure): median, p90, p99 per size, and the
    large one's median over the small one's (target <= 1.2x). Each node is called once
@@ -69,6 +73,10 @@ METHOD = "/bksops.tasknode.v1.TaskNodeService/GetTaskNodeDetail"
 AUTH = {"x-bkapi-authorization": json.dumps(DEMO_APP)}
 LOAD = h2.Load(16, 1)
 REPEATS = 2
+#: The spread row's callers, each asking its own node, one call in flight each.
+SPREAD = 16
+SPREAD_ROW = f"mysqlclient, reply cache on, {SPREAD} callers asking {SPREAD} nodes"
+SPREAD_CEILING = f"ceiling, {SPREAD} callers"
 #: Sequential calls per size (each node called once before), for the 10^3 vs 10^6 comparison.
 CALLS = 1500
 #: The InnoDB buffer pool the run raises MariaDB's to (see the module's docstring).
@@ -244,9 +252,16 @@ def measure(seconds: float) -> Figures:
     rows: list[tuple[str, h2.Run]] = []
     reply = b""
     fast = f"{large}?driver=mysqlclient"
+    # Sixteen callers, each asking its own node (one h2load each): no two calls ask
+    # for the same stamp, so coalescing shares statements only between different keys.
+    spread = [
+        h2.grpc_body(r.SerializeToString(), WORK / f"bksops-body-{i}.bin")
+        for i, r in enumerate(asked[:SPREAD])
+    ]
     variants = (
         ("PyMySQL, reply cache on", "64", large),
         ("mysqlclient, reply cache on", "64", fast),
+        (SPREAD_ROW, "64", fast),
         ("mysqlclient, reply cache off", "0", fast),
     )
     ceiling: subprocess.Popen[bytes] | None = None
@@ -280,14 +295,25 @@ def measure(seconds: float) -> Figures:
                 targets = [(label, GRPC_ADDR)]
                 if not rows:
                     targets.append(("ceiling", CEILING_ADDR))
+                if label == SPREAD_ROW:
+                    targets.append((SPREAD_CEILING, CEILING_ADDR))
                 runs: dict[str, list[tuple[h2.Run, tuple[float, float]]]] = {}
-                pids = {label: procs.tree(server.pid), "ceiling": procs.tree(ceiling.pid)}
+                pids = {
+                    **{name: procs.tree(ceiling.pid) for name in ("ceiling", SPREAD_CEILING)},
+                    label: procs.tree(server.pid),
+                }
                 for _ in range(REPEATS):  # interleaved, the best of each (bench.run.best_runs)
                     for name, addr in targets:
                         target = f"http://{addr}{METHOD}"
-                        h2.h2load(target, body, LOAD, 2, AUTH, warm_up=0)
+
+                        def drive(seconds: float, target: str = target, name: str = name) -> h2.Run:
+                            if name in (SPREAD_ROW, SPREAD_CEILING):
+                                return h2.h2load_spread(target, spread, seconds, AUTH)
+                            return h2.h2load(target, body, LOAD, seconds, AUTH, warm_up=0)
+
+                        drive(2)
                         before = procs.cpu_seconds(pids[name]), procs.cpu_seconds(mariadb)
-                        run = h2.h2load(target, body, LOAD, seconds, AUTH, warm_up=0)
+                        run = drive(seconds)
                         used = procs.cpu_seconds(pids[name]), procs.cpu_seconds(mariadb)
                         per_call = tuple(
                             (after - was) / max(run.succeeded, 1) * 1e6
@@ -369,10 +395,11 @@ def print_rows(figures: Figures, seconds: float) -> None:
             f"{run.p99_ms / max(run.p50_ms, 1e-9):.1f} | {own:.0f} | {db:.0f} |"
         )
     found = dict(figures.rows)
-    ceiling = found["ceiling"].per_second
     for name, run in figures.rows:
-        if name != "ceiling":
-            print(f"{name} / ceiling: {run.per_second / ceiling:.2f} (target >= 0.45)")
+        if "ceiling" not in name:
+            against = SPREAD_CEILING if name == SPREAD_ROW else "ceiling"
+            ratio = run.per_second / found[against].per_second
+            print(f"{name} / {against}: {ratio:.2f} (target >= 0.45)")
     print(f"\n{figures.buffer_pool}")
     print(
         f"\nsequential calls, random nodes that ran, cache off ({CALLS} per size), each node's"
