@@ -129,6 +129,7 @@ class Server:
         self.workers.shutdown(wait=True, cancel_futures=True)
         self.access.stop()
         self.store.close()
+        self.authenticator.apps.close()
 
     def drain_and_exit(self, grace: float, *alongside: Callable[[], None]) -> NoReturn:
         """What a serving process does on SIGTERM: drain (see drain), then end the process.
@@ -143,6 +144,7 @@ class Server:
         traces.shutdown()  # export the spans still batched: os._exit runs no atexit hook
         if drained:
             self.store.close()
+            self.authenticator.apps.close()
         log.info("stopped")
         logging.shutdown()
         sys.stdout.flush()

@@ -389,6 +389,15 @@ def test_node_reads_go_to_replicas_and_credential_checks_to_the_primary(
         for standby in paused:
             _pg_sql(cluster.ports[standby], "SELECT pg_wal_replay_resume()")
         server.stop(None)
+    # Stopped, the server holds no connection to any node: the credential checks' own pool
+    # on the primary included.
+    for node in ("p0", "s1", "s2"):
+        held = _pg_sql(
+            cluster.ports[node],
+            "SELECT count(*) FROM pg_stat_activity"
+            f" WHERE datname = '{name}' AND pid <> pg_backend_pid()",
+        )
+        assert held == [(0,)], f"{node} still holds {held[0][0]} connection(s) of the server"
 
 
 def test_watch_polls_read_the_primary_while_the_replicas_lag(pg_clusters: Clusters) -> None:

@@ -73,6 +73,12 @@ class AppStore:
         self.store = store
         self.serving = serving
 
+    def close(self) -> None:
+        """Close the pool of a store of its own on the primary (with serving; otherwise
+        the serving store's owner closes what this reads on)."""
+        if self.serving is not None and self.store is not None:
+            self.store.close()
+
     def _reading(self, work: Callable[[], T]) -> T:
         if self.store is None:
             with unavailable_on_db_error():
