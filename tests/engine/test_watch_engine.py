@@ -12,6 +12,8 @@ from __future__ import annotations
 import json
 import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +25,7 @@ from playhouse import db_url
 from server import values
 from server.config import Config
 from server.metrics import REGISTRY
+from server.watch.service import WatchServer
 from server.watch.service import serve_watch
 from tests.conftest import ALL_APP
 from tests.engine.conftest import EngineDatabase
@@ -58,13 +61,16 @@ def _task_of(url: str, pipeline: str, deadline: float) -> int:
     raise AssertionError(f"no task for {pipeline}")
 
 
-def test_streams_follow_the_engine_as_it_loops_a_node(
-    database_url: str, engine_venv: Path, tmp_path: Path
-) -> None:
+@contextmanager
+def _watched(
+    database_url: str, tmp_path: Path, pipeline: str, passes: int, **writing: Any
+) -> Iterator[tuple[dict[str, Any], int, pb_grpc.TaskNodeServiceStub, WatchServer]]:
+    """The real engine running its pipelines (passes, writing: as writing_pipelines takes
+    them) into database_url while a server and its watch server serve that database: the
+    engine's manifest, pipeline's task id, a stub of the watch server, and the watch server.
+    The engine must then finish cleanly."""
     store = database_url.split(":", 1)[0]
-    with writing_pipelines(database_url, tmp_path, PASSES) as (manifest, process):
-        body = manifest["pipelines"]["long_loop"]["nodes"]["body"]["id"]
-        business = str(manifest["business_id"])
+    with writing_pipelines(database_url, tmp_path, passes, **writing) as (manifest, process):
         engine = EngineDatabase(store, database_url, manifest)
         own = tmp_path / "own"
         own.mkdir()
@@ -75,50 +81,58 @@ def test_streams_follow_the_engine_as_it_loops_a_node(
             watch = serve_watch(config, server)
             assert watch is not None
             try:
-                task_id = _task_of(database_url, "long_loop", time.monotonic() + 60)
-                node_loops: list[tuple[int, int]] = []
-                task_loops: list[int] = []
-                metadata = [("x-bkapi-authorization", json.dumps(ALL_APP))]
+                task_id = _task_of(database_url, pipeline, time.monotonic() + 60)
                 with grpc.insecure_channel(f"127.0.0.1:{watch.port}") as channel:
-                    stub = pb_grpc.TaskNodeServiceStub(channel)
-                    node_stream = stub.WatchTaskNode(
-                        pb.WatchTaskNodeRequest(
-                            node=pb.GetTaskNodeDetailRequest(
-                                bk_biz_id=business, task_id=str(task_id), node_id=body
-                            )
-                        ),
-                        metadata=metadata,
-                        timeout=120,
-                    )
-                    task_stream = stub.WatchTask(
-                        pb.WatchTaskRequest(bk_biz_id=business, task_id=str(task_id)),
-                        metadata=metadata,
-                        timeout=120,
-                    )
-
-                    def follow_task() -> None:
-                        for message in task_stream:
-                            for shown in message.nodes:
-                                if shown.id == body:
-                                    task_loops.append(shown.loop)
-                                    if _done(shown):
-                                        return
-
-                    follower = threading.Thread(target=follow_task)
-                    follower.start()
-                    for message in node_stream:
-                        if message.HasField("detail"):
-                            node_loops.append((message.detail.loop, message.detail.state))
-                            # The engine writes a pass's outputs after its FINISHED state:
-                            # the stream must be sent them too.
-                            if _done(message.detail) and outputs_loop(message.detail) == PASSES:
-                                break
-                    node_stream.cancel()
-                    follower.join(60)
-                    task_stream.cancel()
+                    yield manifest, task_id, pb_grpc.TaskNodeServiceStub(channel), watch
             finally:
                 watch.stop(0)
         assert process.wait(timeout=120) == 0
+
+
+def test_streams_follow_the_engine_as_it_loops_a_node(
+    database_url: str, engine_venv: Path, tmp_path: Path
+) -> None:
+    node_loops: list[tuple[int, int]] = []
+    task_loops: list[int] = []
+    with _watched(database_url, tmp_path, "long_loop", PASSES) as (manifest, task_id, stub, _):
+        body = manifest["pipelines"]["long_loop"]["nodes"]["body"]["id"]
+        business = str(manifest["business_id"])
+        metadata = [("x-bkapi-authorization", json.dumps(ALL_APP))]
+        node_stream = stub.WatchTaskNode(
+            pb.WatchTaskNodeRequest(
+                node=pb.GetTaskNodeDetailRequest(
+                    bk_biz_id=business, task_id=str(task_id), node_id=body
+                )
+            ),
+            metadata=metadata,
+            timeout=120,
+        )
+        task_stream = stub.WatchTask(
+            pb.WatchTaskRequest(bk_biz_id=business, task_id=str(task_id)),
+            metadata=metadata,
+            timeout=120,
+        )
+
+        def follow_task() -> None:
+            for message in task_stream:
+                for shown in message.nodes:
+                    if shown.id == body:
+                        task_loops.append(shown.loop)
+                        if _done(shown):
+                            return
+
+        follower = threading.Thread(target=follow_task)
+        follower.start()
+        for message in node_stream:
+            if message.HasField("detail"):
+                node_loops.append((message.detail.loop, message.detail.state))
+                # The engine writes a pass's outputs after its FINISHED state:
+                # the stream must be sent them too.
+                if _done(message.detail) and outputs_loop(message.detail) == PASSES:
+                    break
+        node_stream.cancel()
+        follower.join(60)
+        task_stream.cancel()
     loops = [loop for loop, _ in node_loops]
     assert node_loops[-1] == (PASSES, pb.NODE_STATE_FINISHED)
     assert loops == sorted(loops), node_loops
@@ -152,74 +166,58 @@ def test_a_running_node_whose_outputs_the_engine_rewrites_is_sent_each_of_them(
     schedule rewrites its eri_executiondata: the WatchTaskNode stream gets each new output;
     the WatchTask stream, whose summaries hold no outputs, nothing more than the node's
     state changes; and the poll stays two statements whatever the number of streams."""
-    store = database_url.split(":", 1)[0]
     node_seen: list[tuple[int, int | None]] = []
     task_seen: list[int] = []
-    with writing_pipelines(database_url, tmp_path, 0, poll_passes=POLLS, poll_pause=POLL_PAUSE) as (
+    polling = {"poll_passes": POLLS, "poll_pause": POLL_PAUSE}
+    with _watched(database_url, tmp_path, "long_poll", 0, **polling) as (
         manifest,
-        process,
+        task_id,
+        stub,
+        watch,
     ):
         node = manifest["pipelines"]["long_poll"]["nodes"]["poll"]["id"]
         business = str(manifest["business_id"])
-        engine = EngineDatabase(store, database_url, manifest)
-        own = tmp_path / "own"
-        own.mkdir()
-        with serving(engine, own) as (_, server):
-            config = Config(
-                grpc_addr="127.0.0.1:0", watch_addr="127.0.0.1:0", watch_interval=INTERVAL
-            )
-            watch = serve_watch(config, server)
-            assert watch is not None
-            try:
-                task_id = _task_of(database_url, "long_poll", time.monotonic() + 60)
-                metadata = [("x-bkapi-authorization", json.dumps(ALL_APP))]
-                node_request = pb.WatchTaskNodeRequest(
-                    node=pb.GetTaskNodeDetailRequest(
-                        bk_biz_id=business, task_id=str(task_id), node_id=node
-                    )
-                )
-                task_request = pb.WatchTaskRequest(bk_biz_id=business, task_id=str(task_id))
-                with grpc.insecure_channel(f"127.0.0.1:{watch.port}") as channel:
-                    stub = pb_grpc.TaskNodeServiceStub(channel)
-                    idle = [
-                        stub.WatchTaskNode(node_request, metadata=metadata, timeout=120)
-                        for _ in range(IDLE_STREAMS // 2)
-                    ] + [
-                        stub.WatchTask(task_request, metadata=metadata, timeout=120)
-                        for _ in range(IDLE_STREAMS // 2)
-                    ]
-                    node_stream = stub.WatchTaskNode(node_request, metadata=metadata, timeout=120)
-                    task_stream = stub.WatchTask(task_request, metadata=metadata, timeout=120)
-                    polls = watch.hub.polls
-                    statements = _queries("watch_tasks") + _queries("watch_states")
-                    stamps = _queries("stamp")
+        metadata = [("x-bkapi-authorization", json.dumps(ALL_APP))]
+        node_request = pb.WatchTaskNodeRequest(
+            node=pb.GetTaskNodeDetailRequest(bk_biz_id=business, task_id=str(task_id), node_id=node)
+        )
+        task_request = pb.WatchTaskRequest(bk_biz_id=business, task_id=str(task_id))
+        idle = [
+            stub.WatchTaskNode(node_request, metadata=metadata, timeout=120)
+            for _ in range(IDLE_STREAMS // 2)
+        ] + [
+            stub.WatchTask(task_request, metadata=metadata, timeout=120)
+            for _ in range(IDLE_STREAMS // 2)
+        ]
+        node_stream = stub.WatchTaskNode(node_request, metadata=metadata, timeout=120)
+        task_stream = stub.WatchTask(task_request, metadata=metadata, timeout=120)
+        polls = watch.hub.polls
+        statements = _queries("watch_tasks") + _queries("watch_states")
+        stamps = _queries("stamp")
 
-                    def follow_task() -> None:
-                        for message in task_stream:
-                            for shown in message.nodes:
-                                if shown.id == node:
-                                    task_seen.append(shown.state)
-                                    if shown.state == pb.NODE_STATE_FINISHED:
-                                        return
+        def follow_task() -> None:
+            for message in task_stream:
+                for shown in message.nodes:
+                    if shown.id == node:
+                        task_seen.append(shown.state)
+                        if shown.state == pb.NODE_STATE_FINISHED:
+                            return
 
-                    follower = threading.Thread(target=follow_task)
-                    follower.start()
-                    for message in node_stream:
-                        if message.HasField("detail"):
-                            node_seen.append((message.detail.state, _polled(message.detail)))
-                            if message.detail.state == pb.NODE_STATE_FINISHED:
-                                break
-                    node_stream.cancel()
-                    follower.join(60)
-                    task_stream.cancel()
-                    polls = watch.hub.polls - polls
-                    statements = _queries("watch_tasks") + _queries("watch_states") - statements
-                    stamps = _queries("stamp") - stamps
-                    for stream in idle:
-                        stream.cancel()
-            finally:
-                watch.stop(0)
-        assert process.wait(timeout=120) == 0
+        follower = threading.Thread(target=follow_task)
+        follower.start()
+        for message in node_stream:
+            if message.HasField("detail"):
+                node_seen.append((message.detail.state, _polled(message.detail)))
+                if message.detail.state == pb.NODE_STATE_FINISHED:
+                    break
+        node_stream.cancel()
+        follower.join(60)
+        task_stream.cancel()
+        polls = watch.hub.polls - polls
+        statements = _queries("watch_tasks") + _queries("watch_states") - statements
+        stamps = _queries("stamp") - stamps
+        for stream in idle:
+            stream.cancel()
     running = [
         polled
         for state, polled in node_seen
