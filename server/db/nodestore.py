@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Hashable
 from collections.abc import Mapping
+from collections.abc import Sequence
 from contextlib import AbstractContextManager
 from typing import Protocol
 
@@ -66,6 +67,11 @@ class NodeStore(Protocol):
 
     def stamp(self, task_id: int, node_id: str) -> Hashable | None:
         """What a cached reply about the task's node is checked against; None: do not cache."""
+        ...
+
+    def stamp_ahead(self, keys: Sequence[tuple[int, str]]) -> None:
+        """Read now, where that is cheaper than one by one, the stamps this call's stamp()
+        will ask of keys (task id, node id): a batch reads them before its first reply."""
         ...
 
     def task_changes(self, known: Mapping[int, Hashable | None]) -> dict[int, TaskState]:

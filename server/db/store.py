@@ -217,6 +217,7 @@ class _Call:
     reads it from its own thread."""
 
     __slots__ = (
+        "ahead",
         "by_deadline",
         "conn",
         "db",
@@ -258,6 +259,9 @@ class _Call:
         self.pending: tuple[Database | None] | None = None
         #: The stamps the session read, by task (Store.stamp); None outside a session.
         self.stamps: dict[int, tuple[str, int] | None] | None = None
+        #: Stamps read ahead for the session's later stamp() calls, by (task id, node id)
+        #: (a store's stamp_ahead); None outside a session.
+        self.ahead: dict[tuple[int, str], Any] | None = None
 
 
 class _ThisCall(threading.local):
@@ -382,7 +386,7 @@ class Store:
         call.expiry = time.monotonic() + budget
         call.snapshot = call.proven = call.killed = False
         call.failed, call.retried = [], None
-        call.stamps = {}
+        call.stamps, call.ahead = {}, {}
         first = self.nodes.primary if primary else None
         if lazy:
             call.pending = (first,)
@@ -394,7 +398,7 @@ class Store:
         try:
             yield
         finally:
-            call.stamps = None
+            call.stamps = call.ahead = None
             if call.pending is not None:  # lazy, and nothing was read: nothing to give back
                 call.pending = None
             else:
@@ -785,6 +789,10 @@ class Store:
         if kept is not None:
             kept[task_id] = stamp
         return stamp
+
+    def stamp_ahead(self, keys: Sequence[tuple[int, str]]) -> None:
+        """Nothing: this store's stamp is its task's, read once a session (stamp), so a
+        batch already reads one stamp a task."""
 
     def _model_rows(self, query: Any) -> list[tuple[Any, ...]]:
         """The rows of a peewee model query, run on the call's node: the models are

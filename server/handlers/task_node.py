@@ -63,7 +63,7 @@ class TaskNodeServicer(pb_grpc.TaskNodeServiceServicer):
     def GetTaskNodeDetail(
         self, request: pb.GetTaskNodeDetailRequest, context: grpc.ServicerContext
     ) -> pb.NodeDetail:
-        return self._read(request, _principal())
+        return self._read(parse_request(request), _principal())
 
     def BatchGetTaskNodeDetails(
         self, request: pb.BatchGetTaskNodeDetailsRequest, context: grpc.ServicerContext
@@ -72,15 +72,22 @@ class TaskNodeServicer(pb_grpc.TaskNodeServiceServicer):
         CALL_ERRORS) kept as its result's status."""
         principal = _principal()
         check_batch(request)
+        queries = [_parsed_or_error(item) for item in request.requests]
+        if self.cache is not None:  # the stamps the items' reads would take one by one
+            self.store.stamp_ahead(
+                [(q.task_id, q.node_id) for q in queries if isinstance(q, NodeQuery)]
+            )
         reply = pb.BatchGetTaskNodeDetailsResponse()
-        for item in request.requests:
+        for query in queries:
             remaining = context.time_remaining()
             if remaining is not None and remaining <= 0:
                 raise errors.DeadlineExceeded(
                     "the call's deadline passed before every request of the batch was read"
                 )
             try:
-                reply.results.add(detail=self._read(item, principal))
+                if isinstance(query, errors.ServiceError):
+                    raise query
+                reply.results.add(detail=self._read(query, principal))
             except CALL_ERRORS:
                 raise
             except errors.ServiceError as exc:
@@ -118,10 +125,16 @@ class TaskNodeServicer(pb_grpc.TaskNodeServiceServicer):
         self.store.find_task(query.biz_id, query.by_project_id, query.task_id)
         return query
 
-    def _read(self, request: pb.GetTaskNodeDetailRequest, principal: Principal) -> pb.NodeDetail:
-        return read_node_detail(
-            self.store, parse_request(request), self.mask, principal, self.cache
-        )
+    def _read(self, query: NodeQuery, principal: Principal) -> pb.NodeDetail:
+        return read_node_detail(self.store, query, self.mask, principal, self.cache)
+
+
+def _parsed_or_error(request: pb.GetTaskNodeDetailRequest) -> NodeQuery | errors.ServiceError:
+    """The batch item's query, or the error that is its result (raised at its turn)."""
+    try:
+        return parse_request(request)
+    except errors.ServiceError as exc:
+        return exc
 
 
 def _principal() -> Principal:

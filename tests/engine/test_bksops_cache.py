@@ -406,3 +406,44 @@ def test_calls_at_once_share_stamp_statements_and_answer_as_alone(writable: Serv
         answers = list(pool.map(lambda key: outcome(writable, *key), asked * 10))
     assert answers == [alone[key] for key in asked * 10]
     assert shared_stamps() > before, "no call took its stamp from another's statement"
+
+
+def test_a_batch_reads_its_stamps_in_one_statement(writable: Served) -> None:
+    """BatchGetTaskNodeDetails on a bk-sops store reads every item's stamp before its first
+    reply, in one statement (BksopsStore.stamp_ahead): a batch of cached replies over many
+    tasks costs that statement alone, and answers as the single calls do."""
+    stub, server, engine = writable
+    items = [
+        pb.GetTaskNodeDetailRequest(
+            bk_biz_id=str(entry["business_id"]), task_id=str(entry["task_id"]), node_id=node["id"]
+        )
+        for entry in engine.manifest["pipelines"].values()
+        for node in entry["nodes"].values()
+    ][:100]
+    first = stub.BatchGetTaskNodeDetails(
+        pb.BatchGetTaskNodeDetailsRequest(requests=items), timeout=30
+    )  # each reply built and cached, but a READY preview's (not cached: no stamp)
+    items = [i for i, r in zip(items, first.results, strict=True) if r.detail.executed]
+    assert len(items) > 10 and len({item.task_id for item in items}) > 3
+    batch = pb.BatchGetTaskNodeDetailsRequest(requests=items)
+    statements: list[str] = []
+    store: Any = server.store
+
+    def hook(event: QueryEvent) -> None:
+        statements.append(event.sql)
+
+    store.db.query_hooks.append(hook)
+    try:
+        before = hits()
+        again = stub.BatchGetTaskNodeDetails(batch, timeout=30)
+    finally:
+        store.db.query_hooks.remove(hook)
+    assert hits() - before == len(items)
+    assert len(statements) == 1, statements  # the stamps; every reply a hit
+    for item, result in zip(items, again.results, strict=True):
+        alone = stub.GetTaskNodeDetail(item, timeout=30)
+        for shown in (alone, result.detail):
+            shown.ClearField("elapsed_seconds")
+            for child in shown.children:
+                child.ClearField("elapsed_seconds")
+        assert result.detail == alone
